@@ -1,0 +1,62 @@
+"""Attention functions registered with transformers' ``AttentionInterface``: sdpa or eager plus merge averaging.
+
+Selecting ``ccmem_sdpa`` / ``ccmem_eager`` as a model's attention implementation changes one thing: when the current
+batch holds SUM tokens, their keys and values (already rotated by RoPE, already in the layer's key/value heads) are
+replaced by the running mean of the matching ⟨COMP⟩ keys/values before attention is computed. Everything else is
+delegated to transformers' own sdpa function or to the model's own eager function, so no modeling file is forked.
+The mask functions are registered under the same names, so 2D padding masks keep working (e.g. in ``generate``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+from .merging import apply_sum_average
+from .state import ForwardState
+
+BACKENDS = ("sdpa", "eager")
+STATE_ATTR = "ccmem_state"
+
+
+def _eager_for(module: torch.nn.Module) -> Callable:
+    """The eager attention function of the module's own modeling file (handles softcapping, sinks, ...)."""
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise RuntimeError(f"{type(module).__name__} has no eager_attention_forward; use the sdpa backend")
+    return fn
+
+
+def _make(backend: str) -> Callable:
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        state: ForwardState | None = getattr(module, STATE_ATTR, None)
+        if state is not None and state.sum_weights is not None:
+            n = state.sum_weights.shape[-1]
+            if key.shape[2] != n:
+                raise RuntimeError(
+                    "SUM tokens were fed on top of a key/value cache; merge averaging needs the whole sequence in "
+                    "one forward (the parallel formulation) or the online memory's running mean"
+                )
+            key, value = apply_sum_average(key, value, state.sum_weights)
+        fn = sdpa_attention_forward if backend == "sdpa" else _eager_for(module)
+        return fn(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+def register_backends() -> None:
+    """Register ``ccmem_sdpa`` and ``ccmem_eager`` (idempotent)."""
+    for backend in BACKENDS:
+        name = f"ccmem_{backend}"
+        AttentionInterface.register(name, _make(backend))
+        AttentionMaskInterface.register(name, sdpa_mask if backend == "sdpa" else eager_mask)
+
+
+def attention_modules(model: torch.nn.Module, q_name: str = "q_proj") -> list[torch.nn.Module]:
+    """Modules that own a query projection: the self-attention blocks of a decoder."""
+    return [m for _, m in model.named_modules() if isinstance(getattr(m, q_name, None), torch.nn.Linear)]

@@ -1,0 +1,27 @@
+"""Exceptions that name the problem and the fix, so a user never has to read a traceback to recover."""
+
+from __future__ import annotations
+
+
+class CCMError(Exception):
+    """Base class of every error ccmem raises on purpose."""
+
+
+class ConfigError(CCMError, ValueError):
+    """An invalid compression configuration."""
+
+
+class IncompatibleError(CCMError, ValueError):
+    """An adapter or memory file that was made for another base model or another configuration."""
+
+
+class CorruptFileError(CCMError, OSError):
+    """A truncated or corrupted adapter or memory file."""
+
+
+class InputError(CCMError, ValueError):
+    """Bad user input: an empty chunk, one that overflows the position range, a malformed batch."""
+
+
+class UnsupportedModelError(CCMError, TypeError):
+    """A model architecture that ccmem cannot attach to."""

@@ -1,0 +1,157 @@
+"""The compressed context memory: per-layer ⟨COMP⟩ keys/values, plus the sink slot and position offset.
+
+Layout along the slot axis: ``[sink (optional) | slots]``. Concat variants append n slots per step; merge variants
+keep n slots holding the running mean of h(1..t). Each batch row has its own valid-slot mask, step count and
+position offset (the number of text tokens it has processed), so rows may receive different numbers of chunks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from . import io
+from .config import CompressionConfig
+from .errors import IncompatibleError
+
+
+@dataclass
+class CompressedMemory:
+    keys: list[torch.Tensor]  # per layer (B, H_kv, M, D), RoPE already applied
+    values: list[torch.Tensor]
+    valid: torch.Tensor  # (B, M) bool
+    offset: torch.Tensor  # (B,) text tokens processed so far
+    steps: torch.Tensor  # (B,) chunks compressed so far
+    has_sink: bool
+    config: CompressionConfig
+    fingerprint: dict[str, Any]
+
+    @classmethod
+    def empty(cls, batch_size: int, fingerprint: dict[str, Any], config: CompressionConfig,
+              dtype: torch.dtype, device: torch.device) -> CompressedMemory:
+        f = fingerprint
+        shape = (batch_size, f["num_key_value_heads"], 0, f["head_dim"])
+        layers = f["num_hidden_layers"]
+        return cls(
+            keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
+            values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
+            valid=torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
+            offset=torch.zeros(batch_size, dtype=torch.long, device=device),
+            steps=torch.zeros(batch_size, dtype=torch.long, device=device),
+            has_sink=False,
+            config=config,
+            fingerprint=dict(fingerprint),
+        )
+
+    # ---------------------------------------------------------------- size
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def num_slots(self) -> int:
+        """Key/value slots held per row (including the sink), the memory's length in tokens."""
+        return self.valid.shape[1]
+
+    def slots_per_row(self) -> list[int]:
+        return self.valid.sum(-1).tolist()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all key/value tensors held."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def bytes_per_slot(self) -> int:
+        k = self.keys[0]
+        return 2 * len(self.keys) * k.shape[1] * k.shape[3] * k.element_size()
+
+    def sink_slots(self) -> torch.Tensor:
+        """(M,) bool, True at the sink slot."""
+        m = torch.zeros(self.num_slots, dtype=torch.bool, device=self.valid.device)
+        if self.has_sink:
+            m[0] = True
+        return m
+
+    # ---------------------------------------------------------------- cache view
+    def to_cache(self) -> DynamicCache:
+        """A fresh transformers cache holding the memory (the memory itself is never mutated by a forward)."""
+        cache = DynamicCache()
+        if self.num_slots:
+            for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+                cache.update(k, v, i)
+        return cache
+
+    # ---------------------------------------------------------------- update
+    def add_sink(self, ks: list[torch.Tensor], vs: list[torch.Tensor], rows: torch.Tensor) -> None:
+        """Store (B, H, 1, D) sink keys/values for ``rows`` (bool (B,)), creating the sink slot if needed."""
+        r = rows.view(-1, 1, 1, 1)
+        if not self.has_sink:
+            self.keys = [torch.cat([torch.where(r, k, torch.zeros_like(k)), m], 2) for k, m in zip(ks, self.keys)]
+            self.values = [torch.cat([torch.where(r, v, torch.zeros_like(v)), m], 2) for v, m in zip(vs, self.values)]
+            self.valid = torch.cat([rows[:, None], self.valid], 1)
+            self.has_sink = True
+        else:
+            self.keys = [torch.cat([torch.where(r, k, m[:, :, :1]), m[:, :, 1:]], 2) for k, m in zip(ks, self.keys)]
+            self.values = [torch.cat([torch.where(r, v, m[:, :, :1]), m[:, :, 1:]], 2)
+                           for v, m in zip(vs, self.values)]
+            self.valid = torch.cat([self.valid[:, :1] | rows[:, None], self.valid[:, 1:]], 1)
+
+    def add_step(self, ks: list[torch.Tensor], vs: list[torch.Tensor], rows: torch.Tensor, n_text: torch.Tensor) -> None:
+        """Write h(t) (per layer (B, H, n, D)) for the rows in ``rows``: append (concat) or running mean (merge)."""
+        from .merging import running_mean
+
+        n = ks[0].shape[2]
+        s = 1 if self.has_sink else 0
+        held = self.num_slots - s
+        if not self.config.merging or held == 0:
+            self.keys = [torch.cat([m, k], 2) for m, k in zip(self.keys, ks)]
+            self.values = [torch.cat([m, v], 2) for m, v in zip(self.values, vs)]
+            self.valid = torch.cat([self.valid, rows[:, None].expand(-1, n)], 1)
+        else:
+            r = rows.view(-1, 1, 1, 1)
+            step = self.steps
+            self.keys = [torch.cat([m[:, :, :s], torch.where(r, running_mean(m[:, :, s:], k, step), m[:, :, s:])], 2)
+                         for m, k in zip(self.keys, ks)]
+            self.values = [torch.cat([m[:, :, :s], torch.where(r, running_mean(m[:, :, s:], v, step), m[:, :, s:])],
+                                     2) for m, v in zip(self.values, vs)]
+            self.valid = self.valid | torch.cat([torch.zeros_like(self.valid[:, :s]), rows[:, None].expand(-1, n)], 1)
+        self.offset = self.offset + torch.where(rows, n_text, torch.zeros_like(n_text))
+        self.steps = self.steps + rows.long()
+
+    # ---------------------------------------------------------------- files
+    def save(self, path: str | os.PathLike) -> None:
+        """Save to one safetensors file whose JSON header names the model, config and format version."""
+        tensors = {"valid": self.valid, "offset": self.offset, "steps": self.steps}
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            tensors[f"k.{i}"] = k
+            tensors[f"v.{i}"] = v
+        header = {"format_version": io.FORMAT_VERSION, "kind": "memory", "compression": self.config.to_dict(),
+                  "base": self.fingerprint, "has_sink": self.has_sink}
+        io.save_checked(path, tensors, header)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, ccm: Any) -> CompressedMemory:
+        """Load a memory for ``ccm`` (a CompressedModel); refuses one made for another model or config."""
+        tensors, header = io.load_checked(path, kind="memory file")
+        if header.get("kind") != "memory":
+            raise IncompatibleError(f"{path} holds a ccmem {header.get('kind')!r} file, not a memory")
+        if header.get("format_version", 0) > io.FORMAT_VERSION:
+            raise IncompatibleError(f"{path} uses memory format {header['format_version']}; upgrade ccmem")
+        ccm.check_fingerprint(header["base"], f"memory file {path}")
+        ccm.check_config(header["compression"], f"memory file {path}")
+        layers = header["base"]["num_hidden_layers"]
+        dev = ccm.device
+        return cls(
+            keys=[tensors[f"k.{i}"].to(dev) for i in range(layers)],
+            values=[tensors[f"v.{i}"].to(dev) for i in range(layers)],
+            valid=tensors["valid"].to(dev),
+            offset=tensors["offset"].to(dev),
+            steps=tensors["steps"].to(dev),
+            has_sink=bool(header["has_sink"]),
+            config=CompressionConfig.from_dict(header["compression"]),
+            fingerprint=header["base"],
+        )

@@ -1,0 +1,325 @@
+"""``CompressedModel``: a Hugging Face decoder plus ⟨COMP⟩ embeddings, gated LoRA and the ccmem attention backend.
+
+Attaching installs hooks and registered functions only; the model's classes, modules and weights stay the stock
+transformers ones, and ``detach()`` returns it to its original behaviour.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import io
+from .attention import BACKENDS, STATE_ATTR, attention_modules, register_backends
+from .config import CompressionConfig
+from .embedding import ATTR as EMB_ATTR
+from .embedding import attach_embedding
+from .errors import IncompatibleError, InputError, UnsupportedModelError
+from .lora import attach_lora, lora_modules
+from .masks import comp_attention_mask, to_additive
+from .positions import skip_position_ids
+from .state import ForwardState
+from .tokens import CompTokens, register_with_tokenizer
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+FINGERPRINT_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "comp_base",
+)
+
+
+class CompressedModel:
+    """A decoder that compresses its own context into ⟨COMP⟩ keys/values. Build it with :meth:`attach`."""
+
+    def __init__(self, model: nn.Module, config: CompressionConfig, tokens: CompTokens, tokenizer: Any = None):
+        self.model = model
+        self.config = config
+        self.tokens = tokens
+        self.tokenizer = tokenizer
+        self.state = ForwardState()
+        self._handles: list = []
+        self._prev_attn: str | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def attach(
+        cls,
+        model: nn.Module,
+        config: CompressionConfig | None = None,
+        tokenizer: Any = None,
+        attn_implementation: str = "sdpa",
+    ) -> CompressedModel:
+        """Freeze ``model`` and add the trainable compression parts (⟨COMP⟩ embeddings, gated LoRA)."""
+        config = config or CompressionConfig()
+        _check_architecture(model)
+        if attn_implementation not in BACKENDS:
+            raise UnsupportedModelError(
+                f"attention backend {attn_implementation!r} cannot take ccmem's 4D masks; use one of {BACKENDS}"
+            )
+        vocab = model.get_input_embeddings().weight.shape[0]
+        base = vocab
+        if tokenizer is not None and len(tokenizer) > vocab:
+            raise IncompatibleError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model embeds only {vocab}; pass the model's own "
+                "tokenizer"
+            )
+        tokens = CompTokens.for_config(base, config)
+        if tokenizer is not None:
+            _pad_tokenizer_to(tokenizer, vocab)
+            register_with_tokenizer(tokenizer, tokens)
+        self = cls(model, config, tokens, tokenizer)
+        model.requires_grad_(False)
+        register_backends()
+        self._prev_attn = model.config._attn_implementation
+        model.set_attn_implementation(f"ccmem_{attn_implementation}")
+        for attn in attention_modules(model):
+            setattr(attn, STATE_ATTR, self.state)
+        self._handles += attach_embedding(model, tokens, self.state, config.conditional)
+        self._handles += attach_lora(
+            model, config.target_modules, config.lora_r, config.lora_alpha, config.lora_dropout, self.state
+        )
+        n_lora = len(lora_modules(model))
+        n_layers = model.config.num_hidden_layers
+        if n_lora != n_layers * len(config.target_modules):
+            self.detach()
+            raise UnsupportedModelError(
+                f"found {n_lora} of the {n_layers * len(config.target_modules)} projections {config.target_modules} "
+                f"in {type(model).__name__}; set target_modules to the model's projection names"
+            )
+        for p in self.trainable_parameters():
+            p.requires_grad_(True)
+        return self
+
+    def detach(self) -> nn.Module:
+        """Remove every hook and restore the original attention backend; returns the bare model."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for attn in attention_modules(self.model):
+            if hasattr(attn, STATE_ATTR):
+                delattr(attn, STATE_ATTR)
+        if self._prev_attn is not None:
+            self.model.set_attn_implementation(self._prev_attn)
+        return self.model
+
+    # ------------------------------------------------------------------ parameters
+    def trainable_named_parameters(self) -> dict[str, nn.Parameter]:
+        out = {"comp_embedding": getattr(self.model.get_input_embeddings(), EMB_ATTR).weight}
+        for name, lora in lora_modules(self.model).items():
+            out[f"lora.{name}.A"] = lora.A
+            out[f"lora.{name}.B"] = lora.B
+        return out
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.trainable_named_parameters().values())
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+
+    # ------------------------------------------------------------------ parallel formulation
+    def parallel_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, full_context: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """The 4D additive mask and skip position ids that make one forward equal the online loop."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        special = self.tokens.is_special(input_ids)
+        if full_context:
+            from .masks import causal_mask
+
+            allowed = causal_mask(attention_mask)
+        else:
+            allowed = comp_attention_mask(input_ids, self.tokens, self.config.variant, attention_mask, self.config.sink)
+        pos = skip_position_ids(special, self.config.n_tok, attention_mask)
+        if int(pos.max()) >= self.max_positions:
+            raise InputError(
+                f"the sequence needs position {int(pos.max())} but the model supports {self.max_positions}; "
+                "shorten the episode"
+            )
+        dtype = self.model.get_input_embeddings().weight.dtype
+        return {"attention_mask": to_additive(allowed, dtype), "position_ids": pos}
+
+    def parallel_forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> Any:
+        """One forward pass over whole episodes (every chunk followed by its ⟨COMP⟩ group, then input and output)."""
+        extra = self.parallel_inputs(input_ids, attention_mask)
+        return self.model(input_ids=input_ids, use_cache=False, **extra, **kwargs)
+
+    # ------------------------------------------------------------------ identity and files
+    def fingerprint(self) -> dict[str, Any]:
+        """What an adapter or memory file must agree with to be used on this model."""
+        c = self.model.config
+        return {
+            "model_type": c.model_type,
+            "hidden_size": c.hidden_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": getattr(c, "num_key_value_heads", c.num_attention_heads),
+            "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+            "vocab_size": self.model.get_input_embeddings().weight.shape[0],
+            "comp_base": self.tokens.base,
+            "name_or_path": getattr(c, "_name_or_path", ""),
+        }
+
+    def check_fingerprint(self, other: dict[str, Any], what: str) -> None:
+        mine = self.fingerprint()
+        bad = [k for k in FINGERPRINT_KEYS if other.get(k) != mine.get(k)]
+        if bad:
+            diffs = ", ".join(f"{k}: file {other.get(k)!r} vs model {mine.get(k)!r}" for k in bad)
+            made_for = other.get("name_or_path") or "another model"
+            raise IncompatibleError(
+                f"{what} was made for a different base model ({diffs}); load it with the model it was made for "
+                f"({made_for!r}) or re-create it for this one"
+            )
+
+    def check_config(self, other: dict[str, Any], what: str) -> None:
+        mine = self.config.to_dict()
+        keys = ("variant", "n_tok", "sink")
+        bad = [k for k in keys if other.get(k) != mine[k]]
+        if bad:
+            diffs = ", ".join(f"{k}: file {other.get(k)!r} vs model {mine[k]!r}" for k in bad)
+            raise IncompatibleError(
+                f"{what} was made with another compression config ({diffs}); attach the model with the same "
+                "CompressionConfig (CompressedModel.from_pretrained reads it from the adapter)"
+            )
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the trainable state (safetensors, checksummed) and a readable ``adapter_config.json``."""
+        import json
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        header = {"format_version": io.FORMAT_VERSION, "kind": "adapter", "compression": self.config.to_dict(),
+                  "base": self.fingerprint()}
+        io.save_checked(directory / ADAPTER_FILE, self.trainable_named_parameters(), header)
+        (directory / ADAPTER_CONFIG).write_text(json.dumps(header, indent=2, sort_keys=True) + "\n")
+
+    @staticmethod
+    def _resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
+        p = Path(path_or_id)
+        if p.is_dir():
+            return p / ADAPTER_FILE
+        if p.is_file():
+            return p
+        if os.path.sep in str(path_or_id) and not str(path_or_id).count("/") == 1:
+            raise FileNotFoundError(f"adapter folder {path_or_id} does not exist")
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(str(path_or_id), ADAPTER_FILE, revision=revision))
+        except Exception as e:
+            raise FileNotFoundError(
+                f"{path_or_id!r} is neither a local adapter folder nor a reachable hub repository ({e})"
+            ) from e
+
+    @classmethod
+    def read_adapter(cls, path_or_id: str | os.PathLike, revision: str | None = None):
+        tensors, header = io.load_checked(cls._resolve(path_or_id, revision), kind="adapter")
+        if header.get("kind") != "adapter":
+            raise IncompatibleError(f"{path_or_id} holds a ccmem {header.get('kind')!r} file, not an adapter")
+        if header.get("format_version", 0) > io.FORMAT_VERSION:
+            raise IncompatibleError(
+                f"{path_or_id} uses adapter format {header['format_version']}, newer than this ccmem "
+                f"({io.FORMAT_VERSION}); upgrade ccmem"
+            )
+        return tensors, header
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike,
+        model: nn.Module,
+        tokenizer: Any = None,
+        attn_implementation: str = "sdpa",
+        revision: str | None = None,
+    ) -> CompressedModel:
+        """Attach a saved adapter (a local folder or a hub repository id) to ``model``."""
+        tensors, header = cls.read_adapter(path_or_id, revision)
+        config = CompressionConfig.from_dict(header["compression"])
+        _check_architecture(model)
+        self = cls.attach(model, config, tokenizer, attn_implementation)
+        try:
+            self.check_fingerprint(header["base"], f"adapter {path_or_id}")
+            self._load_tensors(tensors, str(path_or_id))
+        except Exception:
+            self.detach()
+            raise
+        return self
+
+    def load_adapter(self, path_or_id: str | os.PathLike, revision: str | None = None) -> None:
+        """Load saved trainable weights into this already attached model (configs must agree)."""
+        tensors, header = self.read_adapter(path_or_id, revision)
+        self.check_fingerprint(header["base"], f"adapter {path_or_id}")
+        self.check_config(header["compression"], f"adapter {path_or_id}")
+        self._load_tensors(tensors, str(path_or_id))
+
+    @torch.no_grad()
+    def _load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        params = self.trainable_named_parameters()
+        missing, unexpected = set(params) - set(tensors), set(tensors) - set(params)
+        if missing or unexpected:
+            raise IncompatibleError(
+                f"adapter {where} does not fit this model: missing {sorted(missing)[:4]}, unexpected "
+                f"{sorted(unexpected)[:4]}; it was made for another architecture or target_modules"
+            )
+        for k, p in params.items():
+            if tensors[k].shape != p.shape:
+                raise IncompatibleError(
+                    f"adapter {where}: {k} has shape {tuple(tensors[k].shape)}, model needs {tuple(p.shape)}"
+                )
+        for k, p in params.items():
+            p.copy_(tensors[k].to(p.dtype))
+
+    def session(self, batch_size: int = 1):
+        from .session import Session
+
+        return Session(self, batch_size=batch_size)
+
+
+def _check_architecture(model: nn.Module) -> None:
+    c = getattr(model, "config", None)
+    if c is None or getattr(c, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a decoder-only transformers model; supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if c.model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"model type {c.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
+            "(decoders with RoPE and q/k/v/o projections)"
+        )
+
+
+def _pad_tokenizer_to(tokenizer: Any, vocab: int) -> None:
+    """Some tokenizers hold fewer tokens than the embedding has rows (Qwen2); fill the gap so ⟨COMP⟩ ids are
+    ``vocab ..`` and the reserved rows are never produced by tokenization."""
+    if any(t in tokenizer.get_vocab() for t in ("<COMP0>",)):
+        return
+    gap = vocab - len(tokenizer)
+    if gap > 0:
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": [f"<ccmem_reserved_{i}>" for i in range(gap)]},
+            replace_extra_special_tokens=False,
+        )

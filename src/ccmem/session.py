@@ -1,0 +1,258 @@
+"""The online loop: add context chunks (compress them into memory), score continuations, generate replies.
+
+Every call runs the model on ``[memory | new tokens]`` with explicit position ids (the memory's text offset plus
+skip positions) and an explicit 4D mask, so rows of a batch may have different lengths (right padding) and the
+memory's invalid slots stay invisible. This is the step-by-step computation that the parallel forward reproduces.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, InputError
+from .masks import online_mask, to_additive
+from .memory import CompressedMemory
+from .positions import skip_position_ids
+from .sequence import pad_batch
+
+Rows = Sequence[Sequence[int] | None]
+
+
+@dataclass
+class StepReport:
+    """What one compression step did, per row: text tokens read, memory slots and bytes afterwards."""
+
+    tokens: list[int]
+    slots: list[int]
+    memory_bytes: int
+
+
+@dataclass
+class Score:
+    """Log-likelihood of continuations, per row."""
+
+    logprob: torch.Tensor  # (B,) summed log-probability of the scored tokens
+    ntokens: torch.Tensor  # (B,) number of scored tokens
+    token_logprobs: list[torch.Tensor]
+
+    @property
+    def nll(self) -> torch.Tensor:
+        return -self.logprob
+
+    @property
+    def ppl(self) -> float:
+        """Token-pooled perplexity over all rows."""
+        return float(torch.exp(self.nll.sum() / self.ntokens.sum().clamp(min=1)))
+
+
+class Session:
+    """An online interaction with bounded memory. One row per independent conversation in the batch."""
+
+    def __init__(self, ccm: Any, batch_size: int = 1) -> None:
+        if ccm.config.variant == "gist":
+            raise ConfigError(
+                "the gist variant recompresses the whole history at every step and has no online memory; "
+                "use concat_recur or merge_recur for a session"
+            )
+        self.ccm = ccm
+        self.batch_size = batch_size
+        self.reset()
+
+    # ---------------------------------------------------------------- state
+    def reset(self) -> None:
+        """Forget everything: an empty memory."""
+        dtype = self.ccm.model.get_input_embeddings().weight.dtype
+        self.memory = CompressedMemory.empty(
+            self.batch_size, self.ccm.fingerprint(), self.ccm.config, dtype, self.ccm.device
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        self.memory.save(path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        mem = CompressedMemory.load(path, self.ccm)
+        self.memory, self.batch_size = mem, mem.batch_size
+
+    # ---------------------------------------------------------------- input handling
+    def _ids(self, x: Any) -> list[int] | None:
+        if x is None:
+            return None
+        if isinstance(x, str):
+            if self.ccm.tokenizer is None:
+                raise InputError("text input needs a tokenizer; attach the model with tokenizer=... or pass ids")
+            return self.ccm.tokenizer(x, add_special_tokens=False)["input_ids"]
+        if isinstance(x, torch.Tensor):
+            x = x.tolist()
+        return [int(t) for t in x]
+
+    def _rows(self, x: Any, allow_none: bool = False) -> list[list[int] | None]:
+        single = isinstance(x, str) or (isinstance(x, torch.Tensor) and x.dim() == 1) or (
+            isinstance(x, (list, tuple)) and (len(x) == 0 or isinstance(x[0], int))
+        )
+        rows = [self._ids(x)] if single else [self._ids(r) for r in x]
+        if len(rows) != self.batch_size:
+            raise InputError(f"got {len(rows)} rows for a session of batch size {self.batch_size}")
+        for b, r in enumerate(rows):
+            if r is None and not allow_none:
+                raise InputError(f"row {b} is None; every row needs tokens here")
+            if r is not None and len(r) == 0:
+                raise InputError(f"row {b} is empty; pass at least one token (or None to skip the row)")
+            if r is not None and any(self.ccm.tokens.is_special(torch.tensor(r)).tolist()):
+                raise InputError(f"row {b} contains ⟨COMP⟩/SUM ids; ccmem inserts them itself")
+        return rows
+
+    # ---------------------------------------------------------------- one forward on memory
+    def _run(self, cache, key_valid: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor):
+        if int(pos.masked_fill(valid == 0, 0).max()) >= self.ccm.max_positions:
+            raise InputError(
+                f"this input reaches position {int(pos.max())}, past the model's {self.ccm.max_positions}; "
+                "shorten it or start a new session (reset)"
+            )
+        kv = torch.cat([key_valid, valid.bool()], 1)
+        dtype = self.ccm.model.get_input_embeddings().weight.dtype
+        mask = to_additive(online_mask(kv, ids.shape[1]), dtype)
+        out = self.ccm.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        return out.logits, out.past_key_values, kv
+
+    def _batch(self, rows: list[list[int] | None], suffix: list[int] = ()) -> tuple[torch.Tensor, ...]:
+        """Right-padded ids + ``suffix`` (e.g. the ⟨COMP⟩ group) at a common index, with validity and positions."""
+        dev = self.ccm.device
+        filled = [r if r is not None else [] for r in rows]
+        width = max(len(r) for r in filled)
+        pad_id = 0
+        ids, valid = pad_batch([r + [pad_id] * (width - len(r)) for r in filled], pad_id, side="right")
+        valid = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in filled], dtype=torch.long)
+        if suffix:
+            active = torch.tensor([r is not None for r in rows], dtype=torch.long)[:, None]
+            ids = torch.cat([ids, torch.tensor([list(suffix)] * len(rows), dtype=torch.long)], 1)
+            valid = torch.cat([valid, active.expand(-1, len(suffix))], 1)
+        ids, valid = ids.to(dev), valid.to(dev)
+        special = self.ccm.tokens.is_special(ids)
+        pos = skip_position_ids(special, self.ccm.config.n_tok, valid, self.memory.offset)
+        lens = torch.tensor([len(r) for r in filled], dtype=torch.long, device=dev)
+        return ids, valid, pos, lens
+
+    # ---------------------------------------------------------------- public API
+    @torch.no_grad()
+    def add_context(self, chunks: Any) -> StepReport:
+        """Compress one chunk per row into memory (None skips a row): h(t) = g(Mem(t-1), c(t))."""
+        rows = self._rows(chunks, allow_none=True)
+        if all(r is None for r in rows):
+            raise InputError("every row is None; nothing to compress")
+        mem, cfg = self.memory, self.ccm.config
+        ids, valid, pos, lens = self._batch(rows, suffix=self.ccm.tokens.comp_ids)
+        active = torch.tensor([r is not None for r in rows], device=ids.device)
+        visible = mem.valid if cfg.recurrent else mem.valid & mem.sink_slots()[None]
+        _, cache, _ = self._run(mem.to_cache(), visible, ids, valid, pos)
+        m, n = mem.num_slots, cfg.n_tok
+        layers = cache.layers
+        if cfg.sink:
+            first = active & (mem.steps == 0)
+            if bool(first.any()):
+                mem.add_sink([la.keys[:, :, m:m + 1] for la in layers], [la.values[:, :, m:m + 1] for la in layers],
+                             first)
+        mem.add_step([la.keys[:, :, -n:] for la in layers], [la.values[:, :, -n:] for la in layers], active, lens)
+        return StepReport(tokens=[len(r) if r else 0 for r in rows], slots=mem.slots_per_row(),
+                          memory_bytes=mem.nbytes)
+
+    @torch.no_grad()
+    def logits(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, L, V) of uncompressed tokens read on top of the memory, and their validity (B, L)."""
+        rows = self._rows(inputs)
+        ids, valid, pos, _ = self._batch(rows)
+        logits, _, _ = self._run(self.memory.to_cache(), self.memory.valid, ids, valid, pos)
+        return logits, valid
+
+    @torch.no_grad()
+    def score(self, prompts: Any, targets: Any) -> Score:
+        """Log-likelihood of ``targets`` given memory + ``prompts`` (the prompt itself is not scored)."""
+        p_rows, t_rows = self._rows(prompts), self._rows(targets)
+        logits, _ = self.logits([p + t for p, t in zip(p_rows, t_rows)])
+        logp = torch.log_softmax(logits.float(), -1)
+        per_row, lp_sum = [], []
+        for b, (p, t) in enumerate(zip(p_rows, t_rows)):
+            idx = torch.arange(len(p) - 1, len(p) + len(t) - 1, device=logits.device)
+            lp = logp[b, idx, torch.tensor(t, device=logits.device)]
+            per_row.append(lp)
+            lp_sum.append(lp.sum())
+        return Score(torch.stack(lp_sum), torch.tensor([len(t) for t in t_rows]), per_row)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        queries: Any,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        seed: int | None = None,
+    ) -> list[list[int]] | list[int]:
+        """Reply to ``queries`` from memory; greedy by default. The memory is not changed (compress the turn
+        afterwards with :meth:`add_context`). Returns the new token ids (without the end token) per row."""
+        single = isinstance(queries, str) or (isinstance(queries, (list, tuple)) and queries
+                                              and isinstance(queries[0], int))
+        rows = self._rows(queries)
+        if eos_token_id is None and self.ccm.tokenizer is not None:
+            eos_token_id = self.ccm.tokenizer.eos_token_id
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        processors = _warpers(do_sample, temperature, top_k, top_p)
+        gen = torch.Generator(device=self.ccm.device)
+        if seed is not None:
+            gen.manual_seed(seed)
+
+        ids, valid, pos, lens = self._batch(rows)
+        logits, cache, kv = self._run(self.memory.to_cache(), self.memory.valid, ids, valid, pos)
+        b_idx = torch.arange(len(rows), device=ids.device)
+        next_logits = logits[b_idx, lens - 1]
+        out: list[list[int]] = [[] for _ in rows]
+        done = torch.zeros(len(rows), dtype=torch.bool, device=ids.device)
+        text_len = self.memory.offset + lens
+        history = ids
+        for _ in range(max_new_tokens):
+            scores = processors(history, next_logits.float()) if processors else next_logits.float()
+            if do_sample:
+                tok = torch.multinomial(torch.softmax(scores, -1), 1, generator=gen).squeeze(1)
+            else:
+                tok = scores.argmax(-1)
+            for b in range(len(rows)):
+                if not done[b]:
+                    if int(tok[b]) in eos:
+                        done[b] = True
+                    else:
+                        out[b].append(int(tok[b]))
+            if bool(done.all()):
+                break
+            step_valid = (~done).long()[:, None]
+            tok = tok.masked_fill(done, 0)
+            history = torch.cat([history, tok[:, None]], 1)
+            logits, cache, kv = self._run(cache, kv, tok[:, None], step_valid, text_len[:, None])
+            text_len = text_len + 1
+            next_logits = logits[:, -1]
+        return out[0] if single else out
+
+
+def _warpers(do_sample: bool, temperature: float, top_k: int, top_p: float):
+    if not do_sample:
+        return None
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    procs = LogitsProcessorList()
+    if temperature != 1.0:
+        procs.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        procs.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        procs.append(TopPLogitsWarper(top_p))
+    return procs
