@@ -117,7 +117,7 @@ class Session:
         dtype = self.ccm.model.get_input_embeddings().weight.dtype
         mask = to_additive(online_mask(kv, ids.shape[1]), dtype)
         out = self.ccm.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-        return out.logits, out.past_key_values, kv
+        return out.logits, out.cache, kv
 
     def _batch(self, rows: list[list[int] | None], suffix: list[int] = ()) -> tuple[torch.Tensor, ...]:
         """Right-padded ids + ``suffix`` (e.g. the ⟨COMP⟩ group) at a common index, with validity and positions."""
