@@ -54,13 +54,14 @@ def test_parallel_equals_online(arch, attn, variant, sink):
 
     par = tail_logits(out.logits, am, EPISODES, side)
     for b, (_, tail) in enumerate(EPISODES):
-        assert torch.allclose(par[b], logits[b, : len(tail)], atol=TOL, rtol=0), (b, (par[b] - logits[b, :len(tail)]).abs().max())
+        err = (par[b] - logits[b, : len(tail)]).abs().max()
+        assert err <= TOL, (b, err)
 
     # The memory is exactly the ⟨COMP⟩ keys/values of the parallel pass (running mean of them for merge variants).
     n, mem = ccm.config.n_tok, s.memory
     for layer in range(ccm.num_layers):
         pk, pv = out.cache.layers[layer].keys, out.cache.layers[layer].values
-        for b, (chunks, _) in enumerate(EPISODES):
+        for b in range(len(EPISODES)):
             comp_pos = ccm.tokens.is_comp(ids[b]).nonzero().squeeze(-1).view(-1, n)  # (T, n)
             want_k, want_v = pk[b][:, comp_pos], pv[b][:, comp_pos]  # (H, T, n, D)
             if ccm.config.merging:

@@ -68,6 +68,11 @@ def attach_lora(
     return handles
 
 
+def lora_linears(model: nn.Module) -> list[nn.Linear]:
+    """The projections that carry a LoRA."""
+    return [m for m in model.modules() if isinstance(getattr(m, ATTR, None), LoRA)]
+
+
 def lora_modules(model: nn.Module) -> dict[str, LoRA]:
     """The attached LoRA modules by the qualified name of their projection."""
     return {name: getattr(m, ATTR) for name, m in model.named_modules() if isinstance(getattr(m, ATTR, None), LoRA)}
@@ -81,10 +86,8 @@ def merge_and_remove_lora(model: nn.Module) -> int:
     Hooks must be removed by the caller (``CompressedModel.detach``) before or after.
     """
     count = 0
-    for name, lin in list(model.named_modules()):
-        lora = getattr(lin, ATTR, None)
-        if isinstance(lora, LoRA):
-            lin.weight += lora.delta_weight().to(lin.weight.dtype)
-            delattr(lin, ATTR)
-            count += 1
+    for lin in lora_linears(model):
+        lin.weight += getattr(lin, ATTR).delta_weight().to(lin.weight.dtype)
+        delattr(lin, ATTR)
+        count += 1
     return count

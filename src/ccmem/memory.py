@@ -100,7 +100,9 @@ class CompressedMemory:
                            for v, m in zip(vs, self.values)]
             self.valid = torch.cat([self.valid[:, :1] | rows[:, None], self.valid[:, 1:]], 1)
 
-    def add_step(self, ks: list[torch.Tensor], vs: list[torch.Tensor], rows: torch.Tensor, n_text: torch.Tensor) -> None:
+    def add_step(
+        self, ks: list[torch.Tensor], vs: list[torch.Tensor], rows: torch.Tensor, n_text: torch.Tensor
+    ) -> None:
         """Write h(t) (per layer (B, H, n, D)) for the rows in ``rows``: append (concat) or running mean (merge)."""
         from .merging import running_mean
 

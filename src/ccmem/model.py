@@ -19,7 +19,8 @@ from .config import CompressionConfig
 from .embedding import ATTR as EMB_ATTR
 from .embedding import attach_embedding
 from .errors import IncompatibleError, InputError, UnsupportedModelError
-from .lora import attach_lora, lora_modules
+from .lora import ATTR as LORA_ATTR
+from .lora import attach_lora, lora_linears, lora_modules
 from .masks import comp_attention_mask, to_additive
 from .positions import skip_position_ids
 from .state import ForwardState
@@ -51,6 +52,7 @@ class CompressedModel:
         self.state = ForwardState()
         self._handles: list = []
         self._prev_attn: str | None = None
+        self._grad_flags: dict[str, bool] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -80,6 +82,7 @@ class CompressedModel:
             _pad_tokenizer_to(tokenizer, vocab)
             register_with_tokenizer(tokenizer, tokens)
         self = cls(model, config, tokens, tokenizer)
+        self._grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
         register_backends()
         self._prev_attn = model.config._attn_implementation
@@ -93,7 +96,7 @@ class CompressedModel:
         n_lora = len(lora_modules(model))
         n_layers = model.config.num_hidden_layers
         if n_lora != n_layers * len(config.target_modules):
-            self.detach()
+            self.detach(remove_weights=True)
             raise UnsupportedModelError(
                 f"found {n_lora} of the {n_layers * len(config.target_modules)} projections {config.target_modules} "
                 f"in {type(model).__name__}; set target_modules to the model's projection names"
@@ -102,8 +105,10 @@ class CompressedModel:
             p.requires_grad_(True)
         return self
 
-    def detach(self) -> nn.Module:
-        """Remove every hook and restore the original attention backend; returns the bare model."""
+    def detach(self, remove_weights: bool = False) -> nn.Module:
+        """Remove every hook and restore the original attention backend; returns the bare model.
+
+        The LoRA and ⟨COMP⟩ weights stay attached (inert) unless ``remove_weights``."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -112,6 +117,14 @@ class CompressedModel:
                 delattr(attn, STATE_ATTR)
         if self._prev_attn is not None:
             self.model.set_attn_implementation(self._prev_attn)
+        if remove_weights:
+            emb = self.model.get_input_embeddings()
+            if hasattr(emb, EMB_ATTR):
+                delattr(emb, EMB_ATTR)
+            for lin in lora_linears(self.model):
+                delattr(lin, LORA_ATTR)
+            for n, p in self.model.named_parameters():
+                p.requires_grad_(self._grad_flags.get(n, p.requires_grad))
         return self.model
 
     # ------------------------------------------------------------------ parameters
@@ -170,29 +183,10 @@ class CompressedModel:
     # ------------------------------------------------------------------ identity and files
     def fingerprint(self) -> dict[str, Any]:
         """What an adapter or memory file must agree with to be used on this model."""
-        c = self.model.config
-        return {
-            "model_type": c.model_type,
-            "hidden_size": c.hidden_size,
-            "num_hidden_layers": c.num_hidden_layers,
-            "num_attention_heads": c.num_attention_heads,
-            "num_key_value_heads": getattr(c, "num_key_value_heads", c.num_attention_heads),
-            "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-            "vocab_size": self.model.get_input_embeddings().weight.shape[0],
-            "comp_base": self.tokens.base,
-            "name_or_path": getattr(c, "_name_or_path", ""),
-        }
+        return model_fingerprint(self.model, self.tokens.base)
 
     def check_fingerprint(self, other: dict[str, Any], what: str) -> None:
-        mine = self.fingerprint()
-        bad = [k for k in FINGERPRINT_KEYS if other.get(k) != mine.get(k)]
-        if bad:
-            diffs = ", ".join(f"{k}: file {other.get(k)!r} vs model {mine.get(k)!r}" for k in bad)
-            made_for = other.get("name_or_path") or "another model"
-            raise IncompatibleError(
-                f"{what} was made for a different base model ({diffs}); load it with the model it was made for "
-                f"({made_for!r}) or re-create it for this one"
-            )
+        check_fingerprint(self.fingerprint(), other, what)
 
     def check_config(self, other: dict[str, Any], what: str) -> None:
         mine = self.config.to_dict()
@@ -259,12 +253,12 @@ class CompressedModel:
         tensors, header = cls.read_adapter(path_or_id, revision)
         config = CompressionConfig.from_dict(header["compression"])
         _check_architecture(model)
+        check_fingerprint(model_fingerprint(model), header["base"], f"adapter {path_or_id}")
         self = cls.attach(model, config, tokenizer, attn_implementation)
         try:
-            self.check_fingerprint(header["base"], f"adapter {path_or_id}")
             self._load_tensors(tensors, str(path_or_id))
         except Exception:
-            self.detach()
+            self.detach(remove_weights=True)
             raise
         return self
 
@@ -322,4 +316,33 @@ def _pad_tokenizer_to(tokenizer: Any, vocab: int) -> None:
         tokenizer.add_special_tokens(
             {"additional_special_tokens": [f"<ccmem_reserved_{i}>" for i in range(gap)]},
             replace_extra_special_tokens=False,
+        )
+
+
+def model_fingerprint(model: nn.Module, comp_base: int | None = None) -> dict[str, Any]:
+    """The architecture facts an adapter or memory must agree with (``name_or_path`` is only informative)."""
+    c = model.config
+    vocab = model.get_input_embeddings().weight.shape[0]
+    return {
+        "model_type": c.model_type,
+        "hidden_size": c.hidden_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+        "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        "vocab_size": vocab,
+        "comp_base": vocab if comp_base is None else comp_base,
+        "name_or_path": getattr(c, "_name_or_path", ""),
+    }
+
+
+def check_fingerprint(mine: dict[str, Any], other: dict[str, Any], what: str) -> None:
+    """Raise :class:`IncompatibleError` naming every field where ``other`` disagrees with ``mine``."""
+    bad = [k for k in FINGERPRINT_KEYS if other.get(k) != mine.get(k)]
+    if bad:
+        diffs = ", ".join(f"{k}: file {other.get(k)!r} vs model {mine.get(k)!r}" for k in bad)
+        made_for = other.get("name_or_path") or "another model"
+        raise IncompatibleError(
+            f"{what} was made for a different base model ({diffs}); load it with the model it was made for "
+            f"({made_for!r}) or re-create it for this one"
         )

@@ -1,0 +1,238 @@
+"""Save/load round trips and every bad input the core promises a clear error for (and no lost state)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import randomize, tiny_ccm, tiny_model
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from ccmem import (
+    CompressedModel,
+    CompressionConfig,
+    ConfigError,
+    CorruptFileError,
+    IncompatibleError,
+    InputError,
+    UnsupportedModelError,
+    episode_ids,
+    pad_batch,
+)
+
+CHUNKS = [[5, 6, 7], [8, 9], [10, 11, 12]]
+TAIL = [20, 21, 22]
+
+
+def fill(session):
+    for c in CHUNKS:
+        session.add_context(c)
+    return session
+
+
+# ---------------------------------------------------------------- round trips
+@pytest.mark.parametrize("variant", ["concat_recur", "merge_recur"])
+def test_adapter_round_trip(tmp_path, variant):
+    ccm = tiny_ccm("llama", variant, sink=True)
+    ccm.save_pretrained(tmp_path / "ad")
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["compression"]["variant"] == variant and cfg["base"]["hidden_size"] == 64
+
+    loaded = CompressedModel.from_pretrained(tmp_path / "ad", tiny_model("llama"))
+    assert loaded.config == ccm.config
+    ids, am = pad_batch([episode_ids(CHUNKS, TAIL, ccm.tokens, variant)], 0)
+    with torch.no_grad():
+        assert torch.equal(ccm.parallel_forward(ids, am).logits, loaded.parallel_forward(ids, am).logits)
+
+
+def test_load_adapter_into_attached_model(tmp_path):
+    ccm = tiny_ccm("llama")
+    ccm.save_pretrained(tmp_path)
+    other = tiny_ccm("llama", seed=0)
+    randomize(other, seed=99)
+    other.load_adapter(tmp_path)
+    for (k, a), b in zip(ccm.trainable_named_parameters().items(), other.trainable_parameters()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("variant", ["concat_recur", "merge_recur"])
+def test_memory_round_trip(tmp_path, variant):
+    ccm = tiny_ccm("llama", variant, sink=True)
+    s = fill(ccm.session())
+    before, _ = s.logits(TAIL)
+    s.save(tmp_path / "mem.safetensors")
+    s2 = ccm.session()
+    s2.load(tmp_path / "mem.safetensors")
+    after, _ = s2.logits(TAIL)
+    assert torch.equal(before, after)
+    assert s2.memory.num_slots == s.memory.num_slots and torch.equal(s2.memory.offset, s.memory.offset)
+    # the loaded memory keeps working: one more step gives the same result in both sessions
+    s.add_context([30, 31]), s2.add_context([30, 31])
+    assert torch.equal(s.logits(TAIL)[0], s2.logits(TAIL)[0])
+
+
+def test_memory_reports_slots_and_bytes():
+    ccm = tiny_ccm("llama", "concat_recur", n_tok=2)
+    s = fill(ccm.session())
+    assert s.memory.num_slots == 6 and s.memory.slots_per_row() == [6]
+    # 2 layers x (K+V) x 2 kv heads x 16 dims x 4 bytes per slot
+    assert s.memory.bytes_per_slot() == 2 * 2 * 2 * 16 * 4
+    assert s.memory.nbytes == 6 * s.memory.bytes_per_slot()
+    m = tiny_ccm("llama", "merge_recur", n_tok=2)
+    assert fill(m.session()).memory.num_slots == 2
+
+
+# ---------------------------------------------------------------- wrong model / config
+def test_adapter_for_another_model_is_refused(tmp_path):
+    tiny_ccm("llama").save_pretrained(tmp_path)
+    with pytest.raises(IncompatibleError, match="hidden_size"):
+        CompressedModel.from_pretrained(tmp_path, tiny_model("llama", hidden_size=32, num_attention_heads=2,
+                                                             num_key_value_heads=1))
+    with pytest.raises(IncompatibleError, match="num_hidden_layers"):
+        CompressedModel.from_pretrained(tmp_path, tiny_model("llama", num_hidden_layers=3))
+    with pytest.raises(IncompatibleError, match="model_type"):
+        CompressedModel.from_pretrained(tmp_path, tiny_model("mistral"))
+
+
+def test_failed_adapter_load_leaves_model_untouched(tmp_path):
+    tiny_ccm("llama").save_pretrained(tmp_path)
+    model = tiny_model("llama", num_hidden_layers=3)
+    model.save_pretrained(tmp_path / "base")  # an adapter whose tensors do not fit: fails after attaching
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    with pytest.raises(IncompatibleError):
+        CompressedModel.from_pretrained(tmp_path, model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    assert all(p.requires_grad for p in model.parameters())  # the model is handed back as it came
+    assert not any("ccmem" in n for n, _ in model.named_parameters())
+
+
+def test_adapter_with_other_config_is_refused(tmp_path):
+    tiny_ccm("llama", n_tok=2).save_pretrained(tmp_path)
+    other = tiny_ccm("llama", n_tok=3)
+    with pytest.raises(IncompatibleError, match="n_tok"):
+        other.load_adapter(tmp_path)
+
+
+@pytest.mark.parametrize("change", [dict(n_tok=3), dict(variant="merge_recur"), dict(sink=True)])
+def test_memory_for_other_config_is_refused(tmp_path, change):
+    ccm = tiny_ccm("llama", "concat_recur", n_tok=2)
+    fill(ccm.session()).save(tmp_path / "m.safetensors")
+    other = tiny_ccm("llama", **{"variant": "concat_recur", "n_tok": 2, **change})
+    s = fill(other.session())
+    keep = s.memory
+    with pytest.raises(IncompatibleError, match=next(iter(change))):
+        s.load(tmp_path / "m.safetensors")
+    assert s.memory is keep  # nothing lost
+
+
+def test_memory_for_other_model_is_refused(tmp_path):
+    fill(tiny_ccm("llama").session()).save(tmp_path / "m.safetensors")
+    with pytest.raises(IncompatibleError, match="num_hidden_layers"):
+        CompressedModel.attach(tiny_model("llama", num_hidden_layers=3)).session().load(tmp_path / "m.safetensors")
+
+
+def test_adapter_file_given_as_memory_is_refused(tmp_path):
+    ccm = tiny_ccm("llama")
+    ccm.save_pretrained(tmp_path)
+    with pytest.raises(IncompatibleError, match="not a memory"):
+        ccm.session().load(tmp_path / "adapter.safetensors")
+
+
+# ---------------------------------------------------------------- damaged files
+@pytest.mark.parametrize("what", ["adapter", "memory"])
+def test_truncated_file_is_detected(tmp_path, what):
+    ccm = tiny_ccm("llama")
+    if what == "adapter":
+        ccm.save_pretrained(tmp_path)
+        path = tmp_path / "adapter.safetensors"
+    else:
+        path = tmp_path / "m.safetensors"
+        fill(ccm.session()).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 40])
+    with pytest.raises(CorruptFileError, match="truncated"):
+        ccm.load_adapter(tmp_path) if what == "adapter" else ccm.session().load(path)
+    path.write_bytes(data[:5])
+    with pytest.raises(CorruptFileError):
+        ccm.load_adapter(tmp_path) if what == "adapter" else ccm.session().load(path)
+
+
+@pytest.mark.parametrize("what", ["adapter", "memory"])
+def test_corrupted_bytes_are_detected(tmp_path, what):
+    ccm = tiny_ccm("llama")
+    if what == "adapter":
+        ccm.save_pretrained(tmp_path)
+        path = tmp_path / "adapter.safetensors"
+    else:
+        path = tmp_path / "m.safetensors"
+        fill(ccm.session()).save(path)
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0xFF  # flip one byte of tensor data: the header still parses
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match="checksum"):
+        ccm.load_adapter(tmp_path) if what == "adapter" else ccm.session().load(path)
+
+
+def test_missing_adapter_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        CompressedModel.from_pretrained(tmp_path / "nope" / "deeper", tiny_model("llama"))
+
+
+# ---------------------------------------------------------------- bad input
+def test_empty_chunk_is_refused_and_memory_kept():
+    s = fill(tiny_ccm("llama").session())
+    before = [k.clone() for k in s.memory.keys]
+    with pytest.raises(InputError, match="empty"):
+        s.add_context([])
+    with pytest.raises(InputError, match="empty"):
+        s.add_context("") if s.ccm.tokenizer else s.add_context([])
+    assert all(torch.equal(a, b) for a, b in zip(before, s.memory.keys)) and s.memory.num_slots == 6
+
+
+def test_chunk_past_position_range_is_refused_and_memory_kept():
+    ccm = CompressedModel.attach(tiny_model("llama", max_position_embeddings=16), CompressionConfig(n_tok=2))
+    s = ccm.session()
+    s.add_context(list(range(3, 13)))  # 10 tokens: positions 0..9, COMP at 10, 11
+    offset, slots = s.memory.offset.clone(), s.memory.num_slots
+    with pytest.raises(InputError, match="position"):
+        s.add_context(list(range(3, 11)))  # would need positions up to 19
+    assert torch.equal(s.memory.offset, offset) and s.memory.num_slots == slots
+    s.add_context([3, 4])  # still usable
+
+
+def test_comp_ids_in_user_input_are_refused():
+    ccm = tiny_ccm("llama")
+    with pytest.raises(InputError, match="COMP"):
+        ccm.session().add_context([5, ccm.tokens.comp_ids[0]])
+
+
+def test_wrong_batch_size_is_refused():
+    with pytest.raises(InputError, match="batch size"):
+        tiny_ccm("llama").session(batch_size=2).add_context([[1, 2], [3], [4]])
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedModelError, match="llama, mistral, qwen2"):
+        CompressedModel.attach(gpt2)
+
+
+def test_unsupported_attention_backend():
+    with pytest.raises(UnsupportedModelError, match="sdpa"):
+        CompressedModel.attach(tiny_model("llama"), attn_implementation="flash_attention_2")
+
+
+@pytest.mark.parametrize("bad", [dict(variant="concatenate"), dict(n_tok=0), dict(lora_r=0), dict(lora_dropout=1.5),
+                                 dict(target_modules=())])
+def test_bad_config(bad):
+    with pytest.raises(ConfigError):
+        CompressionConfig(**bad)
+
+
+def test_gist_has_no_online_session():
+    with pytest.raises(ConfigError, match="gist"):
+        tiny_ccm("llama", "gist").session()
