@@ -1,0 +1,83 @@
+"""Collator: episodes -> left-padded parallel-training batches, with labels on the output O (+EOS) only."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..sequence import episode_ids, pad_batch
+from ..tokens import CompTokens
+from .episode import Episode
+
+IGNORE = -100
+MODES = ("compress", "full", "none")
+
+
+class Collator:
+    """Builds ``input_ids``, ``attention_mask``, ``labels`` for one of three layouts:
+
+    - ``compress``: every chunk followed by its ⟨COMP⟩ group (and SUM group for merge variants), then I, O;
+    - ``full``: all chunks as plain text, then I, O (the full-context model, stage 1);
+    - ``none``: I, O only (the no-context baseline).
+
+    ``max_length`` counts text tokens only (⟨COMP⟩ tokens excluded, as in the reference): the oldest chunks are
+    dropped until the episode fits; an episode whose I + O alone do not fit is refused.
+    """
+
+    def __init__(self, tokens: CompTokens | None, variant: str = "concat_recur", mode: str = "compress",
+                 pad_id: int = 0, max_length: int = 1024):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        if mode == "compress" and tokens is None:
+            raise ValueError("compress mode needs the model's CompTokens")
+        self.tokens, self.variant, self.mode, self.pad_id, self.max_length = tokens, variant, mode, pad_id, max_length
+
+    def fit(self, ep: Episode) -> Episode:
+        budget = self.max_length - len(ep.input) - len(ep.output)
+        if budget < 0:
+            raise ValueError(f"episode {ep.id}: input + output ({len(ep.input) + len(ep.output)} tokens) exceed "
+                             f"max_length {self.max_length}")
+        chunks = list(ep.chunks)
+        while chunks and sum(map(len, chunks)) > budget:
+            chunks.pop(0)
+        return Episode(chunks, ep.input, ep.output, ep.options, ep.answer, ep.id, ep.meta)
+
+    def row(self, ep: Episode) -> tuple[list[int], list[int]]:
+        ep = self.fit(ep)
+        tail = ep.input + ep.output
+        if self.mode == "compress":
+            ids = episode_ids(ep.chunks, tail, self.tokens, self.variant)
+        elif self.mode == "full":
+            ids = [t for c in ep.chunks for t in c] + tail
+        else:
+            ids = list(tail)
+        labels = [IGNORE] * (len(ids) - len(ep.output)) + list(ep.output)
+        return ids, labels
+
+    def __call__(self, episodes: Sequence[Episode]) -> dict[str, torch.Tensor]:
+        rows = [self.row(ep) for ep in episodes]
+        ids, mask = pad_batch([r[0] for r in rows], self.pad_id, side="left")
+        labels, _ = pad_batch([r[1] for r in rows], IGNORE, side="left")
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy. ``logits`` may cover only the last K positions (``logits_to_keep=K``); labels are
+    aligned to them. ``reduction="sum"`` returns (sum, count) for pooled perplexities."""
+    k = logits.shape[1]
+    target = labels[:, -k + 1:] if k > 1 else labels[:, :0]
+    pred = logits[:, :-1]
+    loss = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(), target.reshape(-1),
+                                             ignore_index=IGNORE, reduction="sum")
+    count = (target != IGNORE).sum()
+    if reduction == "sum":
+        return loss, count
+    return loss / count.clamp(min=1)
+
+
+def keep_for_loss(labels: torch.Tensor) -> int:
+    """How many final logits a loss on ``labels`` needs (left padding puts every output at the end)."""
+    valid = (labels != IGNORE).long()
+    first = torch.where(valid.any(-1), valid.argmax(-1), torch.full_like(valid[:, 0], labels.shape[1]))
+    return int(labels.shape[1] - first.min()) + 1

@@ -1,0 +1,266 @@
+"""Training: the parallel formulation, on accelerate, with exact resume.
+
+One optimizer step = one global batch of ``batch_size * grad_accum * world_size`` episodes. Which episodes form the
+batch of step s is a pure function of (seed, s), and each micro-batch goes to rank ``j % world``; so a resumed run
+and a multi-process run see exactly the data a single uninterrupted run would. Checkpoints hold the trainable
+state as a loadable adapter plus optimizer, scheduler and RNG states.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data.collate import Collator, keep_for_loss, lm_loss
+from .data.episode import Episode
+from .errors import CCMError
+
+
+class NonFiniteLossError(CCMError, FloatingPointError):
+    """Training produced a NaN/inf loss; the run stopped and the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/ccm"
+    mode: str = "compress"  # "compress" (stage 2) or "full" (stage 1: plain LoRA on full context)
+    max_steps: int = 100
+    batch_size: int = 4  # per device, per micro-batch
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    max_length: int = 1024
+    seed: int = 42
+    mixed_precision: str = "no"  # "no", "bf16", "fp16" (accelerate)
+    gradient_checkpointing: bool = False
+    log_every: int = 1
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    eval_batches: int = 8
+    extra: dict = field(default_factory=dict)
+
+
+class Source:
+    """Anything indexable by (index, epoch) -> Episode; plain sequences ignore the epoch."""
+
+    def __init__(self, data: Any):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def get(self, i: int, epoch: int) -> Episode:
+        return self.data.get(i, epoch) if hasattr(self.data, "get") else self.data[i]
+
+
+def global_batch(step: int, n: int, size: int, seed: int) -> list[tuple[int, int]]:
+    """(index, epoch) pairs of the global batch of ``step``: consecutive slices of per-epoch permutations."""
+    out = []
+    for p in range(step * size, (step + 1) * size):
+        epoch, pos = divmod(p, n)
+        perm = list(range(n))
+        random.Random(f"{seed}:perm:{epoch}").shuffle(perm)
+        out.append((perm[pos], epoch))
+    return out
+
+
+class Trainer:
+    """Trains a CompressedModel's trainable parameters on episodes (nanoGPT-style loop, accelerate underneath)."""
+
+    def __init__(self, ccm: Any, train_data: Any, config: TrainConfig, eval_data: Sequence[Episode] | None = None,
+                 accelerator: Any = None, pad_id: int = 0, on_log: Callable[[dict], None] | None = None):
+        from accelerate import Accelerator
+
+        self.ccm, self.cfg = ccm, config
+        self.acc = accelerator or Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+        self.train = Source(train_data)
+        self.eval_data = list(eval_data or [])
+        self.collate = Collator(ccm.tokens, ccm.config.variant, mode="compress" if config.mode == "compress" else "full",
+                                pad_id=pad_id, max_length=config.max_length)
+        self.on_log = on_log
+        if config.gradient_checkpointing:
+            ccm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        params = ccm.trainable_parameters()
+        self.opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        from transformers import get_cosine_schedule_with_warmup
+
+        warm = math.ceil(config.warmup_ratio * config.max_steps)
+        self.sched = get_cosine_schedule_with_warmup(self.opt, warm, config.max_steps)
+        self.model, self.opt = self.acc.prepare(ccm.model, self.opt)
+        self.step = 0
+        self.history: list[dict] = []
+        self.out = Path(config.output_dir)
+
+    # ------------------------------------------------------------------ one step
+    def _forward_loss(self, batch: dict[str, torch.Tensor], reduction: str = "mean"):
+        batch = {k: v.to(self.acc.device) for k, v in batch.items()}
+        ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        if self.cfg.mode == "compress":
+            extra = self.ccm.parallel_inputs(ids, am)
+        else:
+            extra = self.ccm.parallel_inputs(ids, am, full_context=True)
+        keep = keep_for_loss(labels)
+        with self.acc.autocast():
+            logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=keep, **extra).logits
+        return lm_loss(logits, labels, reduction), int((labels != -100).sum()), int(am.sum())
+
+    def _micro_batches(self, step: int) -> list[list[Episode]]:
+        world, rank, c = self.acc.num_processes, self.acc.process_index, self.cfg
+        size = c.batch_size * c.grad_accum * world
+        pairs = global_batch(step, len(self.train), size, c.seed)
+        micro = [pairs[j * c.batch_size:(j + 1) * c.batch_size] for j in range(c.grad_accum * world)]
+        mine = [m for j, m in enumerate(micro) if j % world == rank]
+        return [[self.train.get(i, e) for i, e in m] for m in mine]
+
+    def train_step(self) -> dict:
+        self.model.train()
+        t0 = time.perf_counter()
+        micro = self._micro_batches(self.step)
+        total, tokens = 0.0, 0
+        for a, eps in enumerate(micro):
+            sync = a == len(micro) - 1
+            ctx = self.acc.no_sync(self.model) if not sync and self.acc.num_processes > 1 else _null()
+            with ctx:
+                loss, _, ntok = self._forward_loss(self.collate(eps))
+                self.acc.backward(loss / len(micro))
+            total += float(loss.detach()) / len(micro)
+            tokens += ntok
+        loss_t = torch.tensor([total], device=self.acc.device)
+        loss_all = float(self.acc.reduce(loss_t, reduction="mean")) if self.acc.num_processes > 1 else total
+        if not math.isfinite(loss_all):
+            self.opt.zero_grad(set_to_none=True)
+            last = self.latest_checkpoint()
+            raise NonFiniteLossError(
+                f"loss became {loss_all} at step {self.step + 1}; the run stopped without applying this update. "
+                f"Last good checkpoint: {last or 'none yet'}. Lower the learning rate or check the data, then resume."
+            )
+        norm = self.acc.clip_grad_norm_(self.ccm.trainable_parameters(), self.cfg.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        dt = time.perf_counter() - t0
+        return {"step": self.step, "loss": loss_all, "lr": self.sched.get_last_lr()[0],
+                "grad_norm": float(norm), "tokens_per_s": tokens * self.acc.num_processes / dt, "seconds": dt}
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, stop_after: int | None = None) -> list[dict]:
+        """Train up to ``max_steps`` (or ``stop_after`` more steps, to simulate an interrupted run)."""
+        from tqdm.auto import tqdm
+
+        end = self.cfg.max_steps if stop_after is None else min(self.cfg.max_steps, self.step + stop_after)
+        bar = tqdm(total=self.cfg.max_steps, initial=self.step, disable=not self.acc.is_main_process,
+                   desc=f"train {self.cfg.mode}", dynamic_ncols=True)
+        while self.step < end:
+            rec = self.train_step()
+            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.eval_data:
+                rec["eval_ppl"] = self.evaluate()
+            self.history.append(rec)
+            if self.on_log and self.acc.is_main_process:
+                self.on_log(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if self.cfg.save_every and (self.step % self.cfg.save_every == 0 or self.step == self.cfg.max_steps):
+                self.save_checkpoint()
+        bar.close()
+        return self.history
+
+    @torch.no_grad()
+    def evaluate(self, episodes: Sequence[Episode] | None = None) -> float:
+        """Token-pooled perplexity of the outputs (EOS excluded) under the parallel formulation."""
+        self.model.eval()
+        episodes = list(episodes if episodes is not None else self.eval_data)
+        eos = getattr(self.ccm.tokenizer, "eos_token_id", None)
+        nll, count = 0.0, 0
+        bs = self.cfg.batch_size
+        for i in range(0, min(len(episodes), bs * self.cfg.eval_batches), bs):
+            eps = [_strip_eos(e, eos) for e in episodes[i:i + bs]]
+            (s, c), _, _ = self._forward_loss(self.collate(eps), reduction="sum")
+            nll += float(s)
+            count += int(c)
+        self.model.train()
+        return math.exp(nll / max(count, 1))
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.out / "checkpoints" / f"step_{step:06d}"
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted((self.out / "checkpoints").glob("step_*/trainer_state.pt"))
+        return found[-1].parent if found else None
+
+    def save_checkpoint(self) -> Path:
+        self.acc.wait_for_everyone()
+        d = self.checkpoint_dir(self.step)
+        if self.acc.is_main_process:
+            tmp = d.with_name(d.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.ccm.save_pretrained(tmp)
+            torch.save({"step": self.step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                        "rng": _rng_state(), "config": asdict(self.cfg), "history": self.history},
+                       tmp / "trainer_state.pt")
+            shutil.rmtree(d, ignore_errors=True)
+            tmp.rename(d)
+            for old in sorted((self.out / "checkpoints").glob("step_*"))[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        return d
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Continue from ``path`` or the latest checkpoint in output_dir; False if there is none."""
+        d = Path(path) if path else self.latest_checkpoint()
+        if d is None:
+            return False
+        self.ccm.load_adapter(d)
+        st = torch.load(d / "trainer_state.pt", weights_only=False)
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        _set_rng_state(st["rng"])
+        self.step, self.history = st["step"], st.get("history", [])
+        return True
+
+    def write_log(self, path: str | Path | None = None) -> Path:
+        path = Path(path or self.out / "train_log.jsonl")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        return path
+
+
+def _strip_eos(ep: Episode, eos: int | None) -> Episode:
+    if eos is not None and ep.output and ep.output[-1] == eos:
+        return Episode(ep.chunks, ep.input, ep.output[:-1], ep.options, ep.answer, ep.id, ep.meta)
+    return ep
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _rng_state() -> dict:
+    st = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
