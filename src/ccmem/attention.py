@@ -43,6 +43,9 @@ def _make(backend: str) -> Callable:
                     "one forward (the parallel formulation) or the online memory's running mean"
                 )
             key, value = apply_sum_average(key, value, state.sum_weights)
+        if attention_mask is not None and attention_mask.is_floating_point() and attention_mask.dtype != query.dtype:
+            # under autocast the queries are bf16/fp16 while ccmem's mask was built in the weights' dtype
+            attention_mask = attention_mask.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
         fn = sdpa_attention_forward if backend == "sdpa" else _eager_for(module)
         return fn(module, query, key, value, attention_mask, **kwargs)
 

@@ -36,6 +36,15 @@ def _demo_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe, run_recipe
+
+    cfg = load_recipe(args.config, args.overrides)
+    out = run_recipe(cfg, device=args.device)
+    print(f"[ccmem] adapter written to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ccmem", description="compressed context memory for online LM interaction")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -43,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--tiny", action="store_true", help="use a tiny random model (no download, seconds)")
     d.add_argument("--turns", type=int, default=8)
     d.set_defaults(fn=_demo_tiny)
+    t = sub.add_parser("train", help="train an adapter from a YAML recipe (configs/*.yaml) plus key=value overrides")
+    t.add_argument("config", nargs="?", help="recipe YAML")
+    t.add_argument("overrides", nargs="*", help="e.g. train.max_steps=100 compression.n_tok=4")
+    t.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    t.set_defaults(fn=_train)
     args = ap.parse_args(argv)
     return args.fn(args)
 

@@ -253,6 +253,14 @@ class CompressedModel:
         tensors, header = cls.read_adapter(path_or_id, revision)
         config = CompressionConfig.from_dict(header["compression"])
         _check_architecture(model)
+        stage1 = Path(path_or_id) / "stage1"
+        if stage1.is_dir():  # two-stage recipe: fold the full-context LoRA into the base weights first
+            from .lora import merge_and_remove_lora
+
+            base = cls.from_pretrained(stage1, model)
+            base.detach()
+            merge_and_remove_lora(model)
+            base.detach(remove_weights=True)
         check_fingerprint(model_fingerprint(model), header["base"], f"adapter {path_or_id}")
         self = cls.attach(model, config, tokenizer, attn_implementation)
         try:

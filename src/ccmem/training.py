@@ -49,6 +49,7 @@ class TrainConfig:
     save_every: int = 0
     keep_checkpoints: int = 2
     eval_batches: int = 8
+    max_minutes: float = 0.0  # stop (and save) after this much wall time; 0 = no limit
     extra: dict = field(default_factory=dict)
 
 
@@ -87,8 +88,8 @@ class Trainer:
         self.acc = accelerator or Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
         self.train = Source(train_data)
         self.eval_data = list(eval_data or [])
-        self.collate = Collator(ccm.tokens, ccm.config.variant, mode="compress" if config.mode == "compress" else "full",
-                                pad_id=pad_id, max_length=config.max_length)
+        mode = "compress" if config.mode == "compress" else "full"
+        self.collate = Collator(ccm.tokens, ccm.config.variant, mode=mode, pad_id=pad_id, max_length=config.max_length)
         self.on_log = on_log
         if config.gradient_checkpointing:
             ccm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -163,7 +164,11 @@ class Trainer:
         end = self.cfg.max_steps if stop_after is None else min(self.cfg.max_steps, self.step + stop_after)
         bar = tqdm(total=self.cfg.max_steps, initial=self.step, disable=not self.acc.is_main_process,
                    desc=f"train {self.cfg.mode}", dynamic_ncols=True)
+        start = time.perf_counter()
         while self.step < end:
+            if self.cfg.max_minutes and time.perf_counter() - start > 60 * self.cfg.max_minutes:
+                print(f"[ccmem] time limit of {self.cfg.max_minutes} min reached at step {self.step}")
+                break
             rec = self.train_step()
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.eval_data:
                 rec["eval_ppl"] = self.evaluate()

@@ -27,9 +27,12 @@ class DialogFormat:
         self.speakers = speakers
         self.max_turn_tokens = max_turn_tokens
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self._cache: dict[str, list[int]] = {}
 
     def _enc(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"]
+        if text not in self._cache:  # episodes re-cut the same turns every epoch
+            self._cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
+        return list(self._cache[text])
 
     def turn(self, i: int, text: str) -> list[int]:
         """``A: text\\n`` for turn i (0-based)."""

@@ -1,0 +1,126 @@
+"""Training recipes: a YAML file (plus ``key.sub=value`` overrides) that names the model, data, compression
+config and training settings; ``run_recipe`` turns it into a trained adapter folder."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import CompressionConfig
+from .errors import ConfigError
+
+DEFAULTS: dict[str, Any] = {
+    "model": "smollm2",
+    "base_adapter": None,  # a stage-1 (full-context) adapter folder merged into the base weights first
+    "data": {"source": "chitchat", "split_seed": 0, "max_turn_tokens": 128, "eval_dialogs": 64},
+    "compression": {},
+    "train": {},
+    "output": None,  # final adapter folder (default: <train.output_dir>/adapter)
+}
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+    cfg = copy.deepcopy(DEFAULTS)
+    if path:
+        with open(path) as f:
+            user = yaml.safe_load(f) or {}
+        _merge(cfg, user)
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r} must look like key.sub=value")
+        key, val = o.split("=", 1)
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = yaml.safe_load(val)
+    return cfg
+
+
+def _merge(a: dict, b: dict) -> None:
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(a.get(k), dict):
+            _merge(a[k], v)
+        else:
+            a[k] = v
+
+
+def prepare_model(model_name: str, base_adapter: str | None, device: str | None = None):
+    """Load the base model; if a stage-1 adapter is given, fold its LoRA into the weights (stage 2 of the recipe)."""
+    from .lora import merge_and_remove_lora
+    from .model import CompressedModel
+    from .models import load_model
+
+    model, tok = load_model(model_name, device=device)
+    if base_adapter:
+        stage1 = CompressedModel.from_pretrained(base_adapter, model)
+        stage1.detach()
+        merge_and_remove_lora(model)
+        stage1.detach(remove_weights=True)
+    return model, tok
+
+
+def chitchat_splits(tok: Any, data_cfg: dict) -> tuple[dict, Any]:
+    from .data import DialogFormat, load_chitchat, split_dialogs
+
+    dialogs, report = load_chitchat()
+    fmt = DialogFormat(tok, max_turn_tokens=data_cfg.get("max_turn_tokens", 128))
+    limit = data_cfg.get("max_turn_tokens", 128)
+    kept = [d for d in dialogs if all(len(fmt.turn(0, t)) <= limit for t in d.turns)]
+    report["turn over max_turn_tokens"] += len(dialogs) - len(kept)
+    return split_dialogs(kept, seed=data_cfg.get("split_seed", 0)), fmt, report
+
+
+def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
+    """Train the adapter a recipe describes; returns the adapter folder."""
+    import torch
+
+    from .data import DialogEpisodes
+    from .model import CompressedModel
+    from .training import TrainConfig, Trainer
+
+    tcfg = TrainConfig(**cfg["train"])
+    comp = CompressionConfig(**cfg["compression"])
+    if tcfg.mode == "full":
+        comp = CompressionConfig(**{**cfg["compression"], "conditional": False})
+    torch.manual_seed(tcfg.seed)
+    model, tok = prepare_model(cfg["model"], cfg.get("base_adapter"),
+                               device=device or ("cuda" if torch.cuda.is_available() else None))
+    ccm = CompressedModel.attach(model, comp, tokenizer=tok)
+    if cfg["data"]["source"] != "chitchat":
+        raise ConfigError(f"unknown data source {cfg['data']['source']!r}; known: chitchat")
+    splits, fmt, report = chitchat_splits(tok, cfg["data"])
+    train = DialogEpisodes(splits["train"], fmt, seed=tcfg.seed)
+    val = [fmt.episode(d, len(d.turns)) for d in splits["validation"][: cfg["data"].get("eval_dialogs", 64)]]
+    out = Path(cfg.get("output") or Path(tcfg.output_dir) / "adapter")
+    log = Path(tcfg.output_dir) / "train_log.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+
+    def on_log(rec: dict) -> None:
+        with log.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    trainer = Trainer(ccm, train, tcfg, eval_data=val, pad_id=tok.pad_token_id or 0, on_log=on_log)
+    if trainer.resume():
+        print(f"[ccmem] resumed at step {trainer.step}")
+    elif log.exists():
+        log.unlink()
+    trainer.fit()
+    final_ppl = trainer.evaluate() if val else None
+    if trainer.acc.is_main_process:
+        ccm.save_pretrained(out)
+        if cfg.get("base_adapter"):
+            shutil.copytree(cfg["base_adapter"], out / "stage1", dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("stage1", "checkpoints", "*.pt", "*.jsonl"))
+        shutil.copy(log, out / "train_log.jsonl") if log.exists() else None
+        (out / "recipe.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        (out / "train_summary.json").write_text(json.dumps(
+            {"steps": trainer.step, "final_train_loss": trainer.history[-1]["loss"] if trainer.history else None,
+             "validation_ppl": final_ppl, "validation_dialogs": len(val), "train_dialogs": len(train),
+             "data_report": dict(report), "device": str(trainer.acc.device)}, indent=2) + "\n")
+    return out

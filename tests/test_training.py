@@ -1,0 +1,151 @@
+"""Collator layouts, exact resume, real 2-process data parallelism, and a learnable task that training solves."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from ccmem import CompressedModel, CompressionConfig, CompTokens
+from ccmem.data import Collator, Episode
+from ccmem.data.collate import keep_for_loss, lm_loss
+from ccmem.training import NonFiniteLossError, TrainConfig, Trainer, global_batch
+
+EP = Episode(chunks=[[11, 12], [13]], input=[14], output=[15, 2])
+V = 100
+X = -100
+
+
+@pytest.mark.parametrize(
+    "variant,ids",
+    [
+        ("concat_recur", [11, 12, 100, 101, 13, 100, 101, 14, 15, 2]),
+        ("concat", [11, 12, 100, 101, 13, 100, 101, 14, 15, 2]),
+        ("merge_recur", [11, 12, 100, 101, 102, 103, 13, 100, 101, 102, 103, 14, 15, 2]),
+        ("merge", [11, 12, 100, 101, 13, 100, 101, 102, 103, 14, 15, 2]),
+        ("gist", [11, 12, 13, 100, 101, 14, 15, 2]),
+    ],
+)
+def test_collator_layouts(variant, ids):
+    toks = CompTokens(V, 2, merging=variant.startswith("merge"))
+    b = Collator(toks, variant)([EP])
+    assert b["input_ids"].tolist() == [ids]
+    assert b["labels"].tolist() == [[X] * (len(ids) - 2) + [15, 2]]
+    assert b["attention_mask"].tolist() == [[1] * len(ids)]
+
+
+def test_collator_full_none_padding_and_truncation():
+    toks = CompTokens(V, 2, merging=False)
+    short = Episode([[21]], [22], [23])
+    full = Collator(toks, mode="full")([EP, short])
+    assert full["input_ids"].tolist() == [[11, 12, 13, 14, 15, 2], [0, 0, 0, 21, 22, 23]]
+    assert full["attention_mask"].tolist() == [[1] * 6, [0, 0, 0, 1, 1, 1]]
+    assert full["labels"].tolist() == [[X, X, X, X, 15, 2], [X, X, X, X, X, 23]]
+    assert Collator(toks, mode="none")([EP])["input_ids"].tolist() == [[14, 15, 2]]
+    # max_length counts text only: the oldest chunk is dropped first, COMP tokens do not count
+    cut = Collator(toks, max_length=4)([EP])["input_ids"].tolist()
+    assert cut == [[13, 100, 101, 14, 15, 2]]
+    with pytest.raises(ValueError, match="exceed"):
+        Collator(toks, max_length=2)([EP])
+
+
+def test_loss_on_kept_logits_equals_full_loss():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 10)
+    labels = torch.tensor([[X, X, X, X, 3, 4], [X, X, X, X, X, 5]])
+    k = keep_for_loss(labels)
+    assert k == 3
+    full = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 10), labels[:, 1:].reshape(-1))
+    assert torch.allclose(lm_loss(logits[:, -k:], labels), full)
+
+
+def test_global_batches_cover_each_epoch_once():
+    seen = [i for s in range(5) for i, e in global_batch(s, 10, 4, seed=1) if e == 0]
+    assert sorted(seen) == list(range(10))
+    assert global_batch(3, 10, 4, 1) == global_batch(3, 10, 4, 1)
+
+
+# ---------------------------------------------------------------- toy task
+def key_task(n: int, seed: int) -> list[Episode]:
+    """A key (one of 4 tokens) hides at the end of the last context chunk; the output must recall it."""
+    r = random.Random(seed)
+    out = []
+    for _ in range(n):
+        key = r.randint(10, 13)
+        chunks = [[r.randint(70, 120) for _ in range(r.randint(2, 4))] for _ in range(r.randint(1, 3))]
+        chunks[-1] += [5, key]
+        out.append(Episode(chunks, [6], [key]))
+    return out
+
+
+def make_toy_ccm(variant: str = "concat_recur", dropout: float = 0.0) -> CompressedModel:
+    # a larger init range lets a 2-layer random model express confident predictions
+    return CompressedModel.attach(tiny_model("llama", initializer_range=0.3),
+                                  CompressionConfig(variant=variant, n_tok=2, lora_dropout=dropout))
+
+
+@pytest.mark.parametrize("variant", ["concat_recur", "merge_recur"])
+def test_training_learns_to_use_memory(tmp_path, variant):
+    ccm = make_toy_ccm(variant)
+    tr = Trainer(ccm, key_task(256, 0), TrainConfig(output_dir=str(tmp_path), max_steps=150, batch_size=16, lr=1e-2))
+    hist = tr.fit()
+    assert hist[0]["loss"] > 5 and sum(h["loss"] for h in hist[-10:]) / 10 < 0.1
+    held_out = key_task(64, 1)
+    with_memory = tr.evaluate(held_out)
+    tr.collate = Collator(None, mode="none")
+    without = tr.evaluate(held_out)
+    assert with_memory < 1.2 < 100 < without  # the key is only recoverable from the compressed memory
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    cfg = dict(max_steps=6, batch_size=4, lr=1e-2, save_every=3)
+    a = Trainer(make_toy_ccm(dropout=0.1), key_task(32, 0), TrainConfig(output_dir=str(tmp_path / "a"), **cfg))
+    a.fit()
+
+    b = Trainer(make_toy_ccm(dropout=0.1), key_task(32, 0), TrainConfig(output_dir=str(tmp_path / "b"), **cfg))
+    b.fit(stop_after=3)  # "killed" after 3 steps; a new process picks it up from the checkpoint
+    c = Trainer(make_toy_ccm(dropout=0.1), key_task(32, 0), TrainConfig(output_dir=str(tmp_path / "b"), **cfg))
+    assert c.resume() and c.step == 3
+    c.fit()
+    for (k, x), y in zip(a.ccm.trainable_named_parameters().items(), c.ccm.trainable_parameters()):
+        assert torch.allclose(x, y, atol=1e-6), k
+    assert [h["loss"] for h in a.history] == pytest.approx([h["loss"] for h in c.history], abs=1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
+    tr = Trainer(make_toy_ccm(), key_task(32, 0), TrainConfig(output_dir=str(tmp_path), max_steps=4, batch_size=4,
+                                                              save_every=1))
+    tr.fit(stop_after=1)
+    good = {k: v.clone() for k, v in tr.ccm.trainable_named_parameters().items()}
+    with torch.no_grad():
+        tr.ccm.trainable_parameters()[0].fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="step_000001"):
+        tr.fit()
+    assert tr.step == 1 and tr.latest_checkpoint().name == "step_000001"
+    tr.ccm.load_adapter(tr.latest_checkpoint())
+    assert all(torch.equal(good[k], v) for k, v in tr.ccm.trainable_named_parameters().items())
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    worker = str(Path(__file__).parent / "ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    one = subprocess.run([sys.executable, worker, str(tmp_path / "one"), "2"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", worker, str(tmp_path / "two"),
+                          "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "world 2" in two.stdout and "world 1" in one.stdout
+    w1, w2 = torch.load(tmp_path / "one" / "weights.pt"), torch.load(tmp_path / "two" / "weights.pt")
+    start = make_toy_ccm().trainable_named_parameters()
+    assert sum(not torch.equal(w1[k], start[k]) for k in w1) > len(w1) // 2  # training moved the weights
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5), (k, (w1[k] - w2[k]).abs().max())
