@@ -30,7 +30,7 @@ class LoRA(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.dropout(x.float()) @ self.A.t() @ self.B.t()) * self.scale
+        return (self.dropout(x.to(self.A.dtype)) @ self.A.t() @ self.B.t()) * self.scale
 
     def delta_weight(self) -> torch.Tensor:
         return (self.B @ self.A) * self.scale
