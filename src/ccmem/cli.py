@@ -36,6 +36,21 @@ def _demo_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    if args.tiny:
+        return _demo_tiny(args)
+    from .demo import run_demo
+
+    run_demo(conversations=args.conversations, turns=args.turns, out=args.out, device=args.device)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .chat import run_chat
+
+    return run_chat(args.variant, args.adapter, args.device)
+
+
 def _train(args: argparse.Namespace) -> int:
     from .recipe import load_recipe, run_recipe
 
@@ -50,8 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="replay conversations turn by turn with compressed memory")
     d.add_argument("--tiny", action="store_true", help="use a tiny random model (no download, seconds)")
-    d.add_argument("--turns", type=int, default=8)
-    d.set_defaults(fn=_demo_tiny)
+    d.add_argument("--turns", type=int, default=10, help="replay this many turns per conversation")
+    d.add_argument("--conversations", type=int, default=3)
+    d.add_argument("--out", default="demo_output", help="folder for the summary table and plot")
+    d.add_argument("--device", default=None)
+    d.set_defaults(fn=_demo)
+    c = sub.add_parser("chat", help="interactive chat with compressed memory (default model and adapter)")
+    c.add_argument("--variant", default="concat", choices=["concat", "merge"])
+    c.add_argument("--adapter", default=None, help="adapter folder or hub id (default: the shipped one)")
+    c.add_argument("--device", default=None)
+    c.set_defaults(fn=_chat)
     t = sub.add_parser("train", help="train an adapter from a YAML recipe (configs/*.yaml) plus key=value overrides")
     t.add_argument("config", nargs="?", help="recipe YAML")
     t.add_argument("overrides", nargs="*", help="e.g. train.max_steps=100 compression.n_tok=4")

@@ -41,6 +41,7 @@ def attach_embedding(model: nn.Module, tokens: CompTokens, state: ForwardState, 
     if not hasattr(emb, ATTR):
         table = CompEmbedding(emb.weight, tokens.n_special, vocab=min(tokens.base, emb.weight.shape[0]))
         table.to(emb.weight.device)
+        table.train(emb.training)
         setattr(emb, ATTR, table)
 
     def pre_hook(module: nn.Module, args: tuple) -> tuple:

@@ -53,6 +53,7 @@ def attach_lora(
     for lin in target_linears(model, targets).values():
         if not hasattr(lin, ATTR):
             lora = LoRA(lin.in_features, lin.out_features, r, alpha, dropout).to(lin.weight.device)
+            lora.train(lin.training)  # a module added to a model in eval mode must not run dropout
             setattr(lin, ATTR, lora)
 
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:

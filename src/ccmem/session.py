@@ -193,6 +193,7 @@ class Session:
         top_p: float = 1.0,
         eos_token_id: int | list[int] | None = None,
         seed: int | None = None,
+        repetition_penalty: float = 1.0,
     ) -> list[list[int]] | list[int]:
         """Reply to ``queries`` from memory; greedy by default. The memory is not changed (compress the turn
         afterwards with :meth:`add_context`). Returns the new token ids (without the end token) per row."""
@@ -202,7 +203,7 @@ class Session:
         if eos_token_id is None and self.ccm.tokenizer is not None:
             eos_token_id = self.ccm.tokenizer.eos_token_id
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-        processors = _warpers(do_sample, temperature, top_k, top_p)
+        processors = _warpers(do_sample, temperature, top_k, top_p, repetition_penalty)
         gen = torch.Generator(device=self.ccm.device)
         if seed is not None:
             gen.manual_seed(seed)
@@ -238,17 +239,23 @@ class Session:
         return out[0] if single else out
 
 
-def _warpers(do_sample: bool, temperature: float, top_k: int, top_p: float):
-    if not do_sample:
+def _warpers(do_sample: bool, temperature: float, top_k: int, top_p: float, repetition_penalty: float = 1.0):
+    """transformers' own logits processors; None when plain greedy decoding needs none."""
+    if not do_sample and repetition_penalty == 1.0:
         return None
     from transformers.generation.logits_process import (
         LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
         TemperatureLogitsWarper,
         TopKLogitsWarper,
         TopPLogitsWarper,
     )
 
     procs = LogitsProcessorList()
+    if repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if not do_sample:
+        return procs
     if temperature != 1.0:
         procs.append(TemperatureLogitsWarper(temperature))
     if top_k:

