@@ -149,3 +149,26 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert sum(not torch.equal(w1[k], start[k]) for k in w1) > len(w1) // 2  # training moved the weights
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-5), (k, (w1[k] - w2[k]).abs().max())
+
+
+@pytest.mark.parametrize("variant", ["concat_recur", "merge_recur"])
+def test_parallel_and_recurrent_training_give_the_same_gradients(variant):
+    from conftest import randomize
+
+    from ccmem.recurrent import recurrent_loss
+
+    ccm = make_toy_ccm(variant)
+    randomize(ccm, std=0.05)
+    eps = key_task(3, 5)
+    b = Collator(ccm.tokens, variant)(eps)
+    out = ccm.parallel_forward(b["input_ids"], b["attention_mask"]).logits
+    lm_loss(out, b["labels"]).backward()
+    par = {k: p.grad.clone() for k, p in ccm.trainable_named_parameters().items()}
+    for p in ccm.trainable_parameters():
+        p.grad = None
+    rec_loss = recurrent_loss(ccm, eps)
+    rec_loss.backward()
+    for k, p in ccm.trainable_named_parameters().items():  # equal up to fp32 rounding (relative to the scale)
+        rec = p.grad if p.grad is not None else torch.zeros_like(p)  # last-layer q/o: unused, so None here
+        assert (par[k] - rec).abs().max() <= 1e-5 * par[k].abs().max() + 1e-7, k
+    assert sum(p.grad is not None and p.grad.abs().max() > 1e-3 for p in ccm.trainable_parameters()) > 10

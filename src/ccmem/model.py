@@ -294,10 +294,11 @@ class CompressedModel:
         for k, p in params.items():
             p.copy_(tensors[k].to(p.dtype))
 
-    def session(self, batch_size: int = 1):
+    def session(self, batch_size: int = 1, grad: bool = False):
+        """A fresh online :class:`~ccmem.session.Session` (empty memory) on this model."""
         from .session import Session
 
-        return Session(self, batch_size=batch_size)
+        return Session(self, batch_size=batch_size, grad=grad)
 
 
 def _check_architecture(model: nn.Module) -> None:

@@ -23,6 +23,18 @@ from .sequence import pad_batch
 Rows = Sequence[Sequence[int] | None]
 
 
+def _grad_mode(fn):
+    """Run a Session method without autograd unless the session was made with ``grad=True``."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        with torch.set_grad_enabled(self.grad):
+            return fn(self, *args, **kwargs)
+
+    return wrapper
+
+
 @dataclass
 class StepReport:
     """What one compression step did, per row: text tokens read, memory slots and bytes afterwards."""
@@ -53,7 +65,10 @@ class Score:
 class Session:
     """An online interaction with bounded memory. One row per independent conversation in the batch."""
 
-    def __init__(self, ccm: Any, batch_size: int = 1) -> None:
+    def __init__(self, ccm: Any, batch_size: int = 1, grad: bool = False) -> None:
+        """``grad=True`` keeps the autograd graph through the memory, for training the recurrence step by step
+        (back-propagation through the online loop, as RMT/AutoCompressor-style training does)."""
+        self.grad = grad
         if ccm.config.variant == "gist":
             raise ConfigError(
                 "the gist variant recompresses the whole history at every step and has no online memory; "
@@ -138,7 +153,7 @@ class Session:
         return ids, valid, pos, lens
 
     # ---------------------------------------------------------------- public API
-    @torch.no_grad()
+    @_grad_mode
     def add_context(self, chunks: Any) -> StepReport:
         """Compress one chunk per row into memory (None skips a row): h(t) = g(Mem(t-1), c(t))."""
         rows = self._rows(chunks, allow_none=True)
@@ -160,7 +175,7 @@ class Session:
         return StepReport(tokens=[len(r) if r else 0 for r in rows], slots=mem.slots_per_row(),
                           memory_bytes=mem.nbytes)
 
-    @torch.no_grad()
+    @_grad_mode
     def logits(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, L, V) of uncompressed tokens read on top of the memory, and their validity (B, L)."""
         rows = self._rows(inputs)
@@ -168,7 +183,7 @@ class Session:
         logits, _, _ = self._run(self.memory.to_cache(), self.memory.valid, ids, valid, pos)
         return logits, valid
 
-    @torch.no_grad()
+    @_grad_mode
     def score(self, prompts: Any, targets: Any) -> Score:
         """Log-likelihood of ``targets`` given memory + ``prompts`` (the prompt itself is not scored)."""
         p_rows, t_rows = self._rows(prompts), self._rows(targets)
@@ -182,7 +197,7 @@ class Session:
             lp_sum.append(lp.sum())
         return Score(torch.stack(lp_sum), torch.tensor([len(t) for t in t_rows]), per_row)
 
-    @torch.no_grad()
+    @_grad_mode
     def generate(
         self,
         queries: Any,
