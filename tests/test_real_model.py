@@ -39,6 +39,8 @@ def test_shipped_adapter_compress_score_and_exactness(variant):
     dialogs = [d for d in splits["test"] if len(d.turns) >= 7][:2]
     eps = [fmt.episode(d, 7) for d in dialogs]
 
+    assert tok.convert_tokens_to_ids(["<COMP0>", "<COMP1>"]) == ccm.tokens.comp_ids == [49152, 49153]
+    assert tok("hi <COMP0>", add_special_tokens=False)["input_ids"][-1] == 49152  # registered as a special token
     s = ccm.session(batch_size=2)
     for t in range(5):
         rep = s.add_context([e.chunks[t] for e in eps])

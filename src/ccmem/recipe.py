@@ -69,7 +69,7 @@ def chitchat_splits(tok: Any, data_cfg: dict) -> tuple[dict, Any]:
     from .data import DialogFormat, load_chitchat, split_dialogs
 
     dialogs, report = load_chitchat()
-    fmt = DialogFormat(tok, max_turn_tokens=data_cfg.get("max_turn_tokens", 128))
+    fmt = DialogFormat(tok)
     limit = data_cfg.get("max_turn_tokens", 128)
     kept = [d for d in dialogs if all(len(fmt.turn(0, t)) <= limit for t in d.turns)]
     report["turn over max_turn_tokens"] += len(dialogs) - len(kept)

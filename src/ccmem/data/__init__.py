@@ -3,6 +3,17 @@
 from .collate import Collator, lm_loss
 from .dialog import Dialog, DialogEpisodes, DialogFormat, split_dialogs
 from .episode import Episode
+from .hub import (
+    LAMP2_LABELS,
+    clean_text,
+    lamp2_entry,
+    lamp2_episodes,
+    load_dailydialog,
+    load_lamp2,
+    load_metaicl,
+    load_soda,
+    metaicl_episodes,
+)
 from .sources import RowError, load_chitchat, load_jsonl_dialogs, load_jsonl_episodes
 
 __all__ = [
@@ -11,10 +22,19 @@ __all__ = [
     "DialogEpisodes",
     "DialogFormat",
     "Episode",
+    "LAMP2_LABELS",
     "RowError",
+    "clean_text",
+    "lamp2_entry",
+    "lamp2_episodes",
     "load_chitchat",
+    "load_dailydialog",
     "load_jsonl_dialogs",
     "load_jsonl_episodes",
+    "load_lamp2",
+    "load_metaicl",
+    "load_soda",
     "lm_loss",
+    "metaicl_episodes",
     "split_dialogs",
 ]

@@ -22,10 +22,9 @@ class DialogFormat:
     """Turns text into token ids. Each piece is tokenised on its own, so the full-context and compressed layouts of
     one episode hold exactly the same text tokens."""
 
-    def __init__(self, tokenizer: Any, speakers: tuple[str, str] = ("A", "B"), max_turn_tokens: int = 128):
+    def __init__(self, tokenizer: Any, speakers: tuple[str, str] = ("A", "B")):
         self.tok = tokenizer
         self.speakers = speakers
-        self.max_turn_tokens = max_turn_tokens
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         self._cache: dict[str, list[int]] = {}
 

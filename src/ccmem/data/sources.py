@@ -45,9 +45,9 @@ def load_chitchat(min_turns: int = 3, max_turn_chars: int = 1000) -> tuple[list[
         for turn in conv.get("messages", []):
             text = " ".join(u.get("text", "").strip() for u in turn if u.get("text", "").strip())
             turns.append(text)
-        if any(not t for t in turns):
+        if any(not t for t in turns):  # dropping the turn would swap the speakers of every later turn
             report["empty turn"] += 1
-            turns = [t for t in turns if t]
+            continue
         if any(len(t) > max_turn_chars for t in turns):
             report["over-long turn"] += 1
             continue
@@ -71,8 +71,10 @@ def _read_jsonl(path: str | Path):
                 yield where, e
 
 
-def load_jsonl_dialogs(path: str | Path, strict: bool = False, max_turn_chars: int = 4000
+def load_jsonl_dialogs(path: str | Path, strict: bool = False, max_turn_chars: int = 4000, min_turns: int = 3
                        ) -> tuple[list[Dialog], Counter]:
+    """Dialogs with fewer than ``min_turns`` turns are dropped (method.md §7.2: one needs at least one compressed
+    turn, an input turn and a target turn)."""
     report: Counter = Counter()
     out = []
     for where, row in _read_jsonl(path):
@@ -89,8 +91,8 @@ def load_jsonl_dialogs(path: str | Path, strict: bool = False, max_turn_chars: i
         if any(len(t) > max_turn_chars for t in turns):
             _problem(report, strict, where, f"over-long turn: a turn exceeds {max_turn_chars} characters")
             continue
-        if len(turns) < 2:
-            _problem(report, strict, where, "too few turns: a dialog needs at least 2 turns")
+        if len(turns) < min_turns:
+            _problem(report, strict, where, f"too few turns: a dialog needs at least {min_turns} turns")
             continue
         out.append(Dialog(str(row.get("id", where)), tuple(t.strip() for t in turns)))
     return out, report
@@ -115,8 +117,11 @@ def load_jsonl_episodes(path: str | Path, tokenizer: Any, strict: bool = False) 
         if not isinstance(inp, str) or not isinstance(outp, str):
             _problem(report, strict, where, 'missing field: "input" and "output" must be strings')
             continue
-        if any(not c.strip() for c in ctx) or not outp.strip():
-            _problem(report, strict, where, "empty turn: context chunks and output need text")
+        if any(not c.strip() for c in ctx):
+            _problem(report, strict, where, "empty turn: every context chunk needs text")
+            continue
+        if not inp.strip() or not outp.strip():
+            _problem(report, strict, where, "empty input or output: both need text")
             continue
         out.append(Episode([enc(c) for c in ctx], enc(inp), enc(outp) + eos, id=str(row.get("id", where))))
     return out, report
