@@ -34,20 +34,27 @@ def episodes(n: int, t: int, vocab: int, seed: int, chunk: int = 25, io: int = 2
     return [Episode([tok(chunk) for _ in range(t)], tok(io), tok(io)) for _ in range(n)]
 
 
+def _sync(ccm) -> None:
+    if ccm.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def parallel_step(ccm, eps):
-    b = Collator(ccm.tokens, ccm.config.variant)(eps)
+    b = {k: v.to(ccm.device) for k, v in Collator(ccm.tokens, ccm.config.variant)(eps).items()}
     extra = ccm.parallel_inputs(b["input_ids"], b["attention_mask"])
     logits = ccm.model(input_ids=b["input_ids"], use_cache=False, logits_to_keep=keep_for_loss(b["labels"]),
                        **extra).logits
     loss = lm_loss(logits, b["labels"])
     loss.backward()
-    return loss
+    _sync(ccm)
+    return loss.detach()
 
 
 def recurrent_step(ccm, eps):
     loss = recurrent_loss(ccm, eps)
     loss.backward()
-    return loss
+    _sync(ccm)
+    return loss.detach()
 
 
 def bench(name, ccm, vocab, batch, repeats) -> list[dict]:
@@ -71,31 +78,45 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-smollm2", action="store_true")
+    ap.add_argument("--random-smollm2", action="store_true",
+                    help="SmolLM2-135M architecture with random weights (timing only; needs no model files)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", type=int, default=1, help="samples per step for the SmolLM2-size model")
+    ap.add_argument("--name", default="train_parallel_vs_recurrent")
     args = ap.parse_args()
     cfg = CompressionConfig(variant="concat_recur", n_tok=2, lora_dropout=0.0)
     torch.manual_seed(0)
     tiny = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                                         num_attention_heads=4, num_key_value_heads=2))
-    rows = bench("tiny-llama (hidden 128, 4 layers)", CompressedModel.attach(tiny, cfg), 1000, 8, args.repeats)
+    rows = bench("tiny-llama (hidden 128, 4 layers)", CompressedModel.attach(tiny.to(args.device), cfg), 1000, 8,
+                 args.repeats)
     if not args.skip_smollm2:
-        from ccmem.models import load_model
+        if args.random_smollm2:
+            model = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                                 num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                                 rope_theta=1e5, tie_word_embeddings=True))
+            name = "SmolLM2-135M architecture (random weights)"
+        else:
+            from ccmem.models import load_model
 
-        model, _ = load_model()
+            model, _ = load_model()
+            name = "SmolLM2-135M-Instruct"
         t0 = time.time()
-        rows += bench("SmolLM2-135M-Instruct", CompressedModel.attach(model, cfg), 49152, 1, args.repeats)
+        rows += bench(name, CompressedModel.attach(model.to(args.device), cfg), 49152, args.batch, args.repeats)
         print(f"smollm2 part took {time.time() - t0:.0f}s")
     head = [r for r in rows if r["T"] == 16][-1]
     headline = {"metric": "speedup_T16", "value": round(head["speedup"], 2), "target": 8.0, "higher_is_better": True,
                 "unit": "x", "meaning": f"recurrent / parallel training step time at T=16 on {head['model']} "
-                                        "(same samples; loss on the output only; CPU, fp32)"}
+                                        f"(same samples; loss on the output only; {args.device}, fp32)"}
     cols = ["model", "T", "batch", "parallel_ms_per_sample", "recurrent_ms_per_sample", "speedup",
             "parallel_tokens_per_s", "loss_parallel", "loss_recurrent"]
     table = ("# Training step: parallel formulation vs recurrent (BPTT through the online loop)\n\n"
              f"Headline: {headline['metric']} = {headline['value']} (target >= {headline['target']}); "
              f"{headline['meaning']}\n\n" + markdown_table(rows, cols))
-    write_results("train_parallel_vs_recurrent", "python benchmarks/train_speed.py " + " ".join(sys.argv[1:]),
+    write_results(args.name, "python benchmarks/train_speed.py " + " ".join(sys.argv[1:]),
                   headline, {"variant": "concat_recur", "n_tok": 2, "chunk_tokens": 25, "input_tokens": 20,
-                             "output_tokens": 20, "repeats": args.repeats, "Ts": list(TS)}, rows, table)
+                             "output_tokens": 20, "repeats": args.repeats, "Ts": list(TS), "device": args.device,
+                             "smollm2_batch": args.batch}, rows, table)
     print(table)
 
 
