@@ -172,3 +172,16 @@ def test_parallel_and_recurrent_training_give_the_same_gradients(variant):
         rec = p.grad if p.grad is not None else torch.zeros_like(p)  # last-layer q/o: unused, so None here
         assert (par[k] - rec).abs().max() <= 1e-5 * par[k].abs().max() + 1e-7, k
     assert sum(p.grad is not None and p.grad.abs().max() > 1e-3 for p in ccm.trainable_parameters()) > 10
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path):
+    runs = []
+    for ckpt in (False, True):
+        tr = Trainer(make_toy_ccm(), key_task(32, 0), TrainConfig(output_dir=str(tmp_path / str(ckpt)), max_steps=2,
+                                                                  batch_size=4, gradient_checkpointing=ckpt))
+        tr.fit()
+        runs.append(tr)
+    assert runs[1].ccm.model.is_gradient_checkpointing
+    assert [h["loss"] for h in runs[0].history] == pytest.approx([h["loss"] for h in runs[1].history], abs=1e-5)
+    for a, b in zip(runs[0].ccm.trainable_parameters(), runs[1].ccm.trainable_parameters()):
+        assert torch.allclose(a, b, atol=1e-5)

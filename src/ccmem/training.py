@@ -52,6 +52,12 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop (and save) after this much wall time; 0 = no limit
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.mixed_precision in (False, None):  # YAML reads a bare `no` as false
+            self.mixed_precision = "no"
+        if self.mode not in ("compress", "full"):
+            raise ValueError(f"train.mode must be 'compress' or 'full', got {self.mode!r}")
+
 
 class Source:
     """Anything indexable by (index, epoch) -> Episode; plain sequences ignore the epoch."""

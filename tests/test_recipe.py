@@ -1,0 +1,60 @@
+"""`ccmem train` end to end on a tiny model that shares SmolLM2's tokenizer: the two-stage recipe, the CLI
+overrides, resume, and the stage-1 LoRA folded into the base when the stage-2 adapter is loaded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ccmem import CompressedModel
+from ccmem.cli import main
+from ccmem.lora import merge_and_remove_lora
+from ccmem.models import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    _, tok = load_model()
+    folder = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_two_stage_recipe_through_the_cli(tmp_path, tiny_folder):
+    common = [f"model={tiny_folder}", "train.max_steps=3", "train.batch_size=2", "data.eval_dialogs=2",
+              "train.mixed_precision=no", "train.save_every=2"]
+    assert main(["train", "configs/chitchat_stage1.yaml", *common, f"train.output_dir={tmp_path}/r1",
+                 f"output={tmp_path}/stage1", "--device", "cpu"]) == 0
+    assert main(["train", "configs/chitchat_concat.yaml", *common, f"train.output_dir={tmp_path}/r2",
+                 f"base_adapter={tmp_path}/stage1", f"output={tmp_path}/concat", "--device", "cpu"]) == 0
+    summary = json.loads((tmp_path / "concat" / "train_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["train_dialogs"] > 2000
+    assert len((tmp_path / "concat" / "train_log.jsonl").read_text().splitlines()) == 3
+    assert (tmp_path / "r2" / "checkpoints" / "step_000002" / "trainer_state.pt").is_file()
+
+    # loading the stage-2 folder folds stage 1 into the base first: same as merging it by hand
+    m1, _ = load_model(str(tiny_folder))
+    auto = CompressedModel.from_pretrained(tmp_path / "concat", m1)
+    m2, _ = load_model(str(tiny_folder))
+    s1 = CompressedModel.from_pretrained(tmp_path / "stage1", m2)
+    s1.detach()
+    merge_and_remove_lora(m2)
+    s1.detach(remove_weights=True)
+    with torch.no_grad():
+        for name, w in m2.named_parameters():
+            if "q_proj.weight" in name:
+                assert torch.allclose(dict(m1.named_parameters())[name], w)
+                assert not torch.equal(w, dict(load_model(str(tiny_folder))[0].named_parameters())[name])
+    assert auto.config.variant == "concat_recur"
+
+    # rerunning the same command resumes from the last checkpoint instead of starting over
+    assert main(["train", "configs/chitchat_concat.yaml", *common, "train.max_steps=4",
+                 f"train.output_dir={tmp_path}/r2", f"base_adapter={tmp_path}/stage1", f"output={tmp_path}/concat",
+                 "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "concat" / "train_summary.json").read_text())["steps"] == 4
