@@ -1,0 +1,104 @@
+"""Streaming: re-rotated keys equal keys computed at the new positions, equal KV budgets across methods, bounded
+memory and cache, on tiny random models."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_ccm
+
+from ccmem.streaming import KV, StreamConfig, Streamer, rope_inv_freq, stream_all
+
+
+def test_rerotated_cache_equals_keys_computed_at_new_positions():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    ccm = tiny_ccm("llama", "concat_recur")
+    model = ccm.model
+    pre = {}
+    hooks = [layer.self_attn.k_proj.register_forward_hook(lambda m, a, o, i=i: pre.__setitem__(i, o))
+             for i, layer in enumerate(model.model.layers)]
+    x = torch.randint(3, 100, (1, 20))
+    with torch.no_grad():
+        out = model(input_ids=x, use_cache=True)
+    for h in hooks:
+        h.remove()
+    kv = KV([la.keys for la in out.cache.layers], [la.values for la in out.cache.layers], ["win"] * 20)
+    keep = [0] + list(range(8, 20))  # evict 7 tokens after the first
+    moved = kv.select(keep, rope_inv_freq(model))
+
+    heads, dim = model.config.num_key_value_heads, model.config.head_dim
+    pos = torch.arange(len(keep))[None]
+    cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
+    ref_keys = []
+    for i in range(len(kv.keys)):
+        k = pre[i][:, keep].view(1, len(keep), heads, dim).transpose(1, 2)
+        ref_keys.append(apply_rotary_pos_emb(k, k, cos, sin)[1])
+        assert torch.allclose(moved.keys[i], ref_keys[i], atol=1e-5)
+
+    y = torch.randint(3, 100, (1, 3))
+    with torch.no_grad():
+        got = model(input_ids=y, cache=moved.cache(), position_ids=torch.arange(13, 16)[None]).logits
+        ref = model(input_ids=y, cache=KV(ref_keys, moved.values, moved.kinds).cache(),
+                    position_ids=torch.arange(13, 16)[None]).logits
+    assert (got - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("variant", ["concat_recur", "merge_recur"])
+def test_equal_budgets_and_bounded_cache(variant):
+    ccm = tiny_ccm("llama", variant, sink=True)
+    cfg = StreamConfig(window=40, chunk=16, mem_slots=6, sink=1)
+    tokens = [random.Random(0).randrange(3, 120) for _ in range(400)]
+    runs = stream_all(ccm, tokens, cfg)
+    sizes = {m: r.cache_sizes for m, r in runs.items()}
+    assert sizes["ccm"] == sizes["streamingllm"] == sizes["window"]
+    assert len(sizes["ccm"]) == len(tokens) - 1 and max(sizes["ccm"]) <= cfg.window
+    for r in runs.values():
+        assert len(r.nll) == len(tokens) - 1 and 1 < r.ppl < 1e4
+    assert runs["ccm"].ppl != runs["streamingllm"].ppl
+
+
+def test_memory_slots_are_fifo_and_capped():
+    ccm = tiny_ccm("llama", "concat_recur", sink=True)
+    s = Streamer(ccm, "ccm", StreamConfig(window=40, chunk=16, mem_slots=6, sink=1))
+    kinds_seen = []
+    orig = s._event
+
+    def spy(kv):
+        new = orig(kv)
+        kinds_seen.append(new.kinds)
+        return new
+
+    s._event = spy
+    s.run(list(range(3, 120)) * 3)
+    assert len(kinds_seen) > 4
+    for kinds in kinds_seen:
+        assert kinds[0] == "sink" and kinds.count("mem") <= 6 and kinds.count("sink") == 1
+        assert kinds == sorted(kinds, key=["sink", "mem", "win"].index)
+    assert kinds_seen[-1].count("mem") == 6
+
+
+PEAK = """
+import resource, sys, random
+sys.path.insert(0, "tests")
+from conftest import tiny_ccm
+from ccmem.streaming import StreamConfig, Streamer
+ccm = tiny_ccm("llama", "concat_recur", sink=True)
+r = random.Random(0)
+n = int(sys.argv[1])
+Streamer(ccm, "ccm", StreamConfig(window=160, chunk=64)).run([r.randrange(3, 120) for _ in range(n)])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_peak_memory_is_bounded():
+    peaks = []
+    for n in (10_000, 100_000):
+        out = subprocess.run([sys.executable, "-c", PEAK, str(n)], capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-1500:]
+        peaks.append(int(out.stdout.split()[-1]))
+    assert peaks[1] <= 1.05 * peaks[0], peaks
