@@ -102,3 +102,34 @@ def test_peak_memory_is_bounded():
         assert out.returncode == 0, out.stderr[-1500:]
         peaks.append(int(out.stdout.split()[-1]))
     assert peaks[1] <= 1.05 * peaks[0], peaks
+
+
+def test_books_and_stream_episodes(tmp_path):
+    from ccmem.data.text import read_books, stream_episodes
+
+    (tmp_path / "b.txt").write_text("second book")
+    (tmp_path / "a.txt").write_text("first book")
+    assert read_books(tmp_path) == ["first book", "second book"]
+    assert read_books(tmp_path / "a.txt") == ["first book"]
+    with pytest.raises(FileNotFoundError, match="no book"):
+        read_books(tmp_path / "missing")
+    toks = list(range(1000))
+    eps = stream_episodes(toks, 5, steps=2, chunk=8, window=6, target=4, seed=3)
+    for e in eps:
+        o = e.chunks[0][0]
+        assert e.chunks == [toks[o:o + 8], toks[o + 8:o + 16]]
+        assert e.input == toks[o + 16:o + 22] and e.output == toks[o + 22:o + 26]
+    assert [e.id for e in eps] == [e.id for e in stream_episodes(toks, 5, 2, 8, 6, 4, seed=3)]
+    with pytest.raises(ValueError, match="fewer than one episode"):
+        stream_episodes(toks[:10], 1, chunk=8)
+
+
+def test_stream_cli_on_the_real_model(capsys):
+    from ccmem.cli import main
+
+    assert main(["stream", "--adapter", "adapters/chitchat-concat", "--tokens", "300", "--window", "96",
+                 "--chunk", "32"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert {"ccm", "streamingllm", "window"} <= set(rows)
+    assert all(" 96 |" in rows[m] for m in ("ccm", "streamingllm", "window"))

@@ -51,6 +51,20 @@ def _chat(args: argparse.Namespace) -> int:
     return run_chat(args.variant, args.adapter, args.device)
 
 
+def _stream(args: argparse.Namespace) -> int:
+    from .streaming import StreamConfig, run_stream
+
+    cfg = StreamConfig(window=args.window, chunk=args.chunk, mem_slots=args.mem_slots, sink=1)
+    res = run_stream(args.adapter, args.text, args.tokens, args.start, cfg, args.device)
+    print(f"{res['tokens']} tokens of {args.text}; cache budget {cfg.window} slots "
+          f"({cfg.window * res['bytes_per_slot'] / 1024:.0f} KiB), identical for every method at every token")
+    print("| method | perplexity | tokens/s | max cache slots |")
+    print("|---|---|---|---|")
+    for name, r in res["runs"].items():
+        print(f"| {name} | {r.ppl:.3f} | {len(r.nll) / r.seconds:.0f} | {max(r.cache_sizes)} |")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from .recipe import load_recipe, run_recipe
 
@@ -75,6 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--adapter", default=None, help="adapter folder or hub id (default: the shipped one)")
     c.add_argument("--device", default=None)
     c.set_defaults(fn=_chat)
+    st = sub.add_parser("stream", help="perplexity over a long text in a bounded cache: CCM vs StreamingLLM")
+    st.add_argument("--adapter", default="adapters/stream-kjv")
+    st.add_argument("--text", default="kjv:new", help="kjv:all|old|new, or a PG-19-style .txt file or folder")
+    st.add_argument("--tokens", type=int, default=16000)
+    st.add_argument("--start", type=int, default=9000)
+    st.add_argument("--window", type=int, default=160)
+    st.add_argument("--chunk", type=int, default=64)
+    st.add_argument("--mem-slots", type=int, default=8)
+    st.add_argument("--device", default=None)
+    st.set_defaults(fn=_stream)
     t = sub.add_parser("train", help="train an adapter from a YAML recipe (configs/*.yaml) plus key=value overrides")
     t.add_argument("config", nargs="?", help="recipe YAML")
     t.add_argument("overrides", nargs="*", help="e.g. train.max_steps=100 compression.n_tok=4")

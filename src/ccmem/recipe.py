@@ -76,6 +76,22 @@ def chitchat_splits(tok: Any, data_cfg: dict) -> tuple[dict, Any]:
     return split_dialogs(kept, seed=data_cfg.get("split_seed", 0)), fmt, report
 
 
+def text_data(tok: Any, d: dict, seed: int):
+    """Streaming-adapter data: episodes cut from a long text (``path``: a PG-19-style file/folder, or ``kjv:old``)."""
+    from collections import Counter
+
+    from .data.text import kjv_text, read_books, stream_episodes
+
+    path = d.get("path", "kjv:old")
+    text = kjv_text(path.split(":", 1)[1]) if path.startswith("kjv") else "\n".join(read_books(path))
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    cut = int(len(ids) * 0.98)  # the last 2% of the training text is held out for validation
+    kw = {k: d[k] for k in ("steps", "chunk", "window", "target") if k in d}
+    train = stream_episodes(ids[:cut], d.get("train_episodes", 20000), seed=seed, **kw)
+    val = stream_episodes(ids[cut:], d.get("eval_episodes", 32), seed=seed + 1, **kw)
+    return train, val, Counter({"text tokens": len(ids)})
+
+
 def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
     """Train the adapter a recipe describes; returns the adapter folder."""
     import torch
@@ -92,11 +108,15 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
     model, tok = prepare_model(cfg["model"], cfg.get("base_adapter"),
                                device=device or ("cuda" if torch.cuda.is_available() else None))
     ccm = CompressedModel.attach(model, comp, tokenizer=tok)
-    if cfg["data"]["source"] != "chitchat":
-        raise ConfigError(f"unknown data source {cfg['data']['source']!r}; known: chitchat")
-    splits, fmt, report = chitchat_splits(tok, cfg["data"])
-    train = DialogEpisodes(splits["train"], fmt, seed=tcfg.seed)
-    val = [fmt.episode(d, len(d.turns)) for d in splits["validation"][: cfg["data"].get("eval_dialogs", 64)]]
+    source = cfg["data"]["source"]
+    if source == "chitchat":
+        splits, fmt, report = chitchat_splits(tok, cfg["data"])
+        train = DialogEpisodes(splits["train"], fmt, seed=tcfg.seed)
+        val = [fmt.episode(d, len(d.turns)) for d in splits["validation"][: cfg["data"].get("eval_dialogs", 64)]]
+    elif source == "text":
+        train, val, report = text_data(tok, cfg["data"], tcfg.seed)
+    else:
+        raise ConfigError(f"unknown data source {source!r}; known: chitchat, text")
     out = Path(cfg.get("output") or Path(tcfg.output_dir) / "adapter")
     log = Path(tcfg.output_dir) / "train_log.jsonl"
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -224,3 +224,31 @@ def stream_all(ccm, tokens: Sequence[int], config: StreamConfig | None = None, p
     for m in ("streamingllm", "window"):
         out[m] = Streamer(ccm, m, config, budget_schedule=ccm_run.schedule).run(tokens, progress)
     return out
+
+
+def load_stream_tokens(tok, text: str = "kjv:new", start: int = 9000, length: int = 16000) -> list[int]:
+    """Tokens [start, start + length) of a text (``kjv:all|old|new`` or a PG-19-style file/folder)."""
+    from .data.text import kjv_text, read_books
+
+    body = kjv_text(text.split(":", 1)[1] if ":" in text else "all") if text.startswith("kjv") else \
+        "\n".join(read_books(text))
+    ids = tok(body, add_special_tokens=False)["input_ids"]
+    if len(ids) < start + length:
+        start = max(0, len(ids) - length)
+    return ids[start:start + length]
+
+
+def run_stream(adapter: str, text: str = "kjv:new", tokens: int = 16000, start: int = 9000,
+               config: StreamConfig | None = None, device: str | None = None, progress: bool = True) -> dict:
+    """Stream a text through CCM, StreamingLLM and the sliding window at equal KV budgets; returns a summary."""
+    from .model import CompressedModel
+    from .models import load_model
+
+    model, tok = load_model(device=device)
+    ccm = CompressedModel.from_pretrained(adapter, model, tokenizer=tok)
+    ids = load_stream_tokens(tok, text, start, tokens)
+    runs = stream_all(ccm, ids, config, progress=progress)
+    per_slot = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * \
+        (getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads) * 4
+    return {"runs": runs, "tokens": len(ids), "bytes_per_slot": per_slot, "adapter": str(adapter), "text": text,
+            "start": start, "config": config or StreamConfig()}
