@@ -143,38 +143,37 @@ def test_adapter_file_given_as_memory_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------- damaged files
-@pytest.mark.parametrize("what", ["adapter", "memory"])
-def test_truncated_file_is_detected(tmp_path, what):
+def saved_file(tmp_path, what):
+    """(model, file, loader) for an adapter or a memory file written into tmp_path."""
     ccm = tiny_ccm("llama")
     if what == "adapter":
         ccm.save_pretrained(tmp_path)
-        path = tmp_path / "adapter.safetensors"
-    else:
-        path = tmp_path / "m.safetensors"
-        fill(ccm.session()).save(path)
+        return ccm, tmp_path / "adapter.safetensors", lambda: ccm.load_adapter(tmp_path)
+    path = tmp_path / "m.safetensors"
+    fill(ccm.session()).save(path)
+    return ccm, path, lambda: ccm.session().load(path)
+
+
+@pytest.mark.parametrize("what", ["adapter", "memory"])
+def test_truncated_file_is_detected(tmp_path, what):
+    _, path, load = saved_file(tmp_path, what)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 40])
     with pytest.raises(CorruptFileError, match="truncated"):
-        ccm.load_adapter(tmp_path) if what == "adapter" else ccm.session().load(path)
+        load()
     path.write_bytes(data[:5])
     with pytest.raises(CorruptFileError):
-        ccm.load_adapter(tmp_path) if what == "adapter" else ccm.session().load(path)
+        load()
 
 
 @pytest.mark.parametrize("what", ["adapter", "memory"])
 def test_corrupted_bytes_are_detected(tmp_path, what):
-    ccm = tiny_ccm("llama")
-    if what == "adapter":
-        ccm.save_pretrained(tmp_path)
-        path = tmp_path / "adapter.safetensors"
-    else:
-        path = tmp_path / "m.safetensors"
-        fill(ccm.session()).save(path)
+    _, path, load = saved_file(tmp_path, what)
     data = bytearray(path.read_bytes())
     data[-7] ^= 0xFF  # flip one byte of tensor data: the header still parses
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptFileError, match="checksum"):
-        ccm.load_adapter(tmp_path) if what == "adapter" else ccm.session().load(path)
+        load()
 
 
 def test_missing_adapter_folder(tmp_path):
