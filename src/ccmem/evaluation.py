@@ -72,3 +72,28 @@ def bytes_per_slot(model) -> int:
 def gap_recovered(none: float, full: float, method: float) -> float:
     """Fraction of the no-context -> full-context perplexity gap that a method closes."""
     return (none - method) / (none - full) if none != full else float("nan")
+
+
+@torch.no_grad()
+def option_logliks(ccm, episodes: Sequence[Episode], mode: str = "compress", batch_size: int = 16,
+                   max_length: int = 4096) -> tuple[list[list[float]], list[list[int]]]:
+    """Summed log-likelihood and length of every answer option of every episode (``options``), each option
+    scored as the output after the episode's context and input, under the parallel formulation."""
+    collate = Collator(ccm.tokens, ccm.config.variant, mode=mode, max_length=max_length)
+    flat = [(i, j, Episode(e.chunks, e.input, list(opt))) for i, e in enumerate(episodes)
+            for j, opt in enumerate(e.options or [])]
+    lls = [[0.0] * len(e.options or []) for e in episodes]
+    lens = [[len(o) for o in (e.options or [])] for e in episodes]
+    ccm.model.eval()
+    for s in range(0, len(flat), batch_size):
+        part = flat[s:s + batch_size]
+        b = {k: v.to(ccm.device) for k, v in collate([p[2] for p in part]).items()}
+        extra = ccm.parallel_inputs(b["input_ids"], b["attention_mask"], full_context=mode != "compress")
+        keep = keep_for_loss(b["labels"])
+        logits = ccm.model(input_ids=b["input_ids"], use_cache=False, logits_to_keep=keep, **extra).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), -1)
+        target = b["labels"][:, -keep + 1:]
+        tok = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0] * (target != -100)
+        for (i, j, _), ll in zip(part, tok.sum(-1).tolist()):
+            lls[i][j] = ll
+    return lls, lens
