@@ -164,3 +164,19 @@ def test_adapter_added_to_eval_model_runs_without_dropout():
     with torch.no_grad():
         a, b = ccm.parallel_forward(ids).logits, ccm.parallel_forward(ids).logits
     assert torch.equal(a, b)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    ccm = tiny_ccm("llama", "concat_recur", seed=3)
+    s = ccm.session()
+    for c in EPISODES[0][0]:
+        s.add_context(c)
+    q = EPISODES[0][1][:2]
+    a = s.generate(q, max_new_tokens=12, do_sample=True, temperature=1.5, seed=7, eos_token_id=None)
+    b = s.generate(q, max_new_tokens=12, do_sample=True, temperature=1.5, seed=7, eos_token_id=None)
+    c = s.generate(q, max_new_tokens=12, do_sample=True, temperature=1.5, seed=8, eos_token_id=None)
+    greedy = s.generate(q, max_new_tokens=12, eos_token_id=None)
+    assert a == b and a != c and len(a) == 12
+    assert s.generate(q, max_new_tokens=12, do_sample=True, top_k=1, seed=9, eos_token_id=None) == greedy
+    stop = greedy[3]
+    assert s.generate(q, max_new_tokens=12, eos_token_id=stop) == greedy[:greedy.index(stop)]

@@ -106,10 +106,7 @@ class Session:
         return [int(t) for t in x]
 
     def _rows(self, x: Any, allow_none: bool = False) -> list[list[int] | None]:
-        single = isinstance(x, str) or (isinstance(x, torch.Tensor) and x.dim() == 1) or (
-            isinstance(x, (list, tuple)) and (len(x) == 0 or isinstance(x[0], int))
-        )
-        rows = [self._ids(x)] if single else [self._ids(r) for r in x]
+        rows = [self._ids(x)] if _is_single(x) else [self._ids(r) for r in x]
         if len(rows) != self.batch_size:
             raise InputError(f"got {len(rows)} rows for a session of batch size {self.batch_size}")
         for b, r in enumerate(rows):
@@ -212,8 +209,7 @@ class Session:
     ) -> list[list[int]] | list[int]:
         """Reply to ``queries`` from memory; greedy by default. The memory is not changed (compress the turn
         afterwards with :meth:`add_context`). Returns the new token ids (without the end token) per row."""
-        single = isinstance(queries, str) or (isinstance(queries, (list, tuple)) and queries
-                                              and isinstance(queries[0], int))
+        single = _is_single(queries)
         rows = self._rows(queries)
         if eos_token_id is None and self.ccm.tokenizer is not None:
             eos_token_id = self.ccm.tokenizer.eos_token_id
@@ -252,6 +248,12 @@ class Session:
             text_len = text_len + 1
             next_logits = logits[:, -1]
         return out[0] if single else out
+
+
+def _is_single(x: Any) -> bool:
+    """One row given bare (a string, a 1-D tensor or a flat list of ids) rather than a list of rows."""
+    return isinstance(x, str) or (isinstance(x, torch.Tensor) and x.dim() == 1) or (
+        isinstance(x, (list, tuple)) and (len(x) == 0 or isinstance(x[0], int)))
 
 
 def _warpers(do_sample: bool, temperature: float, top_k: int, top_p: float, repetition_penalty: float = 1.0):
