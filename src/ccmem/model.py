@@ -228,6 +228,20 @@ class CompressedModel:
                 f"{path_or_id!r} is neither a local adapter folder nor a reachable hub repository ({e})"
             ) from e
 
+    @staticmethod
+    def _stage1(path_or_id: str | os.PathLike, revision: str | None = None) -> Path | None:
+        """The stage-1 (full-context) adapter shipped inside a stage-2 adapter, local or on the hub, if any."""
+        local = Path(path_or_id)
+        if local.exists():
+            folder = local if local.is_dir() else local.parent
+            return folder / "stage1" if (folder / "stage1" / ADAPTER_FILE).is_file() else None
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(str(path_or_id), f"stage1/{ADAPTER_FILE}", revision=revision))
+        except Exception:  # the repository has no stage 1
+            return None
+
     @classmethod
     def read_adapter(cls, path_or_id: str | os.PathLike, revision: str | None = None):
         tensors, header = io.load_checked(cls._resolve(path_or_id, revision), kind="adapter")
@@ -253,15 +267,15 @@ class CompressedModel:
         tensors, header = cls.read_adapter(path_or_id, revision)
         config = CompressionConfig.from_dict(header["compression"])
         _check_architecture(model)
-        stage1 = Path(path_or_id) / "stage1"
-        if stage1.is_dir():  # two-stage recipe: fold the full-context LoRA into the base weights first
+        check_fingerprint(model_fingerprint(model), header["base"], f"adapter {path_or_id}")
+        stage1 = cls._stage1(path_or_id, revision)
+        if stage1 is not None:  # two-stage recipe: fold the full-context LoRA into the base weights first
             from .lora import merge_and_remove_lora
 
             base = cls.from_pretrained(stage1, model)
             base.detach()
             merge_and_remove_lora(model)
             base.detach(remove_weights=True)
-        check_fingerprint(model_fingerprint(model), header["base"], f"adapter {path_or_id}")
         self = cls.attach(model, config, tokenizer, attn_implementation)
         try:
             self._load_tensors(tensors, str(path_or_id))
