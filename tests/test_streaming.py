@@ -127,7 +127,7 @@ def test_books_and_stream_episodes(tmp_path):
 def test_stream_cli_on_the_real_model(capsys):
     from ccmem.cli import main
 
-    assert main(["stream", "--adapter", "adapters/chitchat-concat", "--tokens", "300", "--window", "96",
+    assert main(["stream", "--tokens", "300", "--window", "96",
                  "--chunk", "32"]) == 0
     out = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
