@@ -17,6 +17,7 @@ from transformers import DynamicCache
 from . import io
 from .config import CompressionConfig
 from .errors import IncompatibleError
+from .merging import running_mean
 
 
 @dataclass
@@ -104,8 +105,6 @@ class CompressedMemory:
         self, ks: list[torch.Tensor], vs: list[torch.Tensor], rows: torch.Tensor, n_text: torch.Tensor
     ) -> None:
         """Write h(t) (per layer (B, H, n, D)) for the rows in ``rows``: append (concat) or running mean (merge)."""
-        from .merging import running_mean
-
         n = ks[0].shape[2]
         s = 1 if self.has_sink else 0
         held = self.num_slots - s

@@ -21,7 +21,7 @@ from .embedding import attach_embedding
 from .errors import IncompatibleError, InputError, UnsupportedModelError
 from .lora import ATTR as LORA_ATTR
 from .lora import attach_lora, lora_linears, lora_modules
-from .masks import comp_attention_mask, to_additive
+from .masks import causal_mask, comp_attention_mask, to_additive
 from .positions import skip_position_ids
 from .state import ForwardState
 from .tokens import CompTokens, register_with_tokenizer
@@ -159,8 +159,6 @@ class CompressedModel:
             attention_mask = torch.ones_like(input_ids)
         special = self.tokens.is_special(input_ids)
         if full_context:
-            from .masks import causal_mask
-
             allowed = causal_mask(attention_mask)
         else:
             allowed = comp_attention_mask(input_ids, self.tokens, self.config.variant, attention_mask, self.config.sink)

@@ -135,10 +135,7 @@ class Session:
         """Right-padded ids + ``suffix`` (e.g. the ⟨COMP⟩ group) at a common index, with validity and positions."""
         dev = self.ccm.device
         filled = [r if r is not None else [] for r in rows]
-        width = max(len(r) for r in filled)
-        pad_id = 0
-        ids, valid = pad_batch([r + [pad_id] * (width - len(r)) for r in filled], pad_id, side="right")
-        valid = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in filled], dtype=torch.long)
+        ids, valid = pad_batch(filled, pad_id=0, side="right")
         if suffix:
             active = torch.tensor([r is not None for r in rows], dtype=torch.long)[:, None]
             ids = torch.cat([ids, torch.tensor([list(suffix)] * len(rows), dtype=torch.long)], 1)

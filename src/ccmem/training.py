@@ -23,6 +23,7 @@ import torch
 from .data.collate import Collator, keep_for_loss, lm_loss
 from .data.episode import Episode
 from .errors import CCMError
+from .evaluation import strip_eos
 
 
 class NonFiniteLossError(CCMError, FloatingPointError):
@@ -197,7 +198,7 @@ class Trainer:
         nll, count = 0.0, 0
         bs = self.cfg.batch_size
         for i in range(0, min(len(episodes), bs * self.cfg.eval_batches), bs):
-            eps = [_strip_eos(e, eos) for e in episodes[i:i + bs]]
+            eps = [strip_eos(e, eos) for e in episodes[i:i + bs]]
             (s, c), _, _ = self._forward_loss(self.collate(eps), reduction="sum")
             nll += float(s)
             count += int(c)
@@ -247,12 +248,6 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
         return path
-
-
-def _strip_eos(ep: Episode, eos: int | None) -> Episode:
-    if eos is not None and ep.output and ep.output[-1] == eos:
-        return Episode(ep.chunks, ep.input, ep.output[:-1], ep.options, ep.answer, ep.id, ep.meta)
-    return ep
 
 
 class _null:
