@@ -97,3 +97,35 @@ def option_logliks(ccm, episodes: Sequence[Episode], mode: str = "compress", bat
         for (i, j, _), ll in zip(part, tok.sum(-1).tolist()):
             lls[i][j] = ll
     return lls, lens
+
+
+def budget_episode(ep: Episode, budget: int, sink: bool) -> Episode:
+    """Training-free baselines at a KV budget: keep the last ``budget`` context tokens (sliding window), or the
+    first token plus the last ``budget - 1`` (StreamingLLM). Positions restart at 0, as in a re-indexed cache."""
+    ctx = [t for c in ep.chunks for t in c]
+    if budget <= 0 or not ctx:
+        kept: list[int] = []
+    elif sink and len(ctx) > budget:
+        kept = ctx[:1] + ctx[len(ctx) - budget + 1:]
+    else:
+        kept = ctx[max(0, len(ctx) - budget):]
+    return Episode([kept] if kept else [], ep.input, ep.output, ep.options, ep.answer, ep.id, dict(ep.meta))
+
+
+@torch.no_grad()
+def online_agreement(ccm, episodes: Sequence[Episode]) -> float:
+    """Max |logit difference| between the parallel forward and the online loop on ``episodes`` (one at a time)."""
+    from .sequence import episode_ids, pad_batch
+
+    worst = 0.0
+    ccm.model.eval()
+    for ep in episodes:
+        s = ccm.session()
+        for c in ep.chunks:
+            s.add_context(c)
+        tail = ep.input + ep.output
+        online, _ = s.logits(tail)
+        ids, am = pad_batch([episode_ids(ep.chunks, tail, ccm.tokens, ccm.config.variant)], 0)
+        par = ccm.parallel_forward(ids.to(ccm.device), am.to(ccm.device)).logits
+        worst = max(worst, float((par[0, -len(tail):] - online[0, :len(tail)]).abs().max()))
+    return worst
