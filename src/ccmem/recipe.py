@@ -137,7 +137,8 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
         if cfg.get("base_adapter"):
             shutil.copytree(cfg["base_adapter"], out / "stage1", dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("stage1", "checkpoints", "*.pt", "*.jsonl"))
-        shutil.copy(log, out / "train_log.jsonl") if log.exists() else None
+        if log.exists():
+            shutil.copy(log, out / "train_log.jsonl")
         (out / "recipe.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         (out / "train_summary.json").write_text(json.dumps(
             {"steps": trainer.step, "final_train_loss": trainer.history[-1]["loss"] if trainer.history else None,

@@ -155,8 +155,8 @@ class Streamer:
                 # bring the new slots to the memory's indices, then take the running mean (keys and values)
                 shift = torch.tensor([mem[j] - comp_pos[j] for j in range(n)], device=comp.keys[0].device)
                 ck = [rotate_keys(k, shift, self.inv_freq) for k in comp.keys]
+                sel = torch.tensor(mem, device=kv.keys[0].device)
                 for layer in range(len(kv.keys)):
-                    sel = torch.tensor(mem)
                     kv.keys[layer][:, :, sel] = (1 - a) * kv.keys[layer][:, :, sel] + a * ck[layer]
                     kv.values[layer][:, :, sel] = (1 - a) * kv.values[layer][:, :, sel] + a * comp.values[layer]
                 new = kv.select(sink + mem + win[cfg.chunk:], self.inv_freq)
