@@ -4,7 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: setup demo test lint bench clean
+KVPRESS_VENV := .venv-kvpress
+
+.PHONY: setup kvpress-env demo test lint bench eval-icl eval-chitchat clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,19 +19,38 @@ $(VENV)/.installed: pyproject.toml
 	# the default streaming text: the King James Bible from Debian's bible-kjv
 	command -v bible >/dev/null || (apt-get update -qq && apt-get install -y -qq bible-kjv >/dev/null) || \
 		echo "warning: could not install bible-kjv (apt-get install bible-kjv); ccmem stream needs --text FILE"
+	# WordNet 3.0 for the in-context-learning suite (ccmem.data.icl)
+	test -f /usr/share/wordnet/data.noun || (apt-get update -qq && apt-get install -y -qq wordnet-base \
+		wordnet-sense-index >/dev/null) || echo "warning: could not install wordnet-base; the ICL suite needs it"
+	touch $@
+
+# NVIDIA kvpress pins transformers<5.3, ccmem pins 5.24: the presses run in their own environment
+$(KVPRESS_VENV)/.installed:
+	$(PYTHON) -m venv $(KVPRESS_VENV)
+	$(KVPRESS_VENV)/bin/pip install -q --upgrade pip
+	$(KVPRESS_VENV)/bin/pip install -q torch==2.13.0
+	$(KVPRESS_VENV)/bin/pip install -q kvpress==0.5.5 transformers==5.2.0
 	touch $@
 
 setup: $(VENV)/.installed
+kvpress-env: $(KVPRESS_VENV)/.installed
 
 demo: setup
 	$(PY) -m ccmem demo
 
-test: setup
+test: setup kvpress-env
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
 bench: setup
 	$(PY) benchmarks/memory_growth.py
 
+# the evaluation suites (results in benchmarks/results/eval_*.{json,md,png})
+eval-icl: setup kvpress-env
+	$(VENV)/bin/ccmem eval --suite icl
+
+eval-chitchat: setup kvpress-env
+	$(VENV)/bin/ccmem eval --suite chitchat --limit 48
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(KVPRESS_VENV) build *.egg-info src/*.egg-info

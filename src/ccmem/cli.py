@@ -74,6 +74,27 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluation.runner import run_named
+
+    adapters = None
+    if args.adapter:
+        adapters = {}
+        for a in args.adapter:
+            if "=" not in a:
+                raise SystemExit(f"--adapter {a!r} must look like NAME=PATH (e.g. ccm_concat=adapters/icl-concat)")
+            k, v = a.split("=", 1)
+            adapters[k] = v
+    kw = {"presses": tuple(p for p in args.presses.split(",") if p),
+          "training_free": tuple(p for p in args.training_free.split(",") if p),
+          "mode": args.mode, "check": args.check, "batch_size": args.batch_size, "device": args.device}
+    res, paths = run_named(args.suite, args.out, args.name, adapters, args.limit,
+                           [int(t) for t in args.ts.split(",")] if args.ts else None, **kw)
+    print(paths[1].read_text())
+    print(f"[ccmem] wrote {', '.join(map(str, paths))}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ccmem", description="compressed context memory for online LM interaction")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -104,6 +125,24 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("overrides", nargs="*", help="e.g. train.max_steps=100 compression.n_tok=4")
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     t.set_defaults(fn=_train)
+    e = sub.add_parser("eval", help="every method side by side per time step: tables, plots, results JSON")
+    e.add_argument("--suite", default="chitchat", choices=["chitchat", "icl"])
+    e.add_argument("--adapter", action="append", default=None,
+                   help="NAME=PATH, repeatable; replaces the suite's default adapters (names: ccm_concat, ccm_merge, "
+                        "concat_nr, merge_nr, gist, gist_online, each optionally with a _suffix)")
+    e.add_argument("--presses", default="snapkv,streamingllm,knorm",
+                   help="kvpress presses, comma-separated ('' for none): snapkv, streamingllm, knorm, tova, "
+                        "expected_attention")
+    e.add_argument("--training-free", default="window,streamingllm", help="ccmem's own KV-budget baselines")
+    e.add_argument("--ts", default=None, help="time steps, e.g. 1,2,4,8,16 (default: the suite's)")
+    e.add_argument("--limit", type=int, default=None, help="dialogs (chitchat, 100) or items per task (icl, 60)")
+    e.add_argument("--mode", default="auto", choices=["auto", "parallel", "online"])
+    e.add_argument("--check", type=int, default=2, help="contexts per t scored both ways (parallel vs online)")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--out", default="benchmarks/results")
+    e.add_argument("--name", default=None, help="results file name (default eval_<suite>)")
+    e.add_argument("--device", default=None)
+    e.set_defaults(fn=_eval)
     args = ap.parse_args(argv)
     return args.fn(args)
 

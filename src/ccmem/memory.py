@@ -123,6 +123,27 @@ class CompressedMemory:
         self.offset = self.offset + torch.where(rows, n_text, torch.zeros_like(n_text))
         self.steps = self.steps + rows.long()
 
+    def add_raw(self, ks: list[torch.Tensor], vs: list[torch.Tensor], valid: torch.Tensor,
+                n_text: torch.Tensor) -> None:
+        """Append uncompressed token keys/values (per layer (B, H, L, D)), ``valid`` (B, L): full-context and
+        sliding-window baselines hold raw tokens in the same structure, so one scoring path serves every method."""
+        if self.config.merging:
+            raise ValueError("raw tokens cannot share a merge memory (its slots are a running mean)")
+        self.keys = [torch.cat([m, k], 2) for m, k in zip(self.keys, ks)]
+        self.values = [torch.cat([m, v], 2) for m, v in zip(self.values, vs)]
+        self.valid = torch.cat([self.valid, valid.bool()], 1)
+        self.offset = self.offset + n_text
+        self.steps = self.steps + (n_text > 0).long()
+
+    def repeat(self, n: int) -> CompressedMemory:
+        """A batch of ``n`` copies of this single-row memory (score several continuations of one context)."""
+        if self.batch_size != 1:
+            raise ValueError(f"repeat needs a single-row memory, this one has {self.batch_size} rows")
+        return CompressedMemory(
+            keys=[k.expand(n, -1, -1, -1) for k in self.keys], values=[v.expand(n, -1, -1, -1) for v in self.values],
+            valid=self.valid.expand(n, -1), offset=self.offset.expand(n), steps=self.steps.expand(n),
+            has_sink=self.has_sink, config=self.config, fingerprint=dict(self.fingerprint))
+
     # ---------------------------------------------------------------- files
     def save(self, path: str | os.PathLike) -> None:
         """Save to one safetensors file whose JSON header names the model, config and format version."""

@@ -92,6 +92,22 @@ def text_data(tok: Any, d: dict, seed: int):
     return train, val, Counter({"text tokens": len(ids)})
 
 
+def icl_data(tok: Any, d: dict, seed: int):
+    """In-context-learning adapter data: episodes over the suite's training tasks only (the test tasks stay unseen);
+    validation episodes come from the same training tasks with a different seed."""
+    from collections import Counter
+
+    from .data.icl import TRAIN_TASKS, IclFormat, IclTrainEpisodes, build_tasks
+
+    tasks = build_tasks(d.get("per_task", 400), seed=d.get("task_seed", 0))
+    train_tasks = {n: tasks[n] for n in TRAIN_TASKS}
+    fmt, eos = IclFormat(tok), tok.eos_token_id
+    k = d.get("k_max", 16)
+    train = IclTrainEpisodes(train_tasks, fmt, eos, k_max=k, size=d.get("train_episodes", 100_000), seed=seed)
+    val_src = IclTrainEpisodes(train_tasks, fmt, eos, k_max=k, size=d.get("eval_episodes", 32), seed=seed + 1)
+    return train, list(val_src), Counter({f"task {n}": len(t.examples) for n, t in train_tasks.items()})
+
+
 def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
     """Train the adapter a recipe describes; returns the adapter folder."""
     import torch
@@ -115,8 +131,10 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
         val = [fmt.episode(d, len(d.turns)) for d in splits["validation"][: cfg["data"].get("eval_dialogs", 64)]]
     elif source == "text":
         train, val, report = text_data(tok, cfg["data"], tcfg.seed)
+    elif source == "icl":
+        train, val, report = icl_data(tok, cfg["data"], tcfg.seed)
     else:
-        raise ConfigError(f"unknown data source {source!r}; known: chitchat, text")
+        raise ConfigError(f"unknown data source {source!r}; known: chitchat, text, icl")
     out = Path(cfg.get("output") or Path(tcfg.output_dir) / "adapter")
     log = Path(tcfg.output_dir) / "train_log.jsonl"
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -170,6 +170,29 @@ class Session:
                           memory_bytes=mem.nbytes)
 
     @_grad_mode
+    def add_raw(self, chunks: Any) -> StepReport:
+        """Keep one chunk per row uncompressed: its tokens' keys/values join the memory verbatim. This is the
+        full-context (or sliding-window) baseline in the session's terms; it needs a concat memory."""
+        rows = self._rows(chunks, allow_none=True)
+        if self.ccm.config.merging:
+            raise ConfigError("add_raw needs a concat memory; a merge memory averages its slots")
+        ids, valid, pos, lens = self._batch(rows)
+        _, cache, _ = self._run(self.memory.to_cache(), self.memory.valid, ids, valid, pos)
+        m = self.memory.num_slots
+        self.memory.add_raw([la.keys[:, :, m:] for la in cache.layers], [la.values[:, :, m:] for la in cache.layers],
+                            valid.bool(), lens)
+        return StepReport(tokens=[len(r) if r else 0 for r in rows], slots=self.memory.slots_per_row(),
+                          memory_bytes=self.memory.nbytes)
+
+    def fork(self, n: int) -> Session:
+        """A new session of ``n`` rows, each starting from this single-row session's memory (the memory tensors are
+        shared, not copied; later steps write new tensors, so the forks never disturb each other or this one)."""
+        s = Session.__new__(Session)
+        s.grad, s.ccm, s.batch_size = self.grad, self.ccm, n
+        s.memory = self.memory.repeat(n)
+        return s
+
+    @_grad_mode
     def logits(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, L, V) of uncompressed tokens read on top of the memory, and their validity (B, L)."""
         rows = self._rows(inputs)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .data.collate import Collator, keep_for_loss, lm_loss
-from .data.episode import Episode
+from ..data.collate import Collator, keep_for_loss, lm_loss
+from ..data.episode import Episode
 
 
 @dataclass
@@ -115,7 +115,7 @@ def budget_episode(ep: Episode, budget: int, sink: bool) -> Episode:
 @torch.no_grad()
 def online_agreement(ccm, episodes: Sequence[Episode]) -> float:
     """Max |logit difference| between the parallel forward and the online loop on ``episodes`` (one at a time)."""
-    from .sequence import episode_ids, pad_batch
+    from ..sequence import episode_ids, pad_batch
 
     worst = 0.0
     ccm.model.eval()

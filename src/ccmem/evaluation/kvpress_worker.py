@@ -1,0 +1,103 @@
+"""Score queries after NVIDIA kvpress compressed each context to a KV budget. Runs inside kvpress's own environment
+(kvpress 0.5.5 pins transformers < 5.3, ccmem pins 5.24), so it imports nothing from ccmem: it reads a job JSON and
+writes a result JSON (``python kvpress_worker.py job.json out.json``).
+
+Job: ``{"model": dir, "presses": [...], "groups": [{"context": ids, "budget": B, "queries": [{"input": ids,
+"targets": [ids, ...]}]}]}``. Result: ``{press: [[[[loglik, ntok] per target] per query] per group]}``.
+
+The context is prefilled under the press (``compression_ratio = 1 - (B + 0.5) / L`` keeps exactly B tokens), then
+every query + target is read on top of the compressed cache with positions continuing from L and no
+``cache_position`` (passing one makes the mask non-causal), so every scored token sees only the compressed cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import torch
+
+
+def make_press(name: str, budget: int, length: int):
+    import kvpress
+
+    ratio = max(0.0, 1.0 - (budget + 0.5) / length)
+    if name == "snapkv":
+        return kvpress.SnapKVPress(compression_ratio=ratio, window_size=max(1, min(64, budget - 1)))
+    if name == "streamingllm":
+        return kvpress.StreamingLLMPress(compression_ratio=ratio, n_sink=max(1, min(4, budget - 1)))
+    if name == "knorm":
+        return kvpress.KnormPress(compression_ratio=ratio)
+    if name == "tova":
+        return kvpress.TOVAPress(compression_ratio=ratio)
+    if name == "expected_attention":
+        return kvpress.ExpectedAttentionPress(compression_ratio=ratio)
+    raise ValueError(f"unknown press {name!r}; known: snapkv, streamingllm, knorm, tova, expected_attention")
+
+
+@torch.no_grad()
+def run_group(model, press_name: str, group: dict, batch_size: int = 32) -> tuple[list, int]:
+    from transformers import DynamicCache
+
+    ctx, budget = group["context"], group["budget"]
+    cache = DynamicCache()
+    if ctx:
+        ids = torch.tensor([ctx])
+        if budget < len(ctx) and budget > 0:
+            with make_press(press_name, budget, len(ctx))(model):
+                model(input_ids=ids, past_key_values=cache, use_cache=True)
+        elif budget > 0:
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+    held = cache.get_seq_length() if ctx and budget > 0 else 0
+    rows = [(qi, ti, q["input"], t) for qi, q in enumerate(group["queries"]) for ti, t in enumerate(q["targets"])]
+    out = [[None] * len(q["targets"]) for q in group["queries"]]
+    for s in range(0, len(rows), batch_size):
+        part = rows[s:s + batch_size]
+        seqs = [p[2] + p[3] for p in part]
+        n = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), n, dtype=torch.long)
+        am = torch.zeros(len(seqs), held + n, dtype=torch.long)
+        am[:, :held] = 1
+        for b, sq in enumerate(seqs):
+            ids[b, :len(sq)] = torch.tensor(sq)
+            am[b, held:held + len(sq)] = 1
+        pos = (len(ctx) if budget > 0 else 0) + torch.arange(n)[None].expand(len(seqs), -1)
+        kw = {}
+        if held:
+            c = copy.deepcopy(cache)
+            c.batch_repeat_interleave(len(seqs))
+            kw["past_key_values"] = c
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=bool(held),
+                                       **kw).logits.float(), -1)
+        for b, (qi, ti, inp, tgt) in enumerate(part):
+            idx = torch.arange(len(inp) - 1, len(inp) + len(tgt) - 1)
+            out[qi][ti] = [float(logp[b, idx, torch.tensor(tgt)].sum()), len(tgt)]
+    return out, held
+
+
+def main(job_path: str, out_path: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    job = json.load(open(job_path))
+    torch.set_num_threads(job.get("threads", torch.get_num_threads()))
+    model = AutoModelForCausalLM.from_pretrained(job["model"], torch_dtype=torch.float32, attn_implementation="sdpa")
+    model.eval()
+    result: dict = {"scores": {}, "held": {}}
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        def tqdm(x, **_):
+            return x
+    for press in job["presses"]:
+        scores, held = [], []
+        for g in tqdm(job["groups"], desc=f"kvpress {press}", file=sys.stderr):
+            s, h = run_group(model, press, g, job.get("batch_size", 32))
+            scores.append(s)
+            held.append(h)
+        result["scores"][press], result["held"][press] = scores, held
+    json.dump(result, open(out_path, "w"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

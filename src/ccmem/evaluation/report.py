@@ -1,0 +1,118 @@
+"""Reports of an evaluation run: the results JSON (shared/design/results.md format: headline beside its target,
+environment, config, rows), markdown tables, and PNG plots of metric against time step and against KV bytes."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+
+def environment(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Git revision, library versions and the machine, recorded in every results file."""
+    import accelerate
+    import torch
+    import transformers
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        rev = ""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from .. import __version__
+
+    env = {"git_rev": rev, "ccmem": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "accelerate": accelerate.__version__, "cpu": cpu,
+           "threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    env.update(extra or {})
+    return env
+
+
+def markdown_table(rows: list[dict], cols: list[str]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [f"{r.get(c, ''):.4g}" if isinstance(r.get(c), float) else str(r.get(c, '')) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def pivot(rows: list[dict], key: str, methods: list[str], ts: list[int]) -> list[dict]:
+    """One row per t, one column per method, holding ``key``."""
+    by = {(r["t"], r["method"]): r for r in rows}
+    return [{"t": t, **{m: by[(t, m)].get(key) for m in methods if (t, m) in by}} for t in ts]
+
+
+def write(out_dir: Path, name: str, result: dict[str, Any], methods: list[dict], metric: str,
+          higher_is_better: bool) -> list[Path]:
+    """Write ``<name>.json``, ``<name>.md`` and ``<name>.png``; returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, ts = result["rows"], result["config"]["ts"]
+    names = [m["name"] for m in methods]
+    h = result["headline"]
+    md = [f"# {result['title']}\n",
+          f"Headline: **{h['metric']} = {h['value']}** (target {'>' if h['higher_is_better'] else '<'} "
+          f"{h['target']}): {h['meaning']}\n",
+          f"Command: `{result['command']}`\n",
+          "Methods: " + "; ".join(f"`{m['name']}` = {m['label']} ({m['kind']}"
+                                  + (f", adapter {m['adapter']}" if m.get("adapter") else "") + ")" for m in methods)
+          + "\n",
+          f"## {metric} ({'higher' if higher_is_better else 'lower'} is better)\n", markdown_table(
+              pivot(rows, metric, names, ts), ["t"] + names),
+          "\n## KV memory held for the context (KiB, mean per context)\n",
+          markdown_table(pivot(rows, "kv_kib", names, ts), ["t"] + names),
+          "\n## Peak KV while processing the context (KiB)\n",
+          markdown_table(pivot(rows, "peak_kv_kib", names, ts), ["t"] + names),
+          "\n## Fraction of the no-context -> full-context gap recovered\n",
+          markdown_table(pivot(rows, "gap_recovered", names, ts), ["t"] + names),
+          "\n## CCM-concat against the best other method at equal or smaller KV\n",
+          markdown_table(result["margins"], ["t", "ccm", "best_other", "ccm_value", "other_value", "margin"])]
+    if result.get("agreement"):
+        md.append("\n## Parallel forward vs online loop (max |difference| of option log-likelihoods)\n")
+        md.append(markdown_table([{"method": k, "max_abs_diff": v} for k, v in result["agreement"].items()],
+                                 ["method", "max_abs_diff"]))
+    if result.get("notes"):
+        md.append("\n## Notes\n\n" + "\n".join(f"- {n}" for n in result["notes"]) + "\n")
+    paths = [out_dir / f"{name}.json", out_dir / f"{name}.md", out_dir / f"{name}.png"]
+    paths[0].write_text(json.dumps(result, indent=2) + "\n")
+    paths[1].write_text("\n".join(md))
+    plot(paths[2], rows, methods, metric, ts, result["title"])
+    return paths
+
+
+def plot(path: Path, rows: list[dict], methods: list[dict], metric: str, ts: list[int], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
+    styles = {"reference": ":", "trained": "-", "training-free": "--"}
+    for m in methods:
+        mr = sorted((r for r in rows if r["method"] == m["name"] and r.get(metric) is not None),
+                    key=lambda r: r["t"])
+        if not mr:
+            continue
+        ls = styles.get(m["kind"], "-")
+        a.plot([r["t"] for r in mr], [r[metric] for r in mr], ls, marker="o", label=m["label"])
+        if m["name"] != "none":
+            b.plot([max(r["kv_kib"], 1e-1) for r in mr], [r[metric] for r in mr], ls, marker="o", label=m["label"])
+    a.set(xlabel="time step t (context chunks)", ylabel=metric, title="quality per time step")
+    a.set_xscale("log", base=2)
+    a.set_xticks(ts, [str(t) for t in ts])
+    b.set(xscale="log", xlabel="KV memory held for the context (KiB)", ylabel=metric,
+          title="quality vs memory (one point per t)")
+    a.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

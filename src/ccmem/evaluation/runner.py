@@ -1,0 +1,383 @@
+"""One evaluation run: every method on the same groups of a suite at each time step, in the parallel or the online
+mode (optionally checking that both agree), kvpress presses in their own environment, then margins, the headline and
+the report files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data.episode import Episode
+from .core import bytes_per_slot, option_logliks
+from .methods import Method, NoContext, Press, flat, variant_view
+from .suites import Group, Scores, Suite
+
+
+@dataclass
+class EvalConfig:
+    """What a run compares. ``adapters`` maps trained method names (ccm_concat, ccm_merge, concat_nr, merge_nr,
+    gist, gist_online, plus optional suffixes such as ccm_concat_cpu) to adapter folders; ``peers`` names, for a
+    trained baseline, the CCM-concat trained with the same budget it is compared against."""
+
+    model: str = "smollm2"
+    base_adapter: str | None = None  # stage-1 adapter folded into the reference (full-context) model
+    adapters: dict[str, str] = field(default_factory=dict)
+    peers: dict[str, str] = field(default_factory=dict)
+    training_free: tuple[str, ...] = ("window", "streamingllm")
+    presses: tuple[str, ...] = ("snapkv", "streamingllm", "knorm")
+    mode: str = "auto"  # parallel | online | auto (parallel for one query per context, online otherwise)
+    check: int = 2  # contexts per t scored both ways to check parallel == online (0: off)
+    batch_size: int = 16
+    n_tok: int = 2  # the budget of the training-free methods at step t is n_tok * t (CCM-concat's memory)
+    kvpress_python: str | None = None
+    device: str | None = None
+
+
+def methods_for(cfg: EvalConfig) -> list[Method]:
+    from .methods import REFERENCE, TRAINING_FREE, press, trained
+
+    out = [REFERENCE["none"](), REFERENCE["full"]()]
+    out += [trained(n, p, cfg.peers.get(n, "ccm_concat")) for n, p in cfg.adapters.items()]
+    out += [TRAINING_FREE[n]() for n in cfg.training_free]
+    out += [press(p) for p in cfg.presses]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+def score_online(method: Method, ccm: Any, groups: list[Group], budget: int, batch_size: int = 32,
+                 calibration: bool = False, progress: bool = False) -> Scores:
+    """Build the method's memory for each context with the online loop, then score every query target on top of
+    it (the memory is forked across a batch of queries, never recomputed)."""
+    out: Scores = []
+    ccm.model.eval()
+    for g in tqdm(groups, desc=f"{method.name} online", disable=not progress, leave=False):
+        s = method.session(ccm, [] if calibration else g.chunks, budget)
+        qs = g.calibration if calibration else g.queries
+        rows = [(qi, ti, q.input, tgt) for qi, q in enumerate(qs) for ti, tgt in enumerate(q.targets)]
+        res: list[list[Any]] = [[None] * len(q.targets) for q in qs]
+        for i in range(0, len(rows), batch_size):
+            part = rows[i:i + batch_size]
+            sc = s.fork(len(part)).score([p[2] for p in part], [p[3] for p in part])
+            for (qi, ti, _, tgt), lp in zip(part, sc.logprob.tolist()):
+                res[qi][ti] = (lp, len(tgt))
+        out.append(res)
+    return out
+
+
+def score_parallel(method: Method, ccm: Any, groups: list[Group], budget: int, batch_size: int = 16) -> Scores:
+    """The same scores from one masked forward per (context, query, target) sequence (method.md §8)."""
+    eps, mode, variant = [], None, None
+    for g in groups:
+        for q in g.queries:
+            ep, mode, variant = method.episode(Episode(g.chunks, q.input, [], q.targets, q.answer), budget)
+            eps.append(ep)
+    with variant_view(ccm, variant):
+        lls, lens = option_logliks(ccm, eps, mode, batch_size)
+    out: Scores = []
+    k = 0
+    for g in groups:
+        out.append([[(ll, n) for ll, n in zip(lls[k + i], lens[k + i])] for i in range(len(g.queries))])
+        k += len(g.queries)
+    return out
+
+
+def max_abs_diff(a: Scores, b: Scores) -> float:
+    return max((abs(x[0] - y[0]) for ga, gb in zip(a, b) for qa, qb in zip(ga, gb) for x, y in zip(qa, qb)),
+               default=0.0)
+
+
+# ------------------------------------------------------------------------------------------------ kvpress
+def export_reference(model: Any, key: str) -> Path:
+    """Save the reference model (stage 1 folded in) once as a plain HF folder that kvpress's environment loads."""
+    from ..models import cache_dir
+
+    d = cache_dir() / "eval-reference" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if not (d / "config.json").exists():
+        tmp = d.with_suffix(".tmp")
+        model.save_pretrained(tmp)
+        tmp.rename(d)
+    return d
+
+
+def default_kvpress_python() -> str | None:
+    """``.venv-kvpress/bin/python`` of the checkout (``make kvpress-env``), or $CCMEM_KVPRESS_PYTHON."""
+    env = os.environ.get("CCMEM_KVPRESS_PYTHON")
+    if env:
+        return env
+    p = Path(__file__).resolve().parents[3] / ".venv-kvpress" / "bin" / "python"
+    return str(p) if p.exists() else None
+
+
+def run_kvpress(python: str, model_dir: Path, presses: list[str], jobs: list[tuple[int, list[Group], int]],
+                batch_size: int = 32) -> tuple[dict[str, dict[int, Scores]], dict[str, dict[int, list[int]]]]:
+    """Score every (t, groups, budget) job under each press in kvpress's environment."""
+    groups_json = [{"context": flat(g.chunks), "budget": budget,
+                    "queries": [{"input": q.input, "targets": q.targets} for q in g.queries]}
+                   for _, groups, budget in jobs for g in groups]
+    with tempfile.TemporaryDirectory() as tmp:
+        job, res = Path(tmp) / "job.json", Path(tmp) / "out.json"
+        job.write_text(json.dumps({"model": str(model_dir), "presses": list(presses), "groups": groups_json,
+                                   "batch_size": batch_size, "threads": torch.get_num_threads()}))
+        worker = Path(__file__).with_name("kvpress_worker.py")
+        r = subprocess.run([python, str(worker), str(job), str(res)], stdout=subprocess.PIPE, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"the kvpress worker failed (exit {r.returncode}); run `make kvpress-env` to rebuild "
+                               f"its environment. Output:\n{r.stdout[-2000:]}")
+        data = json.loads(res.read_text())
+    scores: dict[str, dict[int, Scores]] = {}
+    held: dict[str, dict[int, list[int]]] = {}
+    for p in presses:
+        k = 0
+        scores[p], held[p] = {}, {}
+        for t, groups, _ in jobs:
+            scores[p][t] = [[[tuple(x) for x in q] for q in g] for g in data["scores"][p][k:k + len(groups)]]
+            held[p][t] = data["held"][p][k:k + len(groups)]
+            k += len(groups)
+    return scores, held
+
+
+# ------------------------------------------------------------------------------------------------ run
+def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Run every method of ``cfg`` on ``suite``; returns the result dict (rows, margins, headline, agreement)."""
+    from ..config import CompressionConfig
+    from ..model import CompressedModel
+    from ..recipe import prepare_model
+
+    def fresh(stage1: bool):
+        if load_model is not None:
+            return load_model()
+        return prepare_model(cfg.model, cfg.base_adapter if stage1 else None, device=cfg.device)[0]
+
+    methods = methods_for(cfg)
+    for name, path in cfg.adapters.items():
+        if name.startswith("ccm_concat") and name == "ccm_concat":
+            _, header = CompressedModel.read_adapter(path)
+            cfg.n_tok = header["compression"]["n_tok"]
+    ts = list(suite.ts)
+    groups = {t: suite.groups(t) for t in ts}
+    budgets = {t: cfg.n_tok * t for t in ts}
+    mode = cfg.mode if cfg.mode != "auto" else (
+        "parallel" if all(len(g.queries) == 1 for g in groups[ts[0]]) else "online")
+    scores: dict[tuple[str, int], Scores] = {}
+    agreement: dict[str, float] = {}
+    notes: list[str] = []
+
+    def run_method(m: Method, ccm: Any) -> None:
+        for t in tqdm(ts, desc=m.name, disable=not progress):
+            g, b = groups[t], budgets[t]
+            if mode == "parallel":
+                scores[(m.name, t)] = score_parallel(m, ccm, g, b, cfg.batch_size)
+            else:
+                scores[(m.name, t)] = score_online(m, ccm, g, b, max(cfg.batch_size, 32))
+            if cfg.check:
+                part = [Group(x.id, x.chunks, x.queries[:8]) for x in g[:cfg.check]]
+                a = score_parallel(m, ccm, part, b, cfg.batch_size)
+                o = score_online(m, ccm, part, b, 32)
+                agreement[m.name] = max(agreement.get(m.name, 0.0), max_abs_diff(a, o))
+
+    # reference model: no context, full context, training-free budgets
+    base = fresh(stage1=True)
+    per_slot = bytes_per_slot(base)
+    ref = CompressedModel.attach(base, CompressionConfig(variant="concat_recur", n_tok=cfg.n_tok))
+    calib = None
+    if any(g.calibration for g in groups[ts[0]]):
+        calib = score_online(NoContext("none", "", "reference"), ref, groups[ts[0]], 0, 64, calibration=True)
+    for m in methods:
+        if m.kind in ("reference", "training-free") and not isinstance(m, Press):
+            run_method(m, ref)
+    presses = [m for m in methods if isinstance(m, Press)]
+    press_held: dict[str, dict[int, list[int]]] = {}
+    if presses:
+        py = cfg.kvpress_python or default_kvpress_python()
+        if py is None:
+            notes.append("kvpress presses skipped: no kvpress environment (run `make kvpress-env` or set "
+                         "CCMEM_KVPRESS_PYTHON)")
+            methods = [m for m in methods if not isinstance(m, Press)]
+        else:
+            ref.detach(remove_weights=True)
+            model_dir = export_reference(base, f"{cfg.model}|{_file_hash(cfg.base_adapter)}")
+            jobs = [(t, groups[t], budgets[t]) for t in ts]
+            ps, press_held = run_kvpress(py, model_dir, [m.press for m in presses], jobs, max(cfg.batch_size, 32))
+            for m in presses:
+                for t in ts:
+                    scores[(m.name, t)] = ps[m.press][t]
+            notes.append(f"kvpress run from {py} on {model_dir}")
+    del ref, base
+
+    # trained adapters, one model load each
+    for m in methods:
+        if m.kind != "trained":
+            continue
+        ccm = CompressedModel.from_pretrained(m.adapter, fresh(stage1=False))
+        run_method(m, ccm)
+        del ccm
+
+    # rows
+    rows = []
+    for m in methods:
+        for t in ts:
+            met = suite.aggregate(groups[t], scores[(m.name, t)], calib)
+            if isinstance(m, Press):
+                slots = sum(press_held[m.press][t]) / len(groups[t])
+            else:
+                slots = sum(m.slots(g.chunks, cfg.n_tok, budgets[t]) for g in groups[t]) / len(groups[t])
+            peak = sum(m.peak_slots(g.chunks, cfg.n_tok, budgets[t]) for g in groups[t]) / len(groups[t])
+            rows.append({"t": t, "method": m.name, "label": m.label, "kind": m.kind, **met,
+                         "kv_slots": slots, "kv_kib": slots * per_slot / 1024, "peak_kv_kib": peak * per_slot / 1024,
+                         "budget_slots": budgets[t]})
+    _gap(rows, suite.metric)
+    margins = _margins(rows, methods, suite.metric, suite.higher_is_better)
+    return {"rows": rows, "margins": margins, "agreement": agreement, "mode": mode, "notes": notes,
+            "methods": [{"name": m.name, "label": m.label, "kind": m.kind, "adapter": m.adapter,
+                         "peer": m.peer if m.kind == "trained" else None} for m in methods],
+            "bytes_per_slot": per_slot, "config": {**asdict(cfg), **suite.describe(), "ts": ts}}
+
+
+def _file_hash(path: str | None) -> str:
+    if not path:
+        return "none"
+    f = Path(path) / "adapter.safetensors"
+    return hashlib.sha256(f.read_bytes()).hexdigest()[:16] if f.exists() else str(path)
+
+
+def _gap(rows: list[dict], metric: str) -> None:
+    by = {(r["t"], r["method"]): r[metric] for r in rows}
+    for r in rows:
+        none, full = by.get((r["t"], "none")), by.get((r["t"], "full"))
+        ok = none is not None and full is not None and none != full
+        r["gap_recovered"] = (r[metric] - none) / (full - none) if ok else None
+
+
+def _margins(rows: list[dict], methods: list[Method], metric: str, higher: bool) -> list[dict]:
+    """Per t and per CCM-concat: its margin over the best other method whose KV is at most its own (positive =
+    CCM-concat better). Trained baselines are compared with the CCM-concat of the same training budget."""
+    by = {(r["t"], r["method"]): r for r in rows}
+    peers = sorted({m.name for m in methods if m.kind == "trained" and m.name.startswith("ccm_concat")})
+    out = []
+    for t in sorted({r["t"] for r in rows}):
+        for p in peers:
+            pr = by[(t, p)]
+            best = None
+            for m in methods:
+                if m.name in peers or m.name == "full":
+                    continue
+                if m.kind == "trained" and m.peer != p:
+                    continue
+                if m.kind != "trained" and p != "ccm_concat" and "ccm_concat" in peers:
+                    continue  # training-free methods are compared with the main CCM-concat
+                r = by[(t, m.name)]
+                if r["kv_kib"] > pr["kv_kib"] * (1 + 1e-9):
+                    continue
+                margin = (pr[metric] - r[metric]) if higher else (r[metric] - pr[metric])
+                if best is None or margin < best["margin"]:
+                    best = {"t": t, "ccm": p, "best_other": m.name, "ccm_value": pr[metric], "other_value": r[metric],
+                            "margin": margin}
+            if best:
+                out.append(best)
+    return out
+
+
+def headline(result: dict[str, Any], metric: str, unit: str, min_t: int = 4) -> dict[str, Any]:
+    """CCM-concat's margin over the best other method at equal KV budget, worst case over t >= ``min_t``."""
+    ms = [m for m in result["margins"] if m["t"] >= min_t] or result["margins"]
+    worst = min(ms, key=lambda m: m["margin"])
+    others = sorted({m["best_other"] for m in ms})
+    return {"metric": f"ccm_concat_margin_worst_t_ge_{min_t}", "value": round(worst["margin"], 4), "target": 0.0,
+            "higher_is_better": True, "unit": unit,
+            "meaning": f"min over t >= {min_t} of CCM-concat's {metric} margin over the best other method holding at "
+                       f"most its KV (positive = CCM-concat better); worst at t={worst['t']} against "
+                       f"{worst['best_other']} ({worst['ccm']}); methods that were best somewhere: {others}"}
+
+
+def main_command() -> str:
+    return "ccmem " + " ".join(sys.argv[1:])
+
+
+# ------------------------------------------------------------------------------------------------ named suites
+SUITES: dict[str, dict[str, Any]] = {
+    "chitchat": {
+        "base_adapter": "adapters/chitchat-stage1",
+        "adapters": {"ccm_concat": "adapters/chitchat-concat", "ccm_merge": "adapters/chitchat-merge",
+                     "ccm_concat_cpu": "adapters/chitchat-concat-cpu", "concat_nr_cpu": "adapters/chitchat-concat-nr",
+                     "merge_nr_cpu": "adapters/chitchat-merge-nr", "gist_cpu": "adapters/chitchat-gist",
+                     "gist_online_cpu": "adapters/chitchat-gist"},
+        "peers": {"concat_nr_cpu": "ccm_concat_cpu", "merge_nr_cpu": "ccm_concat_cpu", "gist_cpu": "ccm_concat_cpu",
+                  "gist_online_cpu": "ccm_concat_cpu"},
+        "title": "Chit-chat next-turn perplexity: every method per time step (SmolLM2-135M-Instruct)",
+        "unit": "ppl",
+    },
+    "icl": {
+        "base_adapter": None,
+        "adapters": {"ccm_concat": "adapters/icl-concat", "ccm_merge": "adapters/icl-merge",
+                     "concat_nr": "adapters/icl-concat-nr", "merge_nr": "adapters/icl-merge-nr",
+                     "gist": "adapters/icl-gist", "gist_online": "adapters/icl-gist"},
+        "peers": {},
+        "title": "In-context learning on unseen tasks: accuracy per time step (SmolLM2-135M-Instruct)",
+        "unit": "accuracy",
+    },
+}
+
+
+def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str | None = None,
+              adapters: dict[str, str] | None = None, limit: int | None = None, ts: list[int] | None = None,
+              command: str | None = None, **cfg_kw: Any) -> tuple[dict[str, Any], list[Path]]:
+    """``ccmem eval``: build a named suite on the default model, run every method whose adapter exists, write the
+    JSON / markdown / PNG reports. Missing adapters are listed in the report's notes, never silently dropped."""
+    from ..models import load_model
+
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; known: {sorted(SUITES)}")
+    d = SUITES[suite]
+    wanted = dict(d["adapters"]) if adapters is None else dict(adapters)
+    present = {k: v for k, v in wanted.items() if (Path(v) / "adapter.safetensors").exists()}
+    notes = [f"{k}: adapter {v} not found, method skipped" for k, v in wanted.items() if k not in present]
+    cfg = EvalConfig(base_adapter=d["base_adapter"], adapters=present,
+                     peers={k: v for k, v in d["peers"].items() if v in present}, **cfg_kw)
+    _, tok = load_model(cfg.model, device="cpu") if cfg.model == "smollm2" else load_model(cfg.model)
+    if suite == "chitchat":
+        from .suites import ChitchatSuite
+
+        s = ChitchatSuite(tok, dialogs=limit or 100, **({"ts": ts} if ts else {}))
+    else:
+        from .suites import IclSuite
+
+        s = IclSuite(tok, items=limit or 60, **({"ts": ts} if ts else {}))
+    res = evaluate(s, cfg)
+    res["notes"] = notes + res["notes"]
+    res["title"] = d["title"]
+    res["command"] = command or main_command()
+    res["name"] = name or f"eval_{suite}"
+    res["headline"] = headline(res, s.metric, d["unit"])
+    res["environment"] = _environment_with_kvpress(cfg)
+    ordered = {k: res.pop(k) for k in ("name", "command", "headline", "environment", "config")}
+    res = {**ordered, **res}
+    from .report import write
+
+    return res, write(Path(out_dir), res["name"], res, res["methods"], s.metric, s.higher_is_better)
+
+
+def _environment_with_kvpress(cfg: EvalConfig) -> dict[str, Any]:
+    from .report import environment
+
+    extra = {}
+    py = cfg.kvpress_python or default_kvpress_python()
+    if py and cfg.presses:
+        r = subprocess.run([py, "-c", "import kvpress, transformers, torch; print(kvpress.__version__ if hasattr("
+                            "kvpress, '__version__') else '0.5.5', transformers.__version__, torch.__version__)"],
+                           capture_output=True, text=True)
+        if r.returncode == 0:
+            k, t, th = r.stdout.split()
+            extra = {"kvpress_env": {"kvpress": k, "transformers": t, "torch": th}}
+    return environment(extra)

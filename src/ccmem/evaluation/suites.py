@@ -1,0 +1,127 @@
+"""Evaluation suites: which contexts and queries are read at each time step t, and how their log-likelihoods turn
+into the suite's metric. A suite knows nothing about methods; the runner scores every method on the same groups."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..metrics import multiple_choice
+
+
+@dataclass
+class Query:
+    input: list[int]
+    targets: list[list[int]]  # one target (language modelling) or the answer options
+    answer: int | None = None
+
+
+@dataclass
+class Group:
+    """One context (chunks c(1..t)) and the queries read on top of its memory."""
+
+    id: str
+    chunks: list[list[int]]
+    queries: list[Query]
+    calibration: list[Query] = field(default_factory=list)  # the options after "Output:" alone (acc_base)
+
+
+Scores = list[list[list[tuple[float, int]]]]  # [group][query][target] -> (summed loglik, tokens)
+
+
+class Suite:
+    name: str
+    metric: str
+    higher_is_better: bool
+    ts: tuple[int, ...]
+
+    def groups(self, t: int) -> list[Group]:
+        raise NotImplementedError
+
+    def aggregate(self, groups: list[Group], scores: Scores, calib: Scores | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class ChitchatSuite(Suite):
+    """Next-turn perplexity (EOS excluded) after t compressed turns of held-out chit-chat dialogs (method.md §7.2:
+    chunks u_1..u_t, input u_{t+1}, output u_{t+2})."""
+
+    name, metric, higher_is_better = "chitchat", "ppl", False
+
+    def __init__(self, tokenizer: Any, dialogs: int = 100, ts: Sequence[int] = (1, 2, 4, 8, 12), split_seed: int = 0):
+        from ..recipe import chitchat_splits
+
+        self.ts, self.eos = tuple(ts), tokenizer.eos_token_id
+        splits, self.fmt, _ = chitchat_splits(tokenizer, {"split_seed": split_seed, "max_turn_tokens": 128})
+        need = max(self.ts) + 2
+        pool = [d for d in splits["test"] + splits["validation"] if len(d.turns) >= need]
+        self.dialogs, self.split_seed = pool[:dialogs], split_seed
+
+    def groups(self, t: int) -> list[Group]:
+        out = []
+        for d in self.dialogs:
+            ep = self.fmt.episode(d, t + 2)
+            target = ep.output[:-1] if ep.output and ep.output[-1] == self.eos else ep.output
+            out.append(Group(str(d.id), ep.chunks, [Query(ep.input, [target])]))
+        return out
+
+    def aggregate(self, groups, scores, calib):
+        ll = sum(s[0][0][0] for s in scores)
+        n = sum(s[0][0][1] for s in scores)
+        return {"ppl": math.exp(-ll / max(n, 1)), "tokens": n}
+
+    def describe(self):
+        return {"suite": "chitchat", "dialogs": len(self.dialogs), "ts": list(self.ts),
+                "split": f"chit-chat test + validation (split seed {self.split_seed}), dialogs with >= "
+                         f"{max(self.ts) + 2} turns, first {len(self.dialogs)}", "eos_excluded": True}
+
+
+class IclSuite(Suite):
+    """Multiple-choice accuracy on the unseen test tasks of :mod:`ccmem.data.icl` after t demonstrations (one time
+    step each), MetaICL-style: a fixed demonstration pool per task (the first t are used), ``items`` test examples.
+    The metric is the mean over tasks of ``acc_norm``; ``acc`` and ``acc_base`` (calibrated by the option's
+    likelihood after "Output:" alone) are reported beside it."""
+
+    name, metric, higher_is_better = "icl", "acc_norm", True
+
+    def __init__(self, tokenizer: Any, items: int = 60, ts: Sequence[int] = (1, 2, 4, 8, 16), tasks=None,
+                 seed: int = 100):
+        from ..data.icl import TEST_TASKS, IclFormat, build_tasks, split_task
+
+        self.ts, self.items, self.seed = tuple(ts), items, seed
+        self.fmt = IclFormat(tokenizer)
+        all_tasks = tasks if tasks is not None else build_tasks()
+        self.tasks = {n: all_tasks[n] for n in (TEST_TASKS if tasks is None else all_tasks)}
+        self.splits = {n: split_task(t, k=max(self.ts), seed=seed) for n, t in self.tasks.items()}
+        self.calib_input = self.fmt._ids("Output:")
+
+    def groups(self, t: int) -> list[Group]:
+        out = []
+        for name, (pool, items) in self.splits.items():
+            qs = [Query(self.fmt.query(e), [self.fmt.option(o) for o in e.options], e.answer)
+                  for e in items[:self.items]]
+            cal = [Query(self.calib_input, q.targets, q.answer) for q in qs]
+            out.append(Group(name, [self.fmt.demo(e) for e in pool[:t]], qs, cal))
+        return out
+
+    def aggregate(self, groups, scores, calib):
+        per_task = {}
+        for gi, g in enumerate(groups):
+            ll = [[s[0] for s in q] for q in scores[gi]]
+            lens = [[s[1] for s in q] for q in scores[gi]]
+            base = [[s[0] for s in q] for q in calib[gi]] if calib else None
+            per_task[g.id] = multiple_choice(ll, lens, [q.answer for q in g.queries], base)
+        keys = next(iter(per_task.values())).keys()
+        out: dict[str, Any] = {k: sum(r[k] for r in per_task.values()) / len(per_task) for k in keys}
+        out["per_task_acc_norm"] = {n: r["acc_norm"] for n, r in per_task.items()}
+        return out
+
+    def describe(self):
+        return {"suite": "icl", "test_tasks": list(self.tasks), "items_per_task": self.items, "ts": list(self.ts),
+                "demo_pool_seed": self.seed,
+                "split": "unseen test tasks of ccmem.data.icl (adapters trained on the training tasks only)"}

@@ -1,0 +1,154 @@
+"""Every evaluation method runs end to end on a tiny model and fixture suite, in both modes, and the modes agree;
+kvpress (in its own environment) reproduces full context exactly when its budget keeps every token."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from conftest import tiny_ccm, tiny_model
+
+from ccmem.evaluation import EvalConfig, Group, IclSuite, Query, Suite, evaluate, headline
+from ccmem.evaluation.methods import FullContext
+from ccmem.evaluation.report import write
+from ccmem.evaluation.runner import default_kvpress_python, export_reference, run_kvpress, score_online
+
+VARIANTS = {"ccm_concat": "concat_recur", "ccm_merge": "merge_recur", "concat_nr": "concat", "merge_nr": "merge",
+            "gist": "gist"}
+
+
+class TinySuite(Suite):
+    """Three contexts of random chunks; two multiple-choice queries each, with calibration queries."""
+
+    name, metric, higher_is_better, ts = "tiny", "acc_norm", True, (1, 2, 4)
+
+    def groups(self, t):
+        rng = random.Random(0)
+        out = []
+        for g in range(3):
+            chunks = [[rng.randrange(3, 120) for _ in range(rng.randint(3, 6))] for _ in range(max(self.ts))][:t]
+            qs = [Query([rng.randrange(3, 120) for _ in range(3)], [[rng.randrange(3, 120)] * k for k in (1, 2, 3)],
+                        rng.randrange(3)) for _ in range(2)]
+            out.append(Group(f"g{g}", chunks, qs, [Query([5], q.targets, q.answer) for q in qs]))
+        return out
+
+    aggregate = IclSuite.aggregate
+
+    def describe(self):
+        return {"suite": "tiny"}
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    d = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for name, variant in VARIANTS.items():
+        tiny_ccm(variant=variant, seed=0).save_pretrained(d / name)
+        out[name] = str(d / name)
+    out["gist_online"] = out["gist"]
+    return out
+
+
+@pytest.mark.parametrize("mode", ["parallel", "online"])
+def test_every_method_runs_and_modes_agree(adapters, mode, tmp_path, monkeypatch):
+    monkeypatch.setenv("CCMEM_CACHE", str(tmp_path / "cache"))
+    presses = ("snapkv", "streamingllm", "knorm") if default_kvpress_python() else ()
+    cfg = EvalConfig(adapters=adapters, presses=presses, mode=mode, check=3, batch_size=4)
+    res = evaluate(TinySuite(), cfg, load_model=lambda: tiny_model(seed=0), progress=False)
+    names = {m["name"] for m in res["methods"]}
+    expected = {"none", "full", "window", "streamingllm", *adapters} | {f"kvpress_{p}" for p in presses}
+    assert names == expected
+    assert len(res["rows"]) == len(expected) * 3
+    for r in res["rows"]:
+        assert 0.0 <= r["acc_norm"] <= 1.0 and r["kv_kib"] >= 0
+    # parallel forward == online loop for every method that has both
+    assert set(res["agreement"]) == expected - {f"kvpress_{p}" for p in presses}
+    assert max(res["agreement"].values()) < 1e-4, res["agreement"]
+    by = {(r["t"], r["method"]): r for r in res["rows"]}
+    # KV accounting: concat grows n per step, merge and gist hold n, window/presses hold the budget
+    for t in (1, 2, 4):
+        assert by[(t, "ccm_concat")]["kv_slots"] == 2 * t
+        assert by[(t, "ccm_merge")]["kv_slots"] == by[(t, "gist")]["kv_slots"] == 2
+        assert by[(t, "window")]["kv_slots"] == 2 * t == by[(t, "streamingllm")]["kv_slots"]
+        assert by[(t, "gist")]["peak_kv_kib"] > by[(t, "gist")]["kv_kib"]
+        for p in presses:
+            assert by[(t, f"kvpress_{p}")]["kv_slots"] == 2 * t
+    assert res["margins"] and all(m["ccm"] == "ccm_concat" for m in res["margins"])
+    res.update(title="tiny", command="pytest", headline=headline(res, "acc_norm", "acc", min_t=2))
+    paths = write(tmp_path, "tiny", res, res["methods"], "acc_norm", True)
+    assert all(p.stat().st_size > 0 for p in paths)
+    assert "| t |" in paths[1].read_text()
+
+
+def test_gisting_online_differs_from_gisting(adapters, tmp_path, monkeypatch):
+    """Same adapter, two layouts: the whole history in one group vs each chunk alone."""
+    cfg = EvalConfig(adapters={"gist": adapters["gist"], "gist_online": adapters["gist"]}, presses=(),
+                     training_free=(), mode="online", check=0)
+    res = evaluate(TinySuite(), cfg, load_model=lambda: tiny_model(seed=0), progress=False)
+    assert res["rows"]  # ran
+    from ccmem import CompressedModel
+    from ccmem.evaluation.methods import trained
+
+    ccm = CompressedModel.from_pretrained(adapters["gist"], tiny_model(seed=0))
+    g = TinySuite().groups(4)
+    a = score_online(trained("gist", adapters["gist"]), ccm, g, 8)
+    b = score_online(trained("gist_online", adapters["gist"]), ccm, g, 8)
+    assert abs(a[0][0][0][0] - b[0][0][0][0]) > 1e-4
+    one = [Group(x.id, x.chunks[:1], x.queries) for x in g]  # one chunk: both layouts are the same computation
+    a = score_online(trained("gist", adapters["gist"]), ccm, one, 2)
+    b = score_online(trained("gist_online", adapters["gist"]), ccm, one, 2)
+    assert abs(a[0][0][0][0] - b[0][0][0][0]) < 1e-5
+
+
+@pytest.mark.skipif(default_kvpress_python() is None, reason="needs the kvpress environment (make kvpress-env)")
+def test_kvpress_full_budget_equals_full_context(tmp_path, monkeypatch):
+    """Across the environment boundary: a press whose budget keeps every token scores exactly like full context,
+    and a smaller budget leaves exactly that many tokens in the cache."""
+    monkeypatch.setenv("CCMEM_CACHE", str(tmp_path))
+    model = tiny_model(seed=0)
+    groups = TinySuite().groups(4)
+    d = export_reference(model, "tiny")
+    lens = [sum(map(len, g.chunks)) for g in groups]
+    full_jobs = [(4, groups, max(lens))]
+    ps, held = run_kvpress(default_kvpress_python(), d, ["snapkv", "knorm"], full_jobs)
+    ccm = tiny_ccm(seed=0)
+    ref = score_online(FullContext("full", "", "reference"), ccm, groups, 0)
+    for p in ("snapkv", "knorm"):
+        assert held[p][4] == lens
+        diff = max(abs(x[0] - y[0]) for ga, gb in zip(ps[p][4], ref) for qa, qb in zip(ga, gb)
+                   for x, y in zip(qa, qb))
+        assert diff < 1e-4, diff
+    ps, held = run_kvpress(default_kvpress_python(), d, ["snapkv", "streamingllm", "knorm"], [(4, groups, 5)])
+    for p in ("snapkv", "streamingllm", "knorm"):
+        assert held[p][4] == [5, 5, 5]
+        assert ps[p][4] != ref
+
+
+def test_raw_context_session_equals_plain_forward():
+    """add_raw (the full-context and window baselines in session form) is exactly the causal model on the text."""
+    import torch
+
+    ccm = tiny_ccm(seed=0)
+    s = ccm.session()
+    s.add_raw([5, 6, 7])
+    s.add_raw([8, 9])
+    online, _ = s.logits([10, 11])
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    plain = ccm.parallel_forward(ids, torch.ones_like(ids)).logits[:, -2:]
+    torch.testing.assert_close(online, plain, atol=1e-5, rtol=0)
+    assert s.memory.num_slots == 5 and int(s.memory.offset) == 5
+    # forks score like the original row and leave it untouched
+    f = s.fork(3)
+    sc = f.score([[10], [10], [12]], [[11], [11], [13]])
+    assert float(sc.logprob[0]) == pytest.approx(float(sc.logprob[1]))
+    assert float(sc.logprob[0]) == pytest.approx(float(s.score([10], [11]).logprob[0]), abs=1e-5)
+    f.add_context([[3, 4], [3, 4], [3, 4]])
+    assert s.memory.num_slots == 5 and f.memory.num_slots == 7
+
+
+def test_raw_context_refused_by_a_merge_memory():
+    from ccmem import ConfigError
+
+    s = tiny_ccm(variant="merge_recur", seed=0).session()
+    with pytest.raises(ConfigError, match="concat memory"):
+        s.add_raw([5, 6, 7])
