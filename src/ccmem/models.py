@@ -63,6 +63,13 @@ def default_model_path() -> Path:
     return target
 
 
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> Any:
+    """The tokenizer alone (suites need token ids before any model is loaded)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_path() if name_or_path == DEFAULT_MODEL else name_or_path)
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | None = None
                ) -> tuple[Any, Any]:
     """(model, tokenizer) for ``"smollm2"`` (the embedded default), a local folder or a hub id."""

@@ -177,6 +177,9 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
     def run_method(m: Method, ccm: Any) -> None:
         for t in tqdm(ts, desc=m.name, disable=not progress):
             g, b = groups[t], budgets[t]
+            if isinstance(m, NoContext) and t != ts[0] and _same_queries(g, groups[ts[0]]):
+                scores[(m.name, t)] = scores[(m.name, ts[0])]  # no context and the same queries: same scores
+                continue
             if mode == "parallel":
                 scores[(m.name, t)] = score_parallel(m, ccm, g, b, cfg.batch_size)
             else:
@@ -243,6 +246,13 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
             "methods": [{"name": m.name, "label": m.label, "kind": m.kind, "adapter": m.adapter,
                          "peer": m.peer if m.kind == "trained" else None} for m in methods],
             "bytes_per_slot": per_slot, "config": {**asdict(cfg), **suite.describe(), "ts": ts}}
+
+
+def _same_queries(a: list[Group], b: list[Group]) -> bool:
+    return len(a) == len(b) and all(
+        len(x.queries) == len(y.queries)
+        and all(p.input == q.input and p.targets == q.targets for p, q in zip(x.queries, y.queries))
+        for x, y in zip(a, b))
 
 
 def _file_hash(path: str | None) -> str:
@@ -335,7 +345,7 @@ def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str 
               command: str | None = None, **cfg_kw: Any) -> tuple[dict[str, Any], list[Path]]:
     """``ccmem eval``: build a named suite on the default model, run every method whose adapter exists, write the
     JSON / markdown / PNG reports. Missing adapters are listed in the report's notes, never silently dropped."""
-    from ..models import load_model
+    from ..models import load_tokenizer
 
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; known: {sorted(SUITES)}")
@@ -345,7 +355,7 @@ def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str 
     notes = [f"{k}: adapter {v} not found, method skipped" for k, v in wanted.items() if k not in present]
     cfg = EvalConfig(base_adapter=d["base_adapter"], adapters=present,
                      peers={k: v for k, v in d["peers"].items() if v in present}, **cfg_kw)
-    _, tok = load_model(cfg.model, device="cpu") if cfg.model == "smollm2" else load_model(cfg.model)
+    tok = load_tokenizer(cfg.model)
     if suite == "chitchat":
         from .suites import ChitchatSuite
 
@@ -353,7 +363,7 @@ def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str 
     else:
         from .suites import IclSuite
 
-        s = IclSuite(tok, items=limit or 60, **({"ts": ts} if ts else {}))
+        s = IclSuite(tok, items=limit or 30, **({"ts": ts} if ts else {}))
     res = evaluate(s, cfg)
     res["notes"] = notes + res["notes"]
     res["title"] = d["title"]
