@@ -95,24 +95,47 @@ def plot(path: Path, rows: list[dict], methods: list[dict], metric: str, ts: lis
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 5.5))
     styles = {"reference": ":", "trained": "-", "training-free": "--"}
-    for m in methods:
+    colors = plt.get_cmap("tab20").colors
+    for i, m in enumerate(methods):  # one colour per method, the same in both panels
         mr = sorted((r for r in rows if r["method"] == m["name"] and r.get(metric) is not None),
                     key=lambda r: r["t"])
         if not mr:
             continue
+        kw = {"color": colors[(2 * i) % 20 + (i // 10) % 2], "marker": "o", "label": m["label"]}
         ls = styles.get(m["kind"], "-")
-        a.plot([r["t"] for r in mr], [r[metric] for r in mr], ls, marker="o", label=m["label"])
+        a.plot([r["t"] for r in mr], [r[metric] for r in mr], ls, **kw)
         if m["name"] != "none":
-            b.plot([max(r["kv_kib"], 1e-1) for r in mr], [r[metric] for r in mr], ls, marker="o", label=m["label"])
+            b.plot([max(r["kv_kib"], 1e-1) for r in mr], [r[metric] for r in mr], ls, **kw)
     a.set(xlabel="time step t (context chunks)", ylabel=metric, title="quality per time step")
     a.set_xscale("log", base=2)
     a.set_xticks(ts, [str(t) for t in ts])
     b.set(xscale="log", xlabel="KV memory held for the context (KiB)", ylabel=metric,
           title="quality vs memory (one point per t)")
     a.legend(fontsize=7)
+    if methods and any(r["method"] == "none" for r in rows):
+        none = [r[metric] for r in rows if r["method"] == "none"]
+        b.axhline(sum(none) / len(none), color="grey", lw=0.8, ls=":", label="no context (mean)")
+    b.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def rerender(path: str | Path) -> list[Path]:
+    """Re-write the markdown table and the plot of a results JSON (e.g. after a change of plot style), from the
+    file alone: ``python -m ccmem.evaluation.report benchmarks/results/eval_icl.json``."""
+    path = Path(path)
+    res = json.loads(path.read_text())
+    metric = "ppl" if res["config"].get("suite") == "chitchat" else "acc_norm"
+    higher = metric != "ppl"
+    return write(path.parent, path.stem, res, res["methods"], metric, higher)
+
+
+if __name__ == "__main__":
+    import sys
+
+    for p in sys.argv[1:]:
+        print(*rerender(p))
