@@ -50,7 +50,7 @@ eval-icl: setup kvpress-env
 	$(VENV)/bin/ccmem eval --suite icl
 
 eval-chitchat: setup kvpress-env
-	$(VENV)/bin/ccmem eval --suite chitchat --limit 48
+	$(VENV)/bin/ccmem eval --suite chitchat --limit 40
 
 clean:
 	rm -rf $(VENV) $(KVPRESS_VENV) build *.egg-info src/*.egg-info

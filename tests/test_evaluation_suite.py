@@ -10,7 +10,7 @@ from conftest import tiny_ccm, tiny_model
 
 from ccmem.evaluation import EvalConfig, Group, IclSuite, Query, Suite, evaluate, headline
 from ccmem.evaluation.methods import FullContext
-from ccmem.evaluation.report import write
+from ccmem.evaluation.report import rerender, write
 from ccmem.evaluation.runner import default_kvpress_python, export_reference, run_kvpress, score_online
 
 VARIANTS = {"ccm_concat": "concat_recur", "ccm_merge": "merge_recur", "concat_nr": "concat", "merge_nr": "merge",
@@ -77,7 +77,11 @@ def test_every_method_runs_and_modes_agree(adapters, mode, tmp_path, monkeypatch
     res.update(title="tiny", command="pytest", headline=headline(res, "acc_norm", "acc", min_t=2))
     paths = write(tmp_path, "tiny", res, res["methods"], "acc_norm", True)
     assert all(p.stat().st_size > 0 for p in paths)
-    assert "| t |" in paths[1].read_text()
+    md = paths[1].read_text()
+    assert "| t |" in md
+    res["config"]["suite"] = "icl"  # re-rendering from the JSON alone gives the same table
+    paths[0].write_text(__import__("json").dumps(res))
+    assert rerender(paths[0])[1].read_text() == md
 
 
 def test_gisting_online_differs_from_gisting(adapters, tmp_path, monkeypatch):

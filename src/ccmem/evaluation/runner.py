@@ -162,7 +162,7 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
 
     methods = methods_for(cfg)
     for name, path in cfg.adapters.items():
-        if name.startswith("ccm_concat") and name == "ccm_concat":
+        if name == "ccm_concat":  # the training-free budget follows CCM-concat's n_tok
             _, header = CompressedModel.read_adapter(path)
             cfg.n_tok = header["compression"]["n_tok"]
     ts = list(suite.ts)
