@@ -118,6 +118,9 @@ def plot(path: Path, rows: list[dict], methods: list[dict], metric: str, ts: lis
         none = [r[metric] for r in rows if r["method"] == "none"]
         b.axhline(sum(none) / len(none), color="grey", lw=0.8, ls=":", label="no context (mean)")
     b.legend(fontsize=7)
+    if metric == "ppl":  # perplexities span orders of magnitude when a method breaks down
+        a.set_yscale("log")
+        b.set_yscale("log")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
