@@ -302,16 +302,16 @@ class IclFormat:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tok = tokenizer
-        self.newline = self._ids("\n")
+        self.newline = self.ids("\n")
 
-    def _ids(self, s: str) -> list[int]:
+    def ids(self, s: str) -> list[int]:
         return self.tok(s, add_special_tokens=False)["input_ids"]
 
     def query(self, e: Example) -> list[int]:
-        return self._ids(f"Input: {e.x}\nOutput:")
+        return self.ids(f"Input: {e.x}\nOutput:")
 
     def option(self, y: str) -> list[int]:
-        return self._ids(f" {y}")
+        return self.ids(f" {y}")
 
     def demo(self, e: Example) -> list[int]:
         return self.query(e) + self.option(e.y) + self.newline

@@ -98,7 +98,7 @@ class IclSuite(Suite):
         all_tasks = tasks if tasks is not None else build_tasks()
         self.tasks = {n: all_tasks[n] for n in (TEST_TASKS if tasks is None else all_tasks)}
         self.splits = {n: split_task(t, k=max(self.ts), seed=seed) for n, t in self.tasks.items()}
-        self.calib_input = self.fmt._ids("Output:")
+        self.calib_input = self.fmt.ids("Output:")
 
     def groups(self, t: int) -> list[Group]:
         out = []
