@@ -67,15 +67,3 @@ def test_budget_episodes_keep_the_window_and_the_sink():
     assert budget_episode(ep, 20, sink=True).chunks == [[1, 2, 3, 4, 5, 6, 7, 8]]
     assert budget_episode(ep, 0, sink=True).chunks == []
     assert budget_episode(ep, 4, sink=True).input == [9] and budget_episode(ep, 4, sink=True).output == [10]
-
-
-def test_online_agreement_is_tiny_for_every_variant():
-    from conftest import tiny_ccm
-
-    from ccmem.data import Episode
-    from ccmem.evaluation import online_agreement
-
-    for variant in ("concat_recur", "merge_recur", "concat", "merge"):
-        ccm = tiny_ccm("llama", variant)
-        eps = [Episode([[5, 6, 7], [8, 9]], [10, 11], [12, 13]), Episode([[20]], [21], [22])]
-        assert online_agreement(ccm, eps) < 1e-4

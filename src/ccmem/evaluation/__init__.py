@@ -8,7 +8,6 @@ from .core import (
     bytes_per_slot,
     context_slots,
     gap_recovered,
-    online_agreement,
     option_logliks,
     perplexity,
     strip_eos,
@@ -19,6 +18,6 @@ from .suites import ChitchatSuite, Group, IclSuite, Query, Suite
 
 __all__ = [
     "PPL", "ChitchatSuite", "EvalConfig", "Group", "IclSuite", "Method", "Query", "Suite", "budget_episode",
-    "bytes_per_slot", "context_slots", "evaluate", "gap_recovered", "headline", "online_agreement",
+    "bytes_per_slot", "context_slots", "evaluate", "gap_recovered", "headline",
     "option_logliks", "perplexity", "press", "score_online", "score_parallel", "strip_eos", "trained",
 ]

@@ -110,22 +110,3 @@ def budget_episode(ep: Episode, budget: int, sink: bool) -> Episode:
     else:
         kept = ctx[max(0, len(ctx) - budget):]
     return Episode([kept] if kept else [], ep.input, ep.output, ep.options, ep.answer, ep.id, dict(ep.meta))
-
-
-@torch.no_grad()
-def online_agreement(ccm, episodes: Sequence[Episode]) -> float:
-    """Max |logit difference| between the parallel forward and the online loop on ``episodes`` (one at a time)."""
-    from ..sequence import episode_ids, pad_batch
-
-    worst = 0.0
-    ccm.model.eval()
-    for ep in episodes:
-        s = ccm.session()
-        for c in ep.chunks:
-            s.add_context(c)
-        tail = ep.input + ep.output
-        online, _ = s.logits(tail)
-        ids, am = pad_batch([episode_ids(ep.chunks, tail, ccm.tokens, ccm.config.variant)], 0)
-        par = ccm.parallel_forward(ids.to(ccm.device), am.to(ccm.device)).logits
-        worst = max(worst, float((par[0, -len(tail):] - online[0, :len(tail)]).abs().max()))
-    return worst
