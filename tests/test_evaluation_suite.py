@@ -46,6 +46,8 @@ def adapters(tmp_path_factory):
         tiny_ccm(variant=variant, seed=0).save_pretrained(d / name)
         out[name] = str(d / name)
     out["gist_online"] = out["gist"]
+    tiny_ccm(variant="concat_recur", seed=0, raw_tail=1).save_pretrained(d / "tail")
+    out["ccm_concat_tail"] = str(d / "tail")
     return out
 
 
@@ -68,6 +70,9 @@ def test_every_method_runs_and_modes_agree(adapters, mode, tmp_path, monkeypatch
     # KV accounting: concat grows n per step, merge and gist hold n, window/presses hold the budget
     for t in (1, 2, 4):
         assert by[(t, "ccm_concat")]["kv_slots"] == 2 * t
+        # the raw tail holds the newest chunk's tokens (3..6 in TinySuite) instead of its 2 slots
+        tail = [len(g.chunks[-1]) for g in TinySuite().groups(t)]
+        assert by[(t, "ccm_concat_tail")]["kv_slots"] == 2 * (t - 1) + sum(tail) / len(tail)
         assert by[(t, "ccm_merge")]["kv_slots"] == by[(t, "gist")]["kv_slots"] == 2
         assert by[(t, "window")]["kv_slots"] == 2 * t == by[(t, "streamingllm")]["kv_slots"]
         assert by[(t, "gist")]["peak_kv_kib"] > by[(t, "gist")]["kv_kib"]

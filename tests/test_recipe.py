@@ -58,3 +58,32 @@ def test_two_stage_recipe_through_the_cli(tmp_path, tiny_folder):
                  f"train.output_dir={tmp_path}/r2", f"base_adapter={tmp_path}/stage1", f"output={tmp_path}/concat",
                  "--device", "cpu"]) == 0
     assert json.loads((tmp_path / "concat" / "train_summary.json").read_text())["steps"] == 4
+
+
+def test_mix_source_and_dialog_cuts():
+    """``data.source: mix`` interleaves its parts in the ratio of their sizes; ``cut: end`` trains each dialog at
+    its natural end, ``cut: uniform`` at every t."""
+    from ccmem.data import DialogEpisodes, Mixture
+    from ccmem.errors import ConfigError
+    from ccmem.models import load_tokenizer
+    from ccmem.recipe import build_data
+
+    tok = load_tokenizer()
+    chit = {"source": "chitchat", "eval_dialogs": 3, "cut": "end"}
+    icl = {"source": "icl", "train_episodes": 40, "eval_episodes": 2}
+    train, val, report = build_data(tok, {"source": "mix", "parts": [chit, icl]}, seed=0)
+    assert isinstance(train, Mixture) and len(val) == 5
+    n_chit = len(train.parts[0])
+    assert len(train) == n_chit + 40 and n_chit > 2000
+    assert any(k.startswith("icl: task") for k in report) and any(k.startswith("chitchat: ") for k in report)
+    dialogs = train.parts[0].dialogs
+    assert train.get(0).id == f"{dialogs[0].id}:{len(dialogs[0].turns)}"  # the natural end
+    assert train.get(n_chit + 3).meta["task"]  # an ICL episode
+    uniform = DialogEpisodes(dialogs, train.parts[0].fmt, seed=0)
+    ks = {int(uniform.get(i, e).id.rsplit(":", 1)[1]) for i in range(len(dialogs)) for e in range(2)
+          if len(dialogs[i].turns) == 10}
+    assert ks == set(range(3, 11))
+    with pytest.raises(ConfigError, match="parts"):
+        build_data(tok, {"source": "mix"}, seed=0)
+    with pytest.raises(ValueError, match="cut"):
+        DialogEpisodes(dialogs, train.parts[0].fmt, cut="middle")

@@ -23,6 +23,8 @@ class CompressionConfig:
     n_tok: ⟨COMP⟩ tokens written per chunk. Merge variants also reserve ``n_tok`` SUM placeholders.
     sink: keep the first token of the session as an attention sink that every later token can see.
     conditional: apply the LoRA delta only at ⟨COMP⟩/SUM rows (the method); ``False`` is the plain-LoRA ablation.
+    raw_tail: the newest ``raw_tail`` chunks stay as raw tokens, read with the input; a chunk is compressed only
+        when it leaves this tail (the last turn usually matters most, and a window keeps it verbatim).
     """
 
     variant: str = "concat_recur"
@@ -32,6 +34,7 @@ class CompressionConfig:
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
+    raw_tail: int = 0
     target_modules: tuple[str, ...] = field(default_factory=lambda: DEFAULT_TARGETS)
 
     def __post_init__(self) -> None:
@@ -49,6 +52,10 @@ class CompressionConfig:
             raise ConfigError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if not isinstance(self.raw_tail, int) or isinstance(self.raw_tail, bool) or self.raw_tail < 0:
+            raise ConfigError(f"raw_tail must be a non-negative integer (chunks kept raw), got {self.raw_tail!r}")
+        if self.raw_tail and self.variant == "gist":
+            raise ConfigError("raw_tail needs an online variant; gist recompresses the whole history every step")
         if not self.target_modules:
             raise ConfigError("target_modules is empty; the default is q_proj, k_proj, v_proj, o_proj")
 

@@ -2,13 +2,16 @@
 
 Layout along the slot axis: ``[sink (optional) | slots]``. Concat variants append n slots per step; merge variants
 keep n slots holding the running mean of h(1..t). Each batch row has its own valid-slot mask, step count and
-position offset (the number of text tokens it has processed), so rows may receive different numbers of chunks.
+position offset (the number of text tokens it has compressed), so rows may receive different numbers of chunks.
+With ``raw_tail=k`` the newest k chunks of each row wait, as token ids, in ``tail``; they are read as raw text in
+front of every input (their keys/values are recomputed on top of the current memory, which is what the parallel
+layout computes) and compressed when they leave the tail.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +33,11 @@ class CompressedMemory:
     has_sink: bool
     config: CompressionConfig
     fingerprint: dict[str, Any]
+    tail: list[list[list[int]]] = field(default_factory=list)  # per row, the raw chunks not yet compressed
+
+    def __post_init__(self) -> None:
+        if not self.tail:
+            self.tail = [[] for _ in range(self.valid.shape[0])]
 
     @classmethod
     def empty(cls, batch_size: int, fingerprint: dict[str, Any], config: CompressionConfig,
@@ -65,6 +73,18 @@ class CompressedMemory:
     def nbytes(self) -> int:
         """Bytes of all key/value tensors held."""
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def tail_tokens(self) -> list[int]:
+        """Raw tail tokens per row (read uncompressed in front of every input)."""
+        return [sum(len(c) for c in row) for row in self.tail]
+
+    def tail_ids(self, b: int) -> list[int]:
+        return [t for c in self.tail[b] for t in c]
+
+    @property
+    def kv_bytes(self) -> int:
+        """Key/value bytes of the context as the model reads it: the memory tensors plus the raw tail's tokens."""
+        return self.nbytes + sum(self.tail_tokens()) * self.bytes_per_slot()
 
     def bytes_per_slot(self) -> int:
         k = self.keys[0]
@@ -142,7 +162,8 @@ class CompressedMemory:
         return CompressedMemory(
             keys=[k.expand(n, -1, -1, -1) for k in self.keys], values=[v.expand(n, -1, -1, -1) for v in self.values],
             valid=self.valid.expand(n, -1), offset=self.offset.expand(n), steps=self.steps.expand(n),
-            has_sink=self.has_sink, config=self.config, fingerprint=dict(self.fingerprint))
+            has_sink=self.has_sink, config=self.config, fingerprint=dict(self.fingerprint),
+            tail=[[list(c) for c in self.tail[0]] for _ in range(n)])
 
     # ---------------------------------------------------------------- files
     def save(self, path: str | os.PathLike) -> None:
@@ -152,7 +173,7 @@ class CompressedMemory:
             tensors[f"k.{i}"] = k
             tensors[f"v.{i}"] = v
         header = {"format_version": io.FORMAT_VERSION, "kind": "memory", "compression": self.config.to_dict(),
-                  "base": self.fingerprint, "has_sink": self.has_sink}
+                  "base": self.fingerprint, "has_sink": self.has_sink, "tail": self.tail}
         io.save_checked(path, tensors, header)
 
     @classmethod
@@ -176,4 +197,17 @@ class CompressedMemory:
             has_sink=bool(header["has_sink"]),
             config=CompressionConfig.from_dict(header["compression"]),
             fingerprint=header["base"],
+            tail=_tail(header.get("tail"), tensors["valid"].shape[0], path),
         )
+
+
+def _tail(raw: Any, rows: int, path: Any) -> list[list[list[int]]]:
+    """The raw tail from a memory file's header, checked (files older than raw tails have none)."""
+    if raw is None:
+        return [[] for _ in range(rows)]
+    ok = isinstance(raw, list) and len(raw) == rows and all(
+        isinstance(r, list) and all(isinstance(c, list) and all(isinstance(t, int) for t in c) for c in r)
+        for r in raw)
+    if not ok:
+        raise IncompatibleError(f"{path}: the memory header's raw tail is malformed; the file is damaged")
+    return raw

@@ -188,8 +188,8 @@ class CompressedModel:
 
     def check_config(self, other: dict[str, Any], what: str) -> None:
         mine = self.config.to_dict()
-        keys = ("variant", "n_tok", "sink")
-        bad = [k for k in keys if other.get(k) != mine[k]]
+        keys = ("variant", "n_tok", "sink", "raw_tail")
+        bad = [k for k in keys if other.get(k, 0 if k == "raw_tail" else None) != mine[k]]
         if bad:
             diffs = ", ".join(f"{k}: file {other.get(k)!r} vs model {mine[k]!r}" for k in bad)
             raise IncompatibleError(

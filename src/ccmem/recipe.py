@@ -108,11 +108,40 @@ def icl_data(tok: Any, d: dict, seed: int):
     return train, list(val_src), Counter({f"task {n}": len(t.examples) for n, t in train_tasks.items()})
 
 
+def build_data(tok: Any, d: dict, seed: int):
+    """(train source, validation episodes, data report) of a recipe's ``data`` section. ``source: mix`` takes
+    ``parts``, a list of data sections, and mixes them in the ratio of their sizes."""
+    from collections import Counter
+
+    from .data import DialogEpisodes, Mixture
+
+    source = d.get("source")
+    if source == "chitchat":
+        splits, fmt, report = chitchat_splits(tok, d)
+        train = DialogEpisodes(splits["train"], fmt, seed=seed, cut=d.get("cut", "uniform"))
+        val = [fmt.episode(x, len(x.turns)) for x in splits["validation"][: d.get("eval_dialogs", 64)]]
+        return train, val, report
+    if source == "text":
+        return text_data(tok, d, seed)
+    if source == "icl":
+        return icl_data(tok, d, seed)
+    if source == "mix":
+        parts, vals, report = [], [], Counter()
+        for part in d.get("parts") or []:
+            tr, va, rep = build_data(tok, part, seed)
+            parts.append(tr)
+            vals += va
+            report.update({f"{part.get('source')}: {k}": v for k, v in rep.items()})
+        if not parts:
+            raise ConfigError("data.source 'mix' needs data.parts, a list of data sections")
+        return Mixture(parts), vals, report
+    raise ConfigError(f"unknown data source {source!r}; known: chitchat, text, icl, mix")
+
+
 def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
     """Train the adapter a recipe describes; returns the adapter folder."""
     import torch
 
-    from .data import DialogEpisodes
     from .model import CompressedModel
     from .training import TrainConfig, Trainer
 
@@ -124,17 +153,7 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
     model, tok = prepare_model(cfg["model"], cfg.get("base_adapter"),
                                device=device or ("cuda" if torch.cuda.is_available() else None))
     ccm = CompressedModel.attach(model, comp, tokenizer=tok)
-    source = cfg["data"]["source"]
-    if source == "chitchat":
-        splits, fmt, report = chitchat_splits(tok, cfg["data"])
-        train = DialogEpisodes(splits["train"], fmt, seed=tcfg.seed)
-        val = [fmt.episode(d, len(d.turns)) for d in splits["validation"][: cfg["data"].get("eval_dialogs", 64)]]
-    elif source == "text":
-        train, val, report = text_data(tok, cfg["data"], tcfg.seed)
-    elif source == "icl":
-        train, val, report = icl_data(tok, cfg["data"], tcfg.seed)
-    else:
-        raise ConfigError(f"unknown data source {source!r}; known: chitchat, text, icl")
+    train, val, report = build_data(tok, cfg["data"], tcfg.seed)
     out = Path(cfg.get("output") or Path(tcfg.output_dir) / "adapter")
     log = Path(tcfg.output_dir) / "train_log.jsonl"
     log.parent.mkdir(parents=True, exist_ok=True)

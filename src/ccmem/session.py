@@ -42,6 +42,7 @@ class StepReport:
     tokens: list[int]
     slots: list[int]
     memory_bytes: int
+    tail_tokens: list[int] | None = None  # raw-tail tokens per row (raw_tail > 0), counted in memory_bytes
 
 
 @dataclass
@@ -131,10 +132,14 @@ class Session:
         out = self.ccm.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
         return out.logits, out.cache, kv
 
-    def _batch(self, rows: list[list[int] | None], suffix: list[int] = ()) -> tuple[torch.Tensor, ...]:
-        """Right-padded ids + ``suffix`` (e.g. the ⟨COMP⟩ group) at a common index, with validity and positions."""
+    def _batch(self, rows: list[list[int] | None], suffix: list[int] = (), tail: bool = True
+               ) -> tuple[torch.Tensor, ...]:
+        """Right-padded ids + ``suffix`` (e.g. the ⟨COMP⟩ group) at a common index, with validity and positions.
+        ``tail``: put each row's raw-tail tokens in front of its ids (inputs read on top of the memory)."""
         dev = self.ccm.device
         filled = [r if r is not None else [] for r in rows]
+        if tail:
+            filled = [self.memory.tail_ids(b) + r for b, r in enumerate(filled)]
         ids, valid = pad_batch(filled, pad_id=0, side="right")
         if suffix:
             active = torch.tensor([r is not None for r in rows], dtype=torch.long)[:, None]
@@ -149,12 +154,31 @@ class Session:
     # ---------------------------------------------------------------- public API
     @_grad_mode
     def add_context(self, chunks: Any) -> StepReport:
-        """Compress one chunk per row into memory (None skips a row): h(t) = g(Mem(t-1), c(t))."""
+        """Compress one chunk per row into memory (None skips a row): h(t) = g(Mem(t-1), c(t)).
+
+        With ``raw_tail=k`` the chunk first joins the row's raw tail; the chunk that leaves the tail (the row's
+        (k+1)-th newest) is the one compressed."""
         rows = self._rows(chunks, allow_none=True)
         if all(r is None for r in rows):
             raise InputError("every row is None; nothing to compress")
+        k, mem = self.ccm.config.raw_tail, self.memory
+        if k:
+            leaving: list[list[int] | None] = []
+            for b, r in enumerate(rows):
+                if r is not None:
+                    mem.tail[b] = mem.tail[b] + [r]  # a new list: forks share nothing mutable
+                leaving.append(mem.tail[b][0] if len(mem.tail[b]) > k else None)
+                if leaving[-1] is not None:
+                    mem.tail[b] = mem.tail[b][1:]
+            rows = leaving
+        if any(r is not None for r in rows):
+            self._compress(rows)
+        return StepReport(tokens=[len(r) if r else 0 for r in rows], slots=mem.slots_per_row(),
+                          memory_bytes=mem.kv_bytes, tail_tokens=mem.tail_tokens())
+
+    def _compress(self, rows: list[list[int] | None]) -> None:
         mem, cfg = self.memory, self.ccm.config
-        ids, valid, pos, lens = self._batch(rows, suffix=self.ccm.tokens.comp_ids)
+        ids, valid, pos, lens = self._batch(rows, suffix=self.ccm.tokens.comp_ids, tail=False)
         active = torch.tensor([r is not None for r in rows], device=ids.device)
         visible = mem.valid if cfg.recurrent else mem.valid & mem.sink_slots()[None]
         _, cache, _ = self._run(mem.to_cache(), visible, ids, valid, pos)
@@ -166,8 +190,6 @@ class Session:
                 mem.add_sink([la.keys[:, :, m:m + 1] for la in layers], [la.values[:, :, m:m + 1] for la in layers],
                              first)
         mem.add_step([la.keys[:, :, -n:] for la in layers], [la.values[:, :, -n:] for la in layers], active, lens)
-        return StepReport(tokens=[len(r) if r else 0 for r in rows], slots=mem.slots_per_row(),
-                          memory_bytes=mem.nbytes)
 
     @_grad_mode
     def add_raw(self, chunks: Any) -> StepReport:
@@ -176,13 +198,15 @@ class Session:
         rows = self._rows(chunks, allow_none=True)
         if self.ccm.config.merging:
             raise ConfigError("add_raw needs a concat memory; a merge memory averages its slots")
-        ids, valid, pos, lens = self._batch(rows)
+        if any(self.memory.tail):
+            raise ConfigError("add_raw cannot follow chunks waiting in the raw tail; use add_context")
+        ids, valid, pos, lens = self._batch(rows, tail=False)
         _, cache, _ = self._run(self.memory.to_cache(), self.memory.valid, ids, valid, pos)
         m = self.memory.num_slots
         self.memory.add_raw([la.keys[:, :, m:] for la in cache.layers], [la.values[:, :, m:] for la in cache.layers],
                             valid.bool(), lens)
         return StepReport(tokens=[len(r) if r else 0 for r in rows], slots=self.memory.slots_per_row(),
-                          memory_bytes=self.memory.nbytes)
+                          memory_bytes=self.memory.kv_bytes)
 
     def fork(self, n: int) -> Session:
         """A new session of ``n`` rows, each starting from this single-row session's memory (the memory tensors are
@@ -198,6 +222,13 @@ class Session:
         rows = self._rows(inputs)
         ids, valid, pos, _ = self._batch(rows)
         logits, _, _ = self._run(self.memory.to_cache(), self.memory.valid, ids, valid, pos)
+        skip = self.memory.tail_tokens()
+        if any(skip):  # drop the raw tail's positions: the caller asked about its own tokens only
+            width = max(len(r) for r in rows)
+            idx = torch.tensor([[min(s + j, ids.shape[1] - 1) for j in range(width)] for s in skip],
+                               device=logits.device)
+            logits = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))
+            valid = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=valid.device)
         return logits, valid
 
     @_grad_mode

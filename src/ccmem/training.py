@@ -8,6 +8,7 @@ state as a loadable adapter plus optimizer, scheduler and RNG states.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -38,6 +39,7 @@ class TrainConfig:
     batch_size: int = 4  # per device, per micro-batch
     grad_accum: int = 1
     lr: float = 3e-4
+    emb_lr: float | None = None  # learning rate of the ⟨COMP⟩ embeddings (None: the same as lr)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
@@ -73,14 +75,20 @@ class Source:
         return self.data.get(i, epoch) if hasattr(self.data, "get") else self.data[i]
 
 
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The data order of one epoch, computed once per epoch (a batch rarely spans more than two)."""
+    perm = list(range(n))
+    random.Random(f"{seed}:perm:{epoch}").shuffle(perm)
+    return tuple(perm)
+
+
 def global_batch(step: int, n: int, size: int, seed: int) -> list[tuple[int, int]]:
     """(index, epoch) pairs of the global batch of ``step``: consecutive slices of per-epoch permutations."""
     out = []
     for p in range(step * size, (step + 1) * size):
         epoch, pos = divmod(p, n)
-        perm = list(range(n))
-        random.Random(f"{seed}:perm:{epoch}").shuffle(perm)
-        out.append((perm[pos], epoch))
+        out.append((epoch_permutation(n, seed, epoch)[pos], epoch))
     return out
 
 
@@ -96,12 +104,16 @@ class Trainer:
         self.train = Source(train_data)
         self.eval_data = list(eval_data or [])
         mode = "compress" if config.mode == "compress" else "full"
-        self.collate = Collator(ccm.tokens, ccm.config.variant, mode=mode, pad_id=pad_id, max_length=config.max_length)
+        self.collate = Collator(ccm.tokens, ccm.config.variant, mode=mode, pad_id=pad_id, max_length=config.max_length,
+                               raw_tail=ccm.config.raw_tail)
         self.on_log = on_log
         if config.gradient_checkpointing:
             ccm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        params = ccm.trainable_parameters()
-        self.opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        named = ccm.trainable_named_parameters()
+        emb = [p for n, p in named.items() if n == "comp_embedding"]
+        rest = [p for n, p in named.items() if n != "comp_embedding"]
+        groups = [{"params": rest}, {"params": emb, "lr": config.emb_lr or config.lr}]
+        self.opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         from transformers import get_cosine_schedule_with_warmup
 
         warm = math.ceil(config.warmup_ratio * config.max_steps)

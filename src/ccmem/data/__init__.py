@@ -1,7 +1,7 @@
 """Data: one episode schema, the sources that produce it, and the collator that lays episodes out for training."""
 
 from .collate import Collator, lm_loss
-from .dialog import Dialog, DialogEpisodes, DialogFormat, split_dialogs
+from .dialog import Dialog, DialogEpisodes, DialogFormat, Mixture, split_dialogs
 from .episode import Episode
 from .hub import (
     LAMP2_LABELS,
@@ -23,6 +23,7 @@ __all__ = [
     "DialogFormat",
     "Episode",
     "LAMP2_LABELS",
+    "Mixture",
     "RowError",
     "clean_text",
     "lamp2_entry",

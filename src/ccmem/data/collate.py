@@ -22,16 +22,18 @@ class Collator:
     - ``none``: I, O only (the no-context baseline).
 
     ``max_length`` counts text tokens only (⟨COMP⟩ tokens excluded, as in the reference): the oldest chunks are
-    dropped until the episode fits; an episode whose I + O alone do not fit is refused.
+    dropped until the episode fits; an episode whose I + O alone do not fit is refused. ``raw_tail=k`` keeps the
+    last k chunks uncompressed, read as text just before the input (``CompressionConfig.raw_tail``).
     """
 
     def __init__(self, tokens: CompTokens | None, variant: str = "concat_recur", mode: str = "compress",
-                 pad_id: int = 0, max_length: int = 1024):
+                 pad_id: int = 0, max_length: int = 1024, raw_tail: int = 0):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         if mode == "compress" and tokens is None:
             raise ValueError("compress mode needs the model's CompTokens")
         self.tokens, self.variant, self.mode, self.pad_id, self.max_length = tokens, variant, mode, pad_id, max_length
+        self.raw_tail = raw_tail
 
     def fit(self, ep: Episode) -> Episode:
         budget = self.max_length - len(ep.input) - len(ep.output)
@@ -47,7 +49,7 @@ class Collator:
         ep = self.fit(ep)
         tail = ep.input + ep.output
         if self.mode == "compress":
-            ids = episode_ids(ep.chunks, tail, self.tokens, self.variant)
+            ids = episode_ids(*split_tail(ep.chunks, tail, self.raw_tail), self.tokens, self.variant)
         elif self.mode == "full":
             ids = [t for c in ep.chunks for t in c] + tail
         else:
@@ -60,6 +62,13 @@ class Collator:
         ids, mask = pad_batch([r[0] for r in rows], self.pad_id, side="left")
         labels, _ = pad_batch([r[1] for r in rows], IGNORE, side="left")
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def split_tail(chunks: Sequence[Sequence[int]], tail: Sequence[int], raw_tail: int
+               ) -> tuple[list[Sequence[int]], list[int]]:
+    """(chunks to compress, uncompressed tail): the last ``raw_tail`` chunks move in front of the tail."""
+    cut = max(len(chunks) - raw_tail, 0)
+    return list(chunks[:cut]), [t for c in chunks[cut:] for t in c] + list(tail)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -52,19 +52,29 @@ class DialogFormat:
         return Episode(chunks, inp, self.reply(dialog.turns[k - 1], eos), id=f"{dialog.id}:{k}")
 
 
-class DialogEpisodes:
-    """Training view of dialogs: item i at epoch e is dialog i cut to a random length k in [3, len] (drawn from an
-    RNG seeded by (seed, epoch, i), so the data order is a pure function of the step and resumes exactly)."""
+CUTS = ("uniform", "end")
 
-    def __init__(self, dialogs: Sequence[Dialog], fmt: DialogFormat, seed: int = 0, min_turns: int = 3):
+
+class DialogEpisodes:
+    """Training view of dialogs: item i at epoch e is dialog i cut to k turns. ``cut="uniform"``: k uniform in
+    [3, len], so every time step t = k - 2 of the dialog is trained equally (drawn from an RNG seeded by
+    (seed, epoch, i): the data order is a pure function of the step and resumes exactly); ``cut="end"``: the
+    dialog's natural end, k = len (only the longest recurrence of each dialog)."""
+
+    def __init__(self, dialogs: Sequence[Dialog], fmt: DialogFormat, seed: int = 0, min_turns: int = 3,
+                 cut: str = "uniform"):
+        if cut not in CUTS:
+            raise ValueError(f"cut must be one of {CUTS}, got {cut!r}")
         self.dialogs = [d for d in dialogs if len(d.turns) >= min_turns]
-        self.fmt, self.seed, self.min_turns = fmt, seed, min_turns
+        self.fmt, self.seed, self.min_turns, self.cut = fmt, seed, min_turns, cut
 
     def __len__(self) -> int:
         return len(self.dialogs)
 
     def get(self, i: int, epoch: int = 0) -> Episode:
         d = self.dialogs[i]
+        if self.cut == "end":
+            return self.fmt.episode(d, len(d.turns))
         k = random.Random(f"{self.seed}:{epoch}:{i}").randint(self.min_turns, len(d.turns))
         return self.fmt.episode(d, k)
 
@@ -78,3 +88,26 @@ def split_dialogs(dialogs: Sequence[Dialog], seed: int = 0, test: float = 0.1, v
         u = int(hashlib.sha256(f"{seed}:{d.id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
         out["test" if u < test else "validation" if u < test + val else "train"].append(d)
     return out
+
+
+class Mixture:
+    """Several indexable sources as one: item i belongs to the source whose index range holds it (so the mix ratio
+    is the ratio of the sources' sizes, and the trainer's per-epoch shuffle interleaves them)."""
+
+    def __init__(self, parts: Sequence[Any]):
+        if not parts:
+            raise ValueError("a mixture needs at least one source")
+        self.parts = list(parts)
+        self.starts = [0]
+        for p in self.parts:
+            self.starts.append(self.starts[-1] + len(p))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def get(self, i: int, epoch: int = 0) -> Episode:
+        import bisect
+
+        j = bisect.bisect_right(self.starts, i) - 1
+        part, k = self.parts[j], i - self.starts[j]
+        return part.get(k, epoch) if hasattr(part, "get") else part[k]

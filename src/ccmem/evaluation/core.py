@@ -35,7 +35,8 @@ def perplexity(ccm, episodes: Sequence[Episode], mode: str = "compress", batch_s
     """Pooled perplexity of the episodes' outputs. ``mode``: compress | full | none (see :class:`Collator`)."""
     from tqdm.auto import tqdm
 
-    collate = Collator(ccm.tokens, ccm.config.variant, mode=mode, max_length=max_length)
+    collate = Collator(ccm.tokens, ccm.config.variant, mode=mode, max_length=max_length,
+                       raw_tail=ccm.config.raw_tail)
     ccm.model.eval()
     dev = ccm.device
     nll, count = 0.0, 0
@@ -51,14 +52,17 @@ def perplexity(ccm, episodes: Sequence[Episode], mode: str = "compress", batch_s
     return PPL(nll, count)
 
 
-def context_slots(ep: Episode, method: str, n_tok: int) -> int:
-    """KV slots a method holds for the context of ``ep`` (the input itself is never compressed)."""
+def context_slots(ep: Episode, method: str, n_tok: int, raw_tail: int = 0) -> int:
+    """KV slots a method holds for the context of ``ep`` (the input itself is never compressed); a raw tail's
+    chunks count with all their tokens."""
     if method == "full":
         return sum(len(c) for c in ep.chunks)
+    cut = max(len(ep.chunks) - raw_tail, 0) if method in ("concat", "merge") else len(ep.chunks)
+    raw = sum(len(c) for c in ep.chunks[cut:])
     if method == "concat":
-        return n_tok * len(ep.chunks)
+        return raw + n_tok * cut
     if method == "merge":
-        return n_tok if ep.chunks else 0
+        return raw + (n_tok if cut else 0)
     return 0
 
 
@@ -79,7 +83,8 @@ def option_logliks(ccm, episodes: Sequence[Episode], mode: str = "compress", bat
                    max_length: int = 4096) -> tuple[list[list[float]], list[list[int]]]:
     """Summed log-likelihood and length of every answer option of every episode (``options``), each option
     scored as the output after the episode's context and input, under the parallel formulation."""
-    collate = Collator(ccm.tokens, ccm.config.variant, mode=mode, max_length=max_length)
+    collate = Collator(ccm.tokens, ccm.config.variant, mode=mode, max_length=max_length,
+                       raw_tail=ccm.config.raw_tail)
     flat = [(i, j, Episode(e.chunks, e.input, list(opt))) for i, e in enumerate(episodes)
             for j, opt in enumerate(e.options or [])]
     lls = [[0.0] * len(e.options or []) for e in episodes]

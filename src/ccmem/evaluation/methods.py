@@ -119,11 +119,14 @@ class Compressed(Method):
     merge variants, and Gisting-online (a gist adapter read under the non-recurrent concat layout)."""
 
     variant: str | None = None  # layout override (Gisting-online)
+    raw_tail: int = 0  # the adapter's raw tail: its newest chunks are held as raw tokens
 
     def slots(self, chunks, n_tok, budget):
-        if not chunks:
-            return 0
-        return n_tok if self.name.startswith(("ccm_merge", "merge")) else n_tok * len(chunks)
+        cut = max(len(chunks) - self.raw_tail, 0)
+        raw = len(flat(chunks[cut:]))
+        if not cut:
+            return raw
+        return raw + (n_tok if self.name.startswith(("ccm_merge", "merge")) else n_tok * cut)
 
     def session(self, ccm, chunks, budget):
         with variant_view(ccm, self.variant):
@@ -190,7 +193,11 @@ def trained(name: str, adapter: str, peer: str = "ccm_concat") -> Method:
     label = TRAINED_LABELS[base] + (f" [{name[len(base) + 1:]}]" if name != base else "")
     if base == "gist":
         return Gisting(name, label, "trained", adapter, peer)
-    return Compressed(name, label, "trained", adapter, peer, variant="concat" if base == "gist_online" else None)
+    from ..model import CompressedModel
+
+    tail = CompressedModel.read_adapter(adapter)[1]["compression"].get("raw_tail", 0)
+    return Compressed(name, label, "trained", adapter, peer, variant="concat" if base == "gist_online" else None,
+                      raw_tail=tail)
 
 
 def press(name: str) -> Method:
