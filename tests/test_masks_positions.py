@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ccmem.masks import comp_attention_mask, online_mask, to_additive
-from ccmem.merging import sum_average_weights
+from ccmem.merging import apply_merge, merge_plan
 from ccmem.positions import skip_position_ids
 from ccmem.tokens import CompTokens
 
@@ -293,19 +293,41 @@ def test_online_mask_small_case():
 # --- 8. SUM averaging weights ---------------------------------------------------------------------------------------
 
 
-def test_sum_average_weights_hand_written():
+def test_merge_plan_hand_written():
+    """The cumulative-sum means equal the hand-written averaging matrix (the old dense form) applied to K and V."""
     #                    0  1  2   3   4   5   6  7  8   9   10  11  12
     ids = torch.tensor([[1, 2, C0, C1, S0, S1, 3, 4, C0, C1, S0, S1, 5]])
-    expected = torch.zeros(1, 13, 13)
-    expected[0, 4, 2] = 1.0  # S0 at step 1: C0 of step 1
-    expected[0, 5, 3] = 1.0  # S1 at step 1: C1 of step 1
-    expected[0, 10, 2] = expected[0, 10, 8] = 0.5  # S0 at step 2: mean of both C0
-    expected[0, 11, 3] = expected[0, 11, 9] = 0.5  # S1 at step 2: mean of both C1
-    w = sum_average_weights(ids, MERGE_TOKENS)
-    assert w is not None
-    assert torch.equal(w, expected)
+    w = torch.zeros(1, 13, 13)
+    w[0, 4, 2] = 1.0  # S0 at step 1: C0 of step 1
+    w[0, 5, 3] = 1.0  # S1 at step 1: C1 of step 1
+    w[0, 10, 2] = w[0, 10, 8] = 0.5  # S0 at step 2: mean of both C0
+    w[0, 11, 3] = w[0, 11, 9] = 0.5  # S1 at step 2: mean of both C1
+    plan = merge_plan(ids, MERGE_TOKENS)
+    assert plan is not None and plan.length == 13
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, 2, 13, 4, generator=g), torch.randn(1, 2, 13, 4, generator=g)
+    keep = (w.sum(-1) == 0).float()[:, None, :, None]
+    mk, mv = apply_merge(k, v, plan)
+    assert torch.allclose(mk, keep * k + w[:, None] @ k, atol=1e-6)
+    assert torch.allclose(mv, keep * v + w[:, None] @ v, atol=1e-6)
+    # bf16 keys: the means are accumulated in fp32 and rounded once
+    kb = k.bfloat16()
+    assert torch.equal(apply_merge(kb, kb, plan)[0][0, :, 10], ((k[0, :, 2] + k[0, :, 8]) / 2).bfloat16())
 
 
-def test_sum_average_weights_none_without_sum_tokens():
-    assert sum_average_weights(torch.tensor([CONCAT_SEQ]), CONCAT_TOKENS) is None
-    assert sum_average_weights(torch.tensor([CONCAT_SEQ]), MERGE_TOKENS) is None
+def test_merge_plan_restarts_in_each_packed_episode():
+    one = [1, 2, C0, C1, S0, S1, 3, 4, C0, C1, S0, S1, 5]
+    two = [6, C0, C1, S0, S1, 7]
+    ids = torch.tensor([one + two])
+    seg = torch.tensor([[0] * len(one) + [1] * len(two)])
+    plan = merge_plan(ids, MERGE_TOKENS, seg)
+    k = torch.randn(1, 1, len(one) + len(two), 3)
+    out, _ = apply_merge(k, k, plan)
+    n = len(one)
+    assert torch.allclose(out[0, 0, n + 3], k[0, 0, n + 1])  # S0 of episode 2 = its own C0, not the mean of three
+    assert torch.allclose(out[0, 0, 10], (k[0, 0, 2] + k[0, 0, 8]) / 2)
+
+
+def test_merge_plan_none_without_sum_tokens():
+    assert merge_plan(torch.tensor([CONCAT_SEQ]), CONCAT_TOKENS) is None
+    assert merge_plan(torch.tensor([CONCAT_SEQ]), MERGE_TOKENS) is None

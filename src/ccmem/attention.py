@@ -1,7 +1,8 @@
 """Attention functions registered with transformers' ``AttentionInterface``: sdpa or eager plus merge averaging.
 
-Selecting ``ccmem_sdpa`` / ``ccmem_eager`` as a model's attention implementation changes one thing: when the current
-batch holds SUM tokens, their keys and values (already rotated by RoPE, already in the layer's key/value heads) are
+Selecting ``ccmem_sdpa`` / ``ccmem_eager`` as a model's attention implementation changes one thing: when the forward
+carries a :class:`~ccmem.merging.MergePlan` (keyword ``ccmem_merge``, which transformers passes down to every
+attention call), the SUM rows' keys and values (already rotated by RoPE, already in the layer's key/value heads) are
 replaced by the running mean of the matching ⟨COMP⟩ keys/values before attention is computed. Everything else is
 delegated to transformers' own sdpa function or to the model's own eager function, so no modeling file is forked.
 The mask functions are registered under the same names, so 2D padding masks keep working (e.g. in ``generate``).
@@ -17,7 +18,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-from .merging import apply_sum_average
+from .merging import MergePlan, apply_merge
 from .state import ForwardState
 
 BACKENDS = ("sdpa", "eager")
@@ -33,16 +34,20 @@ def _eager_for(module: torch.nn.Module) -> Callable:
 
 
 def _make(backend: str) -> Callable:
-    def attention(module, query, key, value, attention_mask, **kwargs):
+    def attention(module, query, key, value, attention_mask, ccmem_merge: MergePlan | None = None, **kwargs):
         state: ForwardState | None = getattr(module, STATE_ATTR, None)
-        if state is not None and state.sum_weights is not None:
-            n = state.sum_weights.shape[-1]
-            if key.shape[2] != n:
+        if ccmem_merge is not None:
+            if key.shape[2] != ccmem_merge.length:
                 raise RuntimeError(
                     "SUM tokens were fed on top of a key/value cache; merge averaging needs the whole sequence in "
                     "one forward (the parallel formulation) or the online memory's running mean"
                 )
-            key, value = apply_sum_average(key, value, state.sum_weights)
+            key, value = apply_merge(key, value, ccmem_merge)
+        elif state is not None and state.any_sum:
+            raise RuntimeError(
+                "this forward holds SUM tokens but no merge plan; run it through CompressedModel.parallel_forward "
+                "or pass **ccm.parallel_inputs(ids, mask) to the model"
+            )
         if attention_mask is not None and attention_mask.is_floating_point() and attention_mask.dtype != query.dtype:
             # under autocast the queries are bf16/fp16 while ccmem's mask was built in the weights' dtype
             attention_mask = attention_mask.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)

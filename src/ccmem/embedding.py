@@ -2,7 +2,7 @@
 
 The base table and the LM head are left exactly as they are (so the base model's weights and state dict do not
 change); ids at or past ``tokens.base`` are looked up in the new fp32 table instead. The same hook records which
-rows are special, which is how the token-gated LoRA and the merge averaging learn about the current batch.
+rows are special, which is how the token-gated LoRA learns about the current batch.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .merging import sum_average_weights
 from .state import ForwardState
 from .tokens import CompTokens
 
@@ -49,8 +48,9 @@ def attach_embedding(model: nn.Module, tokens: CompTokens, state: ForwardState, 
         special = tokens.is_special(ids)
         state.any_special = bool(special.any())
         state.gate = special.float() if conditional else None
-        state.sum_weights = sum_average_weights(ids, tokens) if state.any_special else None
+        state.any_sum = state.any_special and tokens.merging and bool(tokens.is_sum(ids).any())
         state.special = special
+        state.rows = special.reshape(-1).nonzero().squeeze(-1) if conditional and state.any_special else None
         state.slots = (ids - tokens.base).clamp(0, tokens.n_special - 1)
         return (ids.masked_fill(special, 0), *args[1:])
 

@@ -1,7 +1,8 @@
 """Token-gated (conditional) LoRA on the attention projections, attached with forward hooks.
 
 ``y = W x + g * (B A dropout(x)) * alpha / r`` where g is 1 at ⟨COMP⟩/SUM rows and 0 elsewhere, so on any input
-without ⟨COMP⟩ tokens the model is exactly the base model. With ``conditional=False`` g is 1 everywhere (plain LoRA,
+without ⟨COMP⟩ tokens the model is exactly the base model; the delta is computed on the gated rows alone (gather,
+compute, scatter-add). With ``conditional=False`` g is 1 everywhere (plain LoRA,
 the paper's ablation and the stage-1 full-context fine-tune). The base ``nn.Linear`` modules stay in place; the LoRA
 weights hang off them as a ``ccmem_lora`` child, so the base state dict keeps its keys.
 """
@@ -57,13 +58,16 @@ def attach_lora(
             setattr(lin, ATTR, lora)
 
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-            gate = state.gate
-            if gate is not None and not state.any_special:
+            lora = getattr(module, ATTR)
+            if state.gate is None:  # plain LoRA: every row
+                return out + lora(args[0]).to(out.dtype)
+            if not state.any_special:
                 return out  # no ⟨COMP⟩ row in this batch: exactly the base model, and no wasted compute
-            delta = getattr(module, ATTR)(args[0])
-            if gate is not None:
-                delta = delta * gate[..., None]
-            return out + delta.to(out.dtype)
+            # the delta of the ⟨COMP⟩/SUM rows alone: gather them, compute, scatter-add back
+            rows = state.rows
+            flat = out.reshape(-1, out.shape[-1])
+            delta = lora(args[0].reshape(-1, args[0].shape[-1]).index_select(0, rows))
+            return flat.index_add(0, rows, delta.to(out.dtype)).view_as(out)
 
         handles.append(lin.register_forward_hook(hook))
     return handles

@@ -1,8 +1,10 @@
-"""Attention masks of the parallel training forward, as pure functions of token ids.
+"""Attention masks of the parallel training forward: small rule functions of token ids, and what each backend needs.
 
-Every builder returns a boolean (B, 1, N, N) tensor, True where a query may attend to a key, with the causal and
-padding masks already applied. :func:`to_additive` turns it into the float mask transformers expects (a boolean 4D
-mask is silently wrong under eager attention). The rules follow method.md §3:
+A rule is a function ``(batch, head, q, kv) -> bool`` (transformers' ``masking_utils`` convention), combined with
+``and_masks`` / ``or_masks``. :func:`comp_mask_function` builds the rule of a batch; :func:`dense_mask` evaluates
+it into a boolean (B, 1, N, N) tensor for SDPA (:func:`to_additive` makes the float mask eager needs: a boolean 4D
+mask is silently wrong under eager attention), and the same rule can become a FlexAttention ``BlockMask``. The rules
+follow method.md §3:
 
 - ``block(x)``: how many group-ending tokens lie at or after x; blocks are delimited by the last token of a group.
 - ``concat_recur``: same block, or the key is a ⟨COMP⟩ token (all earlier memory groups).
@@ -10,18 +12,54 @@ mask is silently wrong under eager attention). The rules follow method.md §3:
 - ``concat``: same block, or (query in the final block and key is ⟨COMP⟩).
 - ``merge``: same block, or (query is SUM and key is ⟨COMP⟩), or (query in the final block and key is SUM).
 - ``gist``: the ``merge_recur`` rule on ⟨COMP⟩ ids (one group after the whole context).
+
+All of it within one episode: ``segments`` (B, N) numbers the episodes packed into a row (block-diagonal rule),
+and every rule is causal and hides padding.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from transformers.masking_utils import and_masks, causal_mask_function, or_masks, padding_mask_function
 
 from .tokens import CompTokens
+
+Rule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
     """For each position, how many marked positions lie at or after it (along the last dim)."""
     return x + x.sum(-1, keepdim=True) - x.cumsum(-1)
+
+
+def default_segments(attention_mask: torch.Tensor) -> torch.Tensor:
+    """One episode per row: segment 0 for tokens, -1 for padding."""
+    return torch.where(attention_mask.bool(), 0, -1)
+
+
+def segment_starts(segments: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool, True at the first token of each segment (of each run of equal ids)."""
+    first = torch.ones_like(segments, dtype=torch.bool)
+    first[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return first
+
+
+def segment_start_index(segments: torch.Tensor) -> torch.Tensor:
+    """(B, N) index of the first token of each position's segment."""
+    idx = torch.arange(segments.shape[-1], device=segments.device).expand_as(segments)
+    return torch.where(segment_starts(segments), idx, 0).cummax(-1).values
+
+
+def segment_end_index(segments: torch.Tensor) -> torch.Tensor:
+    """(B, N) index of the last token of each position's segment."""
+    n = segments.shape[-1]
+    last = torch.ones_like(segments, dtype=torch.bool)
+    last[:, :-1] = segments[:, 1:] != segments[:, :-1]
+    idx = torch.arange(n, device=segments.device).expand_as(segments)
+    marked = torch.where(last, idx, n)
+    return marked.flip(-1).cummin(-1).values.flip(-1)
 
 
 def causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -31,9 +69,75 @@ def causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (causal[None] & attention_mask.bool()[:, None, :])[:, None]
 
 
-def _pair(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Broadcast per-token features to (B, N_q, 1) and (B, 1, N_k)."""
-    return q[:, :, None], k[:, None, :]
+def _key(flags: torch.Tensor) -> Rule:
+    return lambda b, h, q, kv: flags[b, kv]
+
+
+def _query(flags: torch.Tensor) -> Rule:
+    return lambda b, h, q, kv: flags[b, q]
+
+
+def _same(feature: torch.Tensor) -> Rule:
+    return lambda b, h, q, kv: feature[b, q] == feature[b, kv]
+
+
+def comp_mask_function(
+    input_ids: torch.Tensor,
+    tokens: CompTokens,
+    variant: str,
+    attention_mask: torch.Tensor | None = None,
+    sink: bool = False,
+    segments: torch.Tensor | None = None,
+) -> Rule:
+    """The rule of the parallel forward for ``variant`` over a batch (see the module docstring)."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    pad = attention_mask.bool()
+    if segments is None:
+        segments = default_segments(attention_mask)
+    comp, summ = tokens.is_comp(input_ids), tokens.is_sum(input_ids)
+    comp_first, comp_last = input_ids == tokens.comp_ids[0], input_ids == tokens.comp_ids[-1]
+
+    if variant in ("concat_recur", "concat", "gist"):
+        ends = comp_last
+    elif variant == "merge_recur":
+        if not tokens.merging:
+            raise ValueError("merge_recur needs SUM tokens: build CompTokens with merging=True")
+        ends = input_ids == tokens.sum_ids[-1]
+    elif variant == "merge":
+        ends = comp_last | (input_ids == tokens.sum_ids[-1])
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+
+    block = reverse_cumsum(ends.long())
+    # a token's block counted within its own episode: 0 = the episode's final block (input and output)
+    last = segment_end_index(segments)
+    own = block - (block.gather(-1, last) - ends.long().gather(-1, last))
+    final = own == 0
+
+    if variant == "concat_recur":
+        extra: Rule = _key(comp)
+    elif variant in ("merge_recur", "gist"):
+        first = (input_ids == tokens.sum_ids[0]) if variant == "merge_recur" else comp_first
+        pre = reverse_cumsum(first.long()) - first.long()  # groups whose first token lies strictly after the key
+        extra = lambda b, h, q, kv: pre[b, kv] == block[b, q]  # noqa: E731
+    elif variant == "concat":
+        extra = and_masks(_query(final), _key(comp))
+    else:  # merge
+        extra = or_masks(and_masks(_query(summ), _key(comp)), and_masks(_query(final), _key(summ)))
+    rule = or_masks(_same(block), extra)
+    if sink:
+        rule = or_masks(rule, _key(pad & segment_starts(segments)))
+    return and_masks(rule, _same(segments), causal_mask_function, padding_mask_function(pad))
+
+
+def dense_mask(rule: Rule, batch: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Evaluate a rule on the whole (B, 1, N, N) grid at once (broadcast indices, no vmap)."""
+    b = torch.arange(batch, device=device)[:, None, None, None]
+    h = torch.zeros(1, dtype=torch.long, device=device)[None, :, None, None]
+    q = torch.arange(n, device=device)[None, None, :, None]
+    kv = torch.arange(n, device=device)[None, None, None, :]
+    return rule(b, h, q, kv).expand(batch, 1, n, n)
 
 
 def comp_attention_mask(
@@ -42,45 +146,11 @@ def comp_attention_mask(
     variant: str,
     attention_mask: torch.Tensor | None = None,
     sink: bool = False,
+    segments: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean (B, 1, N, N) mask of the parallel forward for ``variant`` (see the module docstring)."""
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    pad = attention_mask.bool()
-    comp, summ = tokens.is_comp(input_ids), tokens.is_sum(input_ids)
-    comp_first, comp_last = input_ids == tokens.comp_ids[0], input_ids == tokens.comp_ids[-1]
-
-    if variant in ("concat_recur", "concat"):
-        ends = comp_last
-    elif variant == "merge_recur":
-        if not tokens.merging:
-            raise ValueError("merge_recur needs SUM tokens: build CompTokens with merging=True")
-        ends = input_ids == tokens.sum_ids[-1]
-    elif variant == "merge":
-        ends = comp_last | (input_ids == tokens.sum_ids[-1])
-    elif variant == "gist":
-        ends = comp_last
-    else:
-        raise ValueError(f"unknown variant {variant!r}")
-
-    block = reverse_cumsum(ends.long())
-    bq, bk = _pair(block, block)
-    allowed = bq == bk
-    if variant == "concat_recur":
-        allowed = allowed | comp[:, None, :]
-    elif variant in ("merge_recur", "gist"):
-        first = (input_ids == tokens.sum_ids[0]) if variant == "merge_recur" else comp_first
-        pre = reverse_cumsum(first.long()) - first.long()  # groups whose first token lies strictly after the key
-        allowed = allowed | (pre[:, None, :] == bq)
-    elif variant == "concat":
-        allowed = allowed | ((bq == 0) & comp[:, None, :])
-    elif variant == "merge":
-        allowed = allowed | (summ[:, :, None] & comp[:, None, :]) | ((bq == 0) & summ[:, None, :])
-
-    if sink:
-        first_valid = pad & (attention_mask.long().cumsum(-1) == 1)
-        allowed = allowed | first_valid[:, None, :]
-    return allowed[:, None] & causal_mask(attention_mask)
+    rule = comp_mask_function(input_ids, tokens, variant, attention_mask, sink, segments)
+    return dense_mask(rule, *input_ids.shape, device=input_ids.device)
 
 
 def online_mask(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:

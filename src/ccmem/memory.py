@@ -34,6 +34,7 @@ class CompressedMemory:
     config: CompressionConfig
     fingerprint: dict[str, Any]
     tail: list[list[list[int]]] = field(default_factory=list)  # per row, the raw chunks not yet compressed
+    cache_dtype: torch.dtype | None = None  # the model's dtype when the slots are held in fp32 (merge in bf16/fp16)
 
     def __post_init__(self) -> None:
         if not self.tail:
@@ -45,6 +46,9 @@ class CompressedMemory:
         f = fingerprint
         shape = (batch_size, f["num_key_value_heads"], 0, f["head_dim"])
         layers = f["num_hidden_layers"]
+        # a merge memory is a running mean: held in fp32, it does not drift from the parallel form step after step
+        low = config.merging and dtype in (torch.bfloat16, torch.float16)
+        cache_dtype, dtype = (dtype, torch.float32) if low else (None, dtype)
         return cls(
             keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
             values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
@@ -54,6 +58,7 @@ class CompressedMemory:
             has_sink=False,
             config=config,
             fingerprint=dict(fingerprint),
+            cache_dtype=cache_dtype,
         )
 
     # ---------------------------------------------------------------- size
@@ -87,8 +92,10 @@ class CompressedMemory:
         return self.nbytes + sum(self.tail_tokens()) * self.bytes_per_slot()
 
     def bytes_per_slot(self) -> int:
+        """Bytes of one slot as the model reads it (a merge memory held in fp32 is read in the model's dtype)."""
         k = self.keys[0]
-        return 2 * len(self.keys) * k.shape[1] * k.shape[3] * k.element_size()
+        size = torch.empty(0, dtype=self.cache_dtype).element_size() if self.cache_dtype else k.element_size()
+        return 2 * len(self.keys) * k.shape[1] * k.shape[3] * size
 
     def sink_slots(self) -> torch.Tensor:
         """(M,) bool, True at the sink slot."""
@@ -103,6 +110,8 @@ class CompressedMemory:
         cache = DynamicCache()
         if self.num_slots:
             for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+                if self.cache_dtype is not None:
+                    k, v = k.to(self.cache_dtype), v.to(self.cache_dtype)
                 cache.update(k, v, i)
         return cache
 
@@ -110,6 +119,8 @@ class CompressedMemory:
     def add_sink(self, ks: list[torch.Tensor], vs: list[torch.Tensor], rows: torch.Tensor) -> None:
         """Store (B, H, 1, D) sink keys/values for ``rows`` (bool (B,)), creating the sink slot if needed."""
         r = rows.view(-1, 1, 1, 1)
+        dt = self.keys[0].dtype
+        ks, vs = [k.to(dt) for k in ks], [v.to(dt) for v in vs]
         if not self.has_sink:
             self.keys = [torch.cat([torch.where(r, k, torch.zeros_like(k)), m], 2) for k, m in zip(ks, self.keys)]
             self.values = [torch.cat([torch.where(r, v, torch.zeros_like(v)), m], 2) for v, m in zip(vs, self.values)]
@@ -126,6 +137,8 @@ class CompressedMemory:
     ) -> None:
         """Write h(t) (per layer (B, H, n, D)) for the rows in ``rows``: append (concat) or running mean (merge)."""
         n = ks[0].shape[2]
+        dt = self.keys[0].dtype
+        ks, vs = [k.to(dt) for k in ks], [v.to(dt) for v in vs]
         s = 1 if self.has_sink else 0
         held = self.num_slots - s
         if not self.config.merging or held == 0:
@@ -163,7 +176,7 @@ class CompressedMemory:
             keys=[k.expand(n, -1, -1, -1) for k in self.keys], values=[v.expand(n, -1, -1, -1) for v in self.values],
             valid=self.valid.expand(n, -1), offset=self.offset.expand(n), steps=self.steps.expand(n),
             has_sink=self.has_sink, config=self.config, fingerprint=dict(self.fingerprint),
-            tail=[[list(c) for c in self.tail[0]] for _ in range(n)])
+            tail=[[list(c) for c in self.tail[0]] for _ in range(n)], cache_dtype=self.cache_dtype)
 
     # ---------------------------------------------------------------- files
     def save(self, path: str | os.PathLike) -> None:
@@ -198,7 +211,13 @@ class CompressedMemory:
             config=CompressionConfig.from_dict(header["compression"]),
             fingerprint=header["base"],
             tail=_tail(header.get("tail"), tensors["valid"].shape[0], path),
+            cache_dtype=_cache_dtype(tensors["k.0"].dtype, ccm),
         )
+
+
+def _cache_dtype(held: torch.dtype, ccm: Any) -> torch.dtype | None:
+    model = ccm.model.get_input_embeddings().weight.dtype
+    return model if held != model else None
 
 
 def _tail(raw: Any, rows: int, path: Any) -> list[list[list[int]]]:

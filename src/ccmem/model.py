@@ -22,6 +22,7 @@ from .errors import IncompatibleError, InputError, UnsupportedModelError
 from .lora import ATTR as LORA_ATTR
 from .lora import attach_lora, lora_linears, lora_modules
 from .masks import causal_mask, comp_attention_mask, to_additive
+from .merging import merge_plan
 from .positions import skip_position_ids
 from .state import ForwardState
 from .tokens import CompTokens, register_with_tokenizer
@@ -152,24 +153,35 @@ class CompressedModel:
 
     # ------------------------------------------------------------------ parallel formulation
     def parallel_inputs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, full_context: bool = False
-    ) -> dict[str, torch.Tensor]:
-        """The 4D additive mask and skip position ids that make one forward equal the online loop."""
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, full_context: bool = False,
+        segments: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        """The 4D additive mask, skip position ids and merge plan that make one forward equal the online loop.
+
+        ``segments`` (B, N) numbers the episodes packed into each row (see :func:`ccmem.sequence.pack_rows`): they
+        never see each other and each starts at position 0."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         special = self.tokens.is_special(input_ids)
         if full_context:
             allowed = causal_mask(attention_mask)
+            if segments is not None:
+                allowed = allowed & (segments[:, None, :, None] == segments[:, None, None, :])
         else:
-            allowed = comp_attention_mask(input_ids, self.tokens, self.config.variant, attention_mask, self.config.sink)
-        pos = skip_position_ids(special, self.config.n_tok, attention_mask)
+            allowed = comp_attention_mask(input_ids, self.tokens, self.config.variant, attention_mask, self.config.sink,
+                                          segments)
+        pos = skip_position_ids(special, self.config.n_tok, attention_mask, segments=segments)
         if int(pos.max()) >= self.max_positions:
             raise InputError(
                 f"the sequence needs position {int(pos.max())} but the model supports {self.max_positions}; "
                 "shorten the episode"
             )
         dtype = self.model.get_input_embeddings().weight.dtype
-        return {"attention_mask": to_additive(allowed, dtype), "position_ids": pos}
+        out = {"attention_mask": to_additive(allowed, dtype), "position_ids": pos}
+        plan = None if full_context else merge_plan(input_ids, self.tokens, segments)
+        if plan is not None:
+            out["ccmem_merge"] = plan
+        return out
 
     def parallel_forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any

@@ -42,3 +42,34 @@ def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, side: str = "left") ->
         ids[b, sl] = torch.tensor(list(r), dtype=torch.long)
         mask[b, sl] = 1
     return ids, mask
+
+
+def pack_rows(rows: Sequence[Sequence[int]], max_tokens: int, pad_id: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """Pack sequences into as few rows of at most ``max_tokens`` as first-fit in order gives (a sequence longer than
+    ``max_tokens`` gets a row of its own). Returns ids, attention mask, segments (B, N) (the sequence's number in
+    its row, -1 for padding) and where each sequence went, (row, start)."""
+    bins: list[list[int]] = []
+    place: list[tuple[int, int]] = []
+    for i, r in enumerate(rows):
+        for b, members in enumerate(bins):
+            used = sum(len(rows[j]) for j in members)
+            if used + len(r) <= max_tokens:
+                members.append(i)
+                place.append((b, used))
+                break
+        else:
+            bins.append([i])
+            place.append((len(bins) - 1, 0))
+    n = max(sum(len(rows[j]) for j in m) for m in bins)
+    ids = torch.full((len(bins), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(bins), n), dtype=torch.long)
+    seg = torch.full((len(bins), n), -1, dtype=torch.long)
+    counts = [0] * len(bins)
+    for i, (b, start) in enumerate(place):
+        r = rows[i]
+        ids[b, start:start + len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[b, start:start + len(r)] = 1
+        seg[b, start:start + len(r)] = counts[b]
+        counts[b] += 1
+    return ids, mask, seg, place

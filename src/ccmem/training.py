@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .data.collate import Collator, keep_for_loss, lm_loss
+from .data.collate import Collator, lm_loss_at, loss_positions
 from .data.episode import Episode
 from .errors import CCMError
 from .evaluation import strip_eos
@@ -47,6 +47,7 @@ class TrainConfig:
     seed: int = 42
     mixed_precision: str = "no"  # "no", "bf16", "fp16" (accelerate)
     gradient_checkpointing: bool = False
+    pack: int = 0  # pack each micro-batch's episodes into rows of at most this many tokens (0: pad each episode)
     log_every: int = 1
     eval_every: int = 0
     save_every: int = 0
@@ -105,7 +106,7 @@ class Trainer:
         self.eval_data = list(eval_data or [])
         mode = "compress" if config.mode == "compress" else "full"
         self.collate = Collator(ccm.tokens, ccm.config.variant, mode=mode, pad_id=pad_id, max_length=config.max_length,
-                               raw_tail=ccm.config.raw_tail)
+                               raw_tail=ccm.config.raw_tail, pack=config.pack)
         self.on_log = on_log
         if config.gradient_checkpointing:
             ccm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -127,14 +128,12 @@ class Trainer:
     def _forward_loss(self, batch: dict[str, torch.Tensor], reduction: str = "mean"):
         batch = {k: v.to(self.acc.device) for k, v in batch.items()}
         ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        if self.cfg.mode == "compress":
-            extra = self.ccm.parallel_inputs(ids, am)
-        else:
-            extra = self.ccm.parallel_inputs(ids, am, full_context=True)
-        keep = keep_for_loss(labels)
+        extra = self.ccm.parallel_inputs(ids, am, full_context=self.cfg.mode != "compress",
+                                         segments=batch.get("segments"))
+        keep = loss_positions(labels)  # the LM head runs on target rows only
         with self.acc.autocast():
             logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=keep, **extra).logits
-        return lm_loss(logits, labels, reduction), int((labels != -100).sum()), int(am.sum())
+        return lm_loss_at(logits, labels, keep, reduction), int((labels != -100).sum()), int(am.sum())
 
     def _micro_batches(self, step: int) -> list[list[Episode]]:
         world, rank, c = self.acc.num_processes, self.acc.process_index, self.cfg

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..sequence import episode_ids, pad_batch
+from ..sequence import episode_ids, pack_rows, pad_batch
 from ..tokens import CompTokens
 from .episode import Episode
 
@@ -23,17 +23,18 @@ class Collator:
 
     ``max_length`` counts text tokens only (⟨COMP⟩ tokens excluded, as in the reference): the oldest chunks are
     dropped until the episode fits; an episode whose I + O alone do not fit is refused. ``raw_tail=k`` keeps the
-    last k chunks uncompressed, read as text just before the input (``CompressionConfig.raw_tail``).
+    last k chunks uncompressed, read as text just before the input (``CompressionConfig.raw_tail``). ``pack=L``
+    packs the episodes into rows of at most L tokens (with ``segments``) instead of padding each to the longest.
     """
 
     def __init__(self, tokens: CompTokens | None, variant: str = "concat_recur", mode: str = "compress",
-                 pad_id: int = 0, max_length: int = 1024, raw_tail: int = 0):
+                 pad_id: int = 0, max_length: int = 1024, raw_tail: int = 0, pack: int = 0):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         if mode == "compress" and tokens is None:
             raise ValueError("compress mode needs the model's CompTokens")
         self.tokens, self.variant, self.mode, self.pad_id, self.max_length = tokens, variant, mode, pad_id, max_length
-        self.raw_tail = raw_tail
+        self.raw_tail, self.pack = raw_tail, pack
 
     def fit(self, ep: Episode) -> Episode:
         budget = self.max_length - len(ep.input) - len(ep.output)
@@ -59,6 +60,12 @@ class Collator:
 
     def __call__(self, episodes: Sequence[Episode]) -> dict[str, torch.Tensor]:
         rows = [self.row(ep) for ep in episodes]
+        if self.pack:
+            ids, mask, seg, place = pack_rows([r[0] for r in rows], self.pack, self.pad_id)
+            labels = torch.full_like(ids, IGNORE)
+            for (b, start), (_, lab) in zip(place, rows):
+                labels[b, start:start + len(lab)] = torch.tensor(lab, dtype=torch.long)
+            return {"input_ids": ids, "attention_mask": mask, "labels": labels, "segments": seg}
         ids, mask = pad_batch([r[0] for r in rows], self.pad_id, side="left")
         labels, _ = pad_batch([r[1] for r in rows], IGNORE, side="left")
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
@@ -90,3 +97,21 @@ def keep_for_loss(labels: torch.Tensor) -> int:
     valid = (labels != IGNORE).long()
     first = torch.where(valid.any(-1), valid.argmax(-1), torch.full_like(valid[:, 0], labels.shape[1]))
     return int(labels.shape[1] - first.min()) + 1
+
+
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions whose logits some row's loss needs (the one before each labelled token): the ``logits_to_keep``
+    index that makes the LM head run on target rows only, wherever they sit (packed rows, left padding)."""
+    need = (labels[:, 1:] != IGNORE).any(0)
+    return need.nonzero().squeeze(-1)
+
+
+def lm_loss_at(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor, reduction: str = "mean"):
+    """Next-token cross-entropy of logits kept at ``positions`` (see :func:`loss_positions`)."""
+    target = labels[:, positions + 1]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                                             ignore_index=IGNORE, reduction="sum")
+    count = (target != IGNORE).sum()
+    if reduction == "sum":
+        return loss, count
+    return loss / count.clamp(min=1)
