@@ -22,7 +22,7 @@ from common import markdown_table, median_time, write_results  # noqa: E402
 
 from ccmem import CompressedModel, CompressionConfig  # noqa: E402
 from ccmem.data import Collator, Episode  # noqa: E402
-from ccmem.data.collate import keep_for_loss, lm_loss  # noqa: E402
+from ccmem.data.collate import lm_loss_at, loss_positions  # noqa: E402
 from ccmem.recurrent import recurrent_loss  # noqa: E402
 
 TS = (4, 8, 16)
@@ -40,11 +40,12 @@ def _sync(ccm) -> None:
 
 
 def parallel_step(ccm, eps):
-    b = {k: v.to(ccm.device) for k, v in Collator(ccm.tokens, ccm.config.variant)(eps).items()}
-    extra = ccm.parallel_inputs(b["input_ids"], b["attention_mask"])
-    logits = ccm.model(input_ids=b["input_ids"], use_cache=False, logits_to_keep=keep_for_loss(b["labels"]),
-                       **extra).logits
-    loss = lm_loss(logits, b["labels"])
+    """The training path: episodes packed into rows of at most 4096 tokens, the LM head on target rows only."""
+    b = {k: v.to(ccm.device) for k, v in Collator(ccm.tokens, ccm.config.variant, pack=4096)(eps).items()}
+    extra = ccm.parallel_inputs(b["input_ids"], b["attention_mask"], segments=b["segments"])
+    keep = loss_positions(b["labels"])
+    logits = ccm.model(input_ids=b["input_ids"], use_cache=False, logits_to_keep=keep, **extra).logits
+    loss = lm_loss_at(logits, b["labels"], keep)
     loss.backward()
     _sync(ccm)
     return loss.detach()

@@ -149,6 +149,17 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert [h["loss"] for h in a.history] == pytest.approx([h["loss"] for h in c.history], abs=1e-6)
 
 
+def test_time_limit_saves_a_resumable_checkpoint(tmp_path):
+    cfg = dict(max_steps=6, batch_size=4, lr=1e-2, output_dir=str(tmp_path))
+    a = Trainer(make_toy_ccm(), key_task(32, 0), TrainConfig(max_minutes=1e-6, **cfg))
+    a.fit()
+    assert a.step == 1 and a.latest_checkpoint().name == "step_000001"
+    b = Trainer(make_toy_ccm(), key_task(32, 0), TrainConfig(**cfg))
+    assert b.resume() and b.step == 1
+    for x, y in zip(a.ccm.trainable_parameters(), b.ccm.trainable_parameters()):
+        assert torch.equal(x, y)
+
+
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
     tr = Trainer(make_toy_ccm(), key_task(32, 0), TrainConfig(output_dir=str(tmp_path), max_steps=4, batch_size=4,
                                                               save_every=1))

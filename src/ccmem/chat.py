@@ -18,7 +18,7 @@ class Chat:
     def __init__(self, variant: str = "concat", adapter: str | None = None, device: str | None = None,
                  max_new_tokens: int = 48):
         from .demo import default_adapter, stop_ids
-        from .evaluation import bytes_per_slot
+        from .memory import bytes_per_slot
         from .model import CompressedModel
         from .models import load_model
 

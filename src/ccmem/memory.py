@@ -23,6 +23,14 @@ from .errors import IncompatibleError
 from .merging import running_mean
 
 
+def bytes_per_slot(model: Any) -> int:
+    """Key + value bytes of one token slot across all layers of ``model`` in its weights' dtype."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return 2 * c.num_hidden_layers * kv_heads * head_dim * model.get_input_embeddings().weight.element_size()
+
+
 @dataclass
 class CompressedMemory:
     keys: list[torch.Tensor]  # per layer (B, H_kv, M, D), RoPE already applied

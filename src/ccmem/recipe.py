@@ -125,6 +125,22 @@ def build_data(tok: Any, d: dict, seed: int):
         return text_data(tok, d, seed)
     if source == "icl":
         return icl_data(tok, d, seed)
+    if source in ("jsonl", "dailydialog", "soda"):
+        return _dialog_or_episode_file(tok, d, seed)
+    if source == "metaicl":
+        from .data import load_metaicl, metaicl_episodes
+
+        _need(d, "path", source)
+        tasks, report = load_metaicl(d["path"], strict=d.get("strict", False))
+        eps, rep = metaicl_episodes(tasks, tok, k=d.get("k", 16), seed=seed, max_length=d.get("max_length"))
+        return _holdout(eps, d, seed, report + rep)
+    if source == "lamp":
+        from .data import lamp2_episodes, load_lamp2
+
+        _need(d, "questions", source)
+        rows, report = load_lamp2(d["questions"], d.get("outputs"), strict=d.get("strict", False))
+        eps, rep = lamp2_episodes(rows, tok, k=d.get("k", 16), seed=seed, max_length=d.get("max_length"))
+        return _holdout(eps, d, seed, report + rep)
     if source == "mix":
         parts, vals, report = [], [], Counter()
         for part in d.get("parts") or []:
@@ -135,7 +151,58 @@ def build_data(tok: Any, d: dict, seed: int):
         if not parts:
             raise ConfigError("data.source 'mix' needs data.parts, a list of data sections")
         return Mixture(parts), vals, report
-    raise ConfigError(f"unknown data source {source!r}; known: chitchat, text, icl, mix")
+    raise ConfigError(f"unknown data source {source!r}; known: {', '.join(SOURCES)}")
+
+
+SOURCES = ("chitchat", "text", "icl", "jsonl", "dailydialog", "soda", "metaicl", "lamp", "mix")
+
+
+def _need(d: dict, key: str, source: str) -> None:
+    if not d.get(key):
+        raise ConfigError(f"data.source {source!r} needs data.{key}")
+
+
+def _holdout(eps: list, d: dict, seed: int, report):
+    """Episodes -> (train, validation, report): the validation episodes are a seeded hash split by episode id."""
+    import hashlib
+
+    frac = d.get("eval_fraction", 0.05)
+    val, train = [], []
+    for e in eps:
+        u = int(hashlib.sha256(f"{seed}:{e.id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        (val if u < frac else train).append(e)
+    if not train:
+        raise ConfigError("no training episodes left; check the data source and its filters")
+    return train, val[: d.get("eval_episodes", 64)], report
+
+
+def _dialog_or_episode_file(tok: Any, d: dict, seed: int):
+    """``jsonl`` (``kind: dialogs`` or ``episodes``, ccmem.data.sources), ``dailydialog`` and ``soda`` (hub names or
+    local files in the hub's schema): dialogs are split by id and cut like the chit-chat corpus."""
+    from .data import DialogEpisodes, DialogFormat, load_jsonl_dialogs, load_jsonl_episodes, split_dialogs
+    from .data.hub import load_dailydialog, load_soda
+
+    source, strict = d["source"], d.get("strict", False)
+    if source == "jsonl":
+        _need(d, "path", source)
+        if d.get("kind", "dialogs") == "episodes":
+            eps, report = load_jsonl_episodes(d["path"], tok, strict=strict)
+            return _holdout(eps, d, seed, report)
+        dialogs, report = load_jsonl_dialogs(d["path"], strict=strict)
+    elif source == "dailydialog":
+        dialogs, report = load_dailydialog(d.get("path", "daily_dialog"), split=d.get("split", "train"),
+                                           strict=strict, tokenizer=tok, max_turn_tokens=d.get("max_turn_tokens", 128))
+    else:
+        dialogs, report = load_soda(d.get("path", "allenai/soda"), split=d.get("split", "train"), strict=strict,
+                                    max_dialogs=d.get("max_dialogs"), tokenizer=tok,
+                                    max_turn_tokens=d.get("max_turn_tokens", 128))
+    splits = split_dialogs(dialogs, seed=d.get("split_seed", 0), test=0.0, val=d.get("eval_fraction", 0.05))
+    fmt = DialogFormat(tok)
+    train = DialogEpisodes(splits["train"], fmt, seed=seed, cut=d.get("cut", "uniform"))
+    if not len(train):
+        raise ConfigError(f"data.source {source!r}: no dialog with at least 3 turns left for training")
+    val = [fmt.episode(x, len(x.turns)) for x in splits["validation"][: d.get("eval_dialogs", 64)]]
+    return train, val, report
 
 
 def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:

@@ -241,6 +241,7 @@ def load_stream_tokens(tok, text: str = "kjv:new", start: int = 9000, length: in
 def run_stream(adapter: str, text: str = "kjv:new", tokens: int = 16000, start: int = 9000,
                config: StreamConfig | None = None, device: str | None = None, progress: bool = True) -> dict:
     """Stream a text through CCM, StreamingLLM and the sliding window at equal KV budgets; returns a summary."""
+    from .memory import bytes_per_slot
     from .model import CompressedModel
     from .models import load_model
 
@@ -248,7 +249,6 @@ def run_stream(adapter: str, text: str = "kjv:new", tokens: int = 16000, start: 
     ccm = CompressedModel.from_pretrained(adapter, model, tokenizer=tok)
     ids = load_stream_tokens(tok, text, start, tokens)
     runs = stream_all(ccm, ids, config, progress=progress)
-    per_slot = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * \
-        (getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads) * 4
+    per_slot = bytes_per_slot(model)
     return {"runs": runs, "tokens": len(ids), "bytes_per_slot": per_slot, "adapter": str(adapter), "text": text,
             "start": start, "config": config or StreamConfig()}

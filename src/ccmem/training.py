@@ -22,9 +22,8 @@ from typing import Any
 import torch
 
 from .data.collate import Collator, lm_loss_at, loss_positions
-from .data.episode import Episode
+from .data.episode import Episode, strip_eos
 from .errors import CCMError
-from .evaluation import strip_eos
 
 
 class NonFiniteLossError(CCMError, FloatingPointError):
@@ -185,7 +184,8 @@ class Trainer:
         start = time.perf_counter()
         while self.step < end:
             if self.cfg.max_minutes and time.perf_counter() - start > 60 * self.cfg.max_minutes:
-                print(f"[ccmem] time limit of {self.cfg.max_minutes} min reached at step {self.step}")
+                path = self.save_checkpoint()  # a time-boxed run (a GPU lease) continues from here
+                print(f"[ccmem] time limit of {self.cfg.max_minutes} min reached at step {self.step}; saved {path}")
                 break
             rec = self.train_step()
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.eval_data:
@@ -247,7 +247,7 @@ class Trainer:
         if d is None:
             return False
         self.ccm.load_adapter(d)
-        st = torch.load(d / "trainer_state.pt", weights_only=False)
+        st = torch.load(d / "trainer_state.pt", weights_only=True)  # tensors and plain containers only
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
         _set_rng_state(st["rng"])

@@ -26,3 +26,10 @@ class Episode:
         """The same episode with only the last ``t`` context chunks."""
         return Episode(self.chunks[len(self.chunks) - t:] if t else [], self.input, self.output, self.options,
                        self.answer, self.id, dict(self.meta))
+
+
+def strip_eos(ep: Episode, eos: int | None) -> Episode:
+    """The episode without a trailing end token on its output (perplexities are reported without EOS)."""
+    if eos is not None and ep.output and ep.output[-1] == eos:
+        return Episode(ep.chunks, ep.input, ep.output[:-1], ep.options, ep.answer, ep.id, ep.meta)
+    return ep

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from ..data.collate import Collator, keep_for_loss, lm_loss
-from ..data.episode import Episode
+from ..data.episode import Episode, strip_eos  # noqa: F401  (re-exported)
+from ..memory import bytes_per_slot  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -21,12 +22,6 @@ class PPL:
     @property
     def ppl(self) -> float:
         return math.exp(self.nll / max(self.tokens, 1))
-
-
-def strip_eos(ep: Episode, eos: int | None) -> Episode:
-    if eos is not None and ep.output and ep.output[-1] == eos:
-        return Episode(ep.chunks, ep.input, ep.output[:-1], ep.options, ep.answer, ep.id, ep.meta)
-    return ep
 
 
 @torch.no_grad()
@@ -64,13 +59,6 @@ def context_slots(ep: Episode, method: str, n_tok: int, raw_tail: int = 0) -> in
     if method == "merge":
         return raw + (n_tok if cut else 0)
     return 0
-
-
-def bytes_per_slot(model) -> int:
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    return 2 * c.num_hidden_layers * kv_heads * head_dim * model.get_input_embeddings().weight.element_size()
 
 
 def gap_recovered(none: float, full: float, method: float) -> float:
