@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     t.set_defaults(fn=_train)
     e = sub.add_parser("eval", help="every method side by side per time step: tables, plots, results JSON")
-    e.add_argument("--suite", default="chitchat", choices=["chitchat", "icl"])
+    e.add_argument("--suite", default="chitchat", choices=["chitchat", "icl", "recall"])
     e.add_argument("--adapter", action="append", default=None,
                    help="NAME=PATH, repeatable; replaces the suite's default adapters (names: ccm_concat, ccm_merge, "
                         "concat_nr, merge_nr, gist, gist_online, each optionally with a _suffix)")
@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                         "expected_attention")
     e.add_argument("--training-free", default="window,streamingllm", help="ccmem's own KV-budget baselines")
     e.add_argument("--ts", default=None, help="time steps, e.g. 1,2,4,8,16 (default: the suite's)")
-    e.add_argument("--limit", type=int, default=None, help="dialogs (chitchat, 100) or items per task (icl, 30)")
+    e.add_argument("--limit", type=int, default=None,
+                   help="dialogs (chitchat, 100), items per task (icl, 30) or facts per distance (recall, 100)")
     e.add_argument("--mode", default="auto", choices=["auto", "parallel", "online"])
     e.add_argument("--check", type=int, default=2, help="contexts per t scored both ways (parallel vs online)")
     e.add_argument("--batch-size", type=int, default=16)

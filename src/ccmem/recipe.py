@@ -121,6 +121,14 @@ def build_data(tok: Any, d: dict, seed: int):
         train = DialogEpisodes(splits["train"], fmt, seed=seed, cut=d.get("cut", "uniform"))
         val = [fmt.episode(x, len(x.turns)) for x in splits["validation"][: d.get("eval_dialogs", 64)]]
         return train, val, report
+    if source == "recall":
+        from .data.recall import RecallEpisodes
+
+        splits, fmt, report = chitchat_splits(tok, d)
+        train = RecallEpisodes(splits["train"], fmt, seed=seed, max_distance=d.get("max_distance", 16))
+        val_src = RecallEpisodes(splits["validation"], fmt, seed=seed + 1, max_distance=d.get("max_distance", 16))
+        val = [val_src.get(i) for i in range(min(len(val_src), d.get("eval_episodes", 32)))]
+        return train, val, report
     if source == "text":
         return text_data(tok, d, seed)
     if source == "icl":
@@ -154,7 +162,7 @@ def build_data(tok: Any, d: dict, seed: int):
     raise ConfigError(f"unknown data source {source!r}; known: {', '.join(SOURCES)}")
 
 
-SOURCES = ("chitchat", "text", "icl", "jsonl", "dailydialog", "soda", "metaicl", "lamp", "mix")
+SOURCES = ("chitchat", "recall", "text", "icl", "jsonl", "dailydialog", "soda", "metaicl", "lamp", "mix")
 
 
 def _need(d: dict, key: str, source: str) -> None:

@@ -14,10 +14,11 @@ from .core import (
 )
 from .methods import Method, press, trained
 from .runner import EvalConfig, evaluate, headline, score_online, score_parallel
-from .suites import ChitchatSuite, Group, IclSuite, Query, Suite
+from .suites import ChitchatSuite, Group, IclSuite, Query, RecallSuite, Suite
 
 __all__ = [
-    "PPL", "ChitchatSuite", "EvalConfig", "Group", "IclSuite", "Method", "Query", "Suite", "budget_episode",
+    "PPL", "ChitchatSuite", "EvalConfig", "Group", "IclSuite", "Method", "Query", "RecallSuite", "Suite",
+    "budget_episode",
     "bytes_per_slot", "context_slots", "evaluate", "gap_recovered", "headline",
     "option_logliks", "perplexity", "press", "score_online", "score_parallel", "strip_eos", "trained",
 ]

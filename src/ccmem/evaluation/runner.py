@@ -167,7 +167,7 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
             cfg.n_tok = header["compression"]["n_tok"]
     ts = list(suite.ts)
     groups = {t: suite.groups(t) for t in ts}
-    budgets = {t: cfg.n_tok * t for t in ts}
+    budgets = {t: cfg.n_tok * suite.steps(t) for t in ts}
     mode = cfg.mode if cfg.mode != "auto" else (
         "parallel" if all(len(g.queries) == 1 for g in groups[ts[0]]) else "online")
     scores: dict[tuple[str, int], Scores] = {}
@@ -337,6 +337,13 @@ SUITES: dict[str, dict[str, Any]] = {
         "title": "In-context learning on unseen tasks: accuracy per time step (SmolLM2-135M-Instruct)",
         "unit": "accuracy",
     },
+    "recall": {
+        "base_adapter": "adapters/chitchat-stage1",
+        "adapters": {"ccm_concat": "adapters/chitchat-concat", "ccm_merge": "adapters/chitchat-merge"},
+        "peers": {},
+        "title": "Recall of a fact stated d turns earlier in a chit-chat dialog (SmolLM2-135M-Instruct)",
+        "unit": "accuracy",
+    },
 }
 
 
@@ -360,6 +367,10 @@ def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str 
         from .suites import ChitchatSuite
 
         s = ChitchatSuite(tok, dialogs=limit or 100, **({"ts": ts} if ts else {}))
+    elif suite == "recall":
+        from .suites import RecallSuite
+
+        s = RecallSuite(tok, items=limit or 100, **({"ts": ts} if ts else {}))
     else:
         from .suites import IclSuite
 

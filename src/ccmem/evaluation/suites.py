@@ -40,6 +40,10 @@ class Suite:
     def groups(self, t: int) -> list[Group]:
         raise NotImplementedError
 
+    def steps(self, t: int) -> int:
+        """Context chunks read at time step ``t`` (the KV budget of the training-free methods is n_tok per chunk)."""
+        return t
+
     def aggregate(self, groups: list[Group], scores: Scores, calib: Scores | None) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -125,3 +129,46 @@ class IclSuite(Suite):
         return {"suite": "icl", "test_tasks": list(self.tasks), "items_per_task": self.items, "ts": list(self.ts),
                 "demo_pool_seed": self.seed,
                 "split": "unseen test tasks of ccmem.data.icl (adapters trained on the training tasks only)"}
+
+
+class RecallSuite(Suite):
+    """Recall of a personal fact stated in a held-out chit-chat dialog and asked about d turns later (d = the time
+    step of this suite; the context holds fact_turn + d turns). Multiple choice over four answer sentences that
+    differ only in the value (:mod:`ccmem.data.recall`, held-out fact types only); metric acc_norm."""
+
+    name, metric, higher_is_better = "recall", "acc_norm", True
+
+    def __init__(self, tokenizer: Any, items: int = 100, ts: Sequence[int] = (1, 2, 4, 8, 16), split_seed: int = 0,
+                 fact_turn: int = 1, seed: int = 0, split: str = "test"):
+        from ..data.recall import eval_items
+        from ..recipe import chitchat_splits
+
+        self.ts, self.fact_turn, self.split, self.split_seed = tuple(ts), fact_turn, split, split_seed
+        splits, self.fmt, _ = chitchat_splits(tokenizer, {"split_seed": split_seed, "max_turn_tokens": 128})
+        self.items = eval_items(splits[split], self.ts, items, fact_turn, seed)
+
+    def steps(self, t: int) -> int:
+        return self.fact_turn + t
+
+    def groups(self, t: int) -> list[Group]:
+        from ..data.recall import item_episode
+
+        out = []
+        for it in self.items[t]:
+            ep = item_episode(it, self.fmt)
+            out.append(Group(ep.id, ep.chunks, [Query(ep.input, list(ep.options), ep.answer)]))
+        return out
+
+    def aggregate(self, groups, scores, calib):
+        ll = [[s[0] for s in g[0]] for g in scores]
+        lens = [[s[1] for s in g[0]] for g in scores]
+        res = multiple_choice(ll, lens, [g.queries[0].answer for g in groups])
+        res.pop("acc_base", None)
+        return res
+
+    def describe(self):
+        from ..data.recall import describe
+
+        return {"suite": "recall", "items": len(self.items[self.ts[0]]), "ts": list(self.ts),
+                "fact_turn": self.fact_turn, "split": f"chit-chat {self.split} split (split seed {self.split_seed})",
+                "distance": "t = turns between the fact and the question", **describe()}

