@@ -114,3 +114,28 @@ def test_recall_suite_through_the_runner(tok):
     assert by[(4, "window")]["budget_slots"] == 10 and by[(1, "window")]["budget_slots"] == 4
     assert {r["method"] for r in res["rows"]} == {"none", "full", "window", "streamingllm"}
     assert max(res["agreement"].values()) < 1e-4
+    assert all(0.0 <= r["exact_match"] <= 1.0 for r in res["rows"])
+
+
+def test_exact_match_reads_the_reply(tok):
+    """A method whose reply states the value scores 1, one that does not scores 0."""
+    from ccmem.evaluation import RecallSuite
+
+    suite = RecallSuite(tok, items=2, ts=(2,))
+    groups = suite.groups(2)
+    value = suite.items[2][0].value
+
+    class Canned:
+        def __init__(self, text):
+            self.ids = tok(text, add_special_tokens=False)["input_ids"]
+
+        def session(self, ccm, chunks, budget):
+            ids = self.ids
+
+            class S:
+                def generate(self, *a, **k):
+                    return ids
+            return S()
+
+    assert suite.generate(Canned(f" You were born in {value}."), None, groups[:1], 0) == [True]
+    assert suite.generate(Canned(" I do not remember."), None, groups[:1], 0) == [False]

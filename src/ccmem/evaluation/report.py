@@ -68,6 +68,9 @@ def write(out_dir: Path, name: str, result: dict[str, Any], methods: list[dict],
           + "\n",
           f"## {metric} ({'higher' if higher_is_better else 'lower'} is better)\n", markdown_table(
               pivot(rows, metric, names, ts), ["t"] + names),
+          *(["\n## exact_match (greedy reply contains the answer; methods with an online session)\n",
+             markdown_table(pivot(rows, "exact_match", names, ts), ["t"] + names)]
+            if any("exact_match" in r for r in rows) else []),
           "\n## KV memory held for the context (KiB, mean per context)\n",
           markdown_table(pivot(rows, "kv_kib", names, ts), ["t"] + names),
           "\n## Peak KV while processing the context (KiB)\n",

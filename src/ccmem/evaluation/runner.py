@@ -42,6 +42,7 @@ class EvalConfig:
     n_tok: int = 2  # the budget of the training-free methods at step t is n_tok * t (CCM-concat's memory)
     kvpress_python: str | None = None
     device: str | None = None
+    generate: bool = True  # suites that can (recall) also score greedy replies by exact match
 
 
 def methods_for(cfg: EvalConfig) -> list[Method]:
@@ -173,6 +174,7 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
     scores: dict[tuple[str, int], Scores] = {}
     agreement: dict[str, float] = {}
     notes: list[str] = []
+    generated: dict[tuple[str, int], list[bool]] = {}  # exact-match hits, for suites that generate
 
     def run_method(m: Method, ccm: Any) -> None:
         for t in tqdm(ts, desc=m.name, disable=not progress):
@@ -184,6 +186,8 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
                 scores[(m.name, t)] = score_parallel(m, ccm, g, b, cfg.batch_size)
             else:
                 scores[(m.name, t)] = score_online(m, ccm, g, b, max(cfg.batch_size, 32))
+            if cfg.generate and hasattr(suite, "generate"):
+                generated[(m.name, t)] = suite.generate(m, ccm, g, b)
             if cfg.check:
                 part = [Group(x.id, x.chunks, x.queries[:8]) for x in g[:cfg.check]]
                 a = score_parallel(m, ccm, part, b, cfg.batch_size)
@@ -232,6 +236,8 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
     for m in methods:
         for t in ts:
             met = suite.aggregate(groups[t], scores[(m.name, t)], calib)
+            if (m.name, t) in generated:
+                met["exact_match"] = sum(generated[(m.name, t)]) / max(len(generated[(m.name, t)]), 1)
             if isinstance(m, Press):
                 slots = sum(press_held[m.press][t]) / len(groups[t])
             else:

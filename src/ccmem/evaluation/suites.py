@@ -157,7 +157,27 @@ class RecallSuite(Suite):
         for it in self.items[t]:
             ep = item_episode(it, self.fmt)
             out.append(Group(ep.id, ep.chunks, [Query(ep.input, list(ep.options), ep.answer)]))
+            self._values[ep.id] = it.value
         return out
+
+    @property
+    def _values(self) -> dict[str, str]:
+        if not hasattr(self, "_vals"):
+            self._vals: dict[str, str] = {}
+        return self._vals
+
+    def generate(self, method: Any, ccm: Any, groups: list[Group], budget: int, max_new_tokens: int = 12
+                 ) -> list[bool]:
+        """Exact match: greedy reply from the method's memory (its online session); a hit when the reply contains
+        the fact's value."""
+        tok = self.fmt.tok
+        stop = [t for t in (tok.eos_token_id, *tok("\n", add_special_tokens=False)["input_ids"]) if t is not None]
+        hits = []
+        for g in groups:
+            s = method.session(ccm, g.chunks, budget)
+            out = s.generate(g.queries[0].input, max_new_tokens=max_new_tokens, eos_token_id=stop)
+            hits.append(self._values[g.id].lower() in tok.decode(out).lower())
+        return hits
 
     def aggregate(self, groups, scores, calib):
         ll = [[s[0] for s in g[0]] for g in scores]
