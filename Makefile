@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 
 KVPRESS_VENV := .venv-kvpress
 
-.PHONY: setup kvpress-env demo test lint bench eval-icl eval-chitchat clean
+.PHONY: setup kvpress-env demo test lint bench eval-icl eval-chitchat eval-recall clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,9 @@ eval-icl: setup kvpress-env
 
 eval-chitchat: setup kvpress-env
 	$(VENV)/bin/ccmem eval --suite chitchat --limit 40
+
+eval-recall: setup kvpress-env
+	$(VENV)/bin/ccmem eval --suite recall --limit 40
 
 clean:
 	rm -rf $(VENV) $(KVPRESS_VENV) build *.egg-info src/*.egg-info
