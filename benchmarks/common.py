@@ -20,6 +20,15 @@ def environment() -> dict[str, Any]:
     return env()
 
 
+def random_smollm2():
+    """The SmolLM2-135M architecture with random weights (timings on machines without the model files)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                        num_attention_heads=9, num_key_value_heads=3, rope_theta=1e5,
+                                        tie_word_embeddings=True))
+
+
 def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()

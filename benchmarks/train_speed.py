@@ -18,7 +18,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import markdown_table, median_time, write_results  # noqa: E402
+from common import markdown_table, median_time, random_smollm2, write_results  # noqa: E402
 
 from ccmem import CompressedModel, CompressionConfig  # noqa: E402
 from ccmem.data import Collator, Episode  # noqa: E402
@@ -93,9 +93,7 @@ def main() -> None:
                  args.repeats)
     if not args.skip_smollm2:
         if args.random_smollm2:
-            model = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                                                 num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                                                 rope_theta=1e5, tie_word_embeddings=True))
+            model = random_smollm2()
             name = "SmolLM2-135M architecture (random weights)"
         else:
             from ccmem.models import load_model

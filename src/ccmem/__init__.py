@@ -1,7 +1,15 @@
 """ccmem: compressed context memory for online language-model interaction (Kim et al., ICLR 2024)."""
 
 from .config import VARIANTS, CompressionConfig
-from .errors import CCMError, ConfigError, CorruptFileError, IncompatibleError, InputError, UnsupportedModelError
+from .errors import (
+    AlreadyAttachedError,
+    CCMError,
+    ConfigError,
+    CorruptFileError,
+    IncompatibleError,
+    InputError,
+    UnsupportedModelError,
+)
 from .masks import causal_mask, comp_attention_mask, online_mask, to_additive
 from .memory import CompressedMemory
 from .model import SUPPORTED_MODEL_TYPES, CompressedModel
@@ -15,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "VARIANTS",
     "SUPPORTED_MODEL_TYPES",
+    "AlreadyAttachedError",
     "CCMError",
     "CompTokens",
     "CompressedMemory",

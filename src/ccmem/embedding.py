@@ -2,7 +2,8 @@
 
 The base table and the LM head are left exactly as they are (so the base model's weights and state dict do not
 change); ids at or past ``tokens.base`` are looked up in the new fp32 table instead. The same hook records which
-rows are special, which is how the token-gated LoRA learns about the current batch.
+rows are special, which is how the token-gated LoRA learns about the current batch. A pre-hook on the decoder that
+owns the embedding resets that record at the start of every forward and refuses ``inputs_embeds`` without ids.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import InputError
 from .state import ForwardState
 from .tokens import CompTokens
 
@@ -34,8 +36,14 @@ class CompEmbedding(nn.Module):
         return nn.functional.embedding(index, self.weight)
 
 
+def embedding_owner(model: nn.Module, emb: nn.Module) -> nn.Module:
+    """The module that holds ``emb`` as a direct child (the decoder stack): every forward that embeds goes through it,
+    whether the caller runs the LM head model or the bare decoder."""
+    return next((m for m in model.modules() if any(c is emb for c in m.children())), model)
+
+
 def attach_embedding(model: nn.Module, tokens: CompTokens, state: ForwardState, conditional: bool) -> list:
-    """Install the table and the two hooks on ``model.get_input_embeddings()``; returns the hook handles."""
+    """Install the table and the hooks on ``model.get_input_embeddings()`` and its decoder; returns the handles."""
     emb = model.get_input_embeddings()
     if not hasattr(emb, ATTR):
         table = CompEmbedding(emb.weight, tokens.n_special, vocab=min(tokens.base, emb.weight.shape[0]))
@@ -47,7 +55,6 @@ def attach_embedding(model: nn.Module, tokens: CompTokens, state: ForwardState, 
         ids = args[0]
         special = tokens.is_special(ids)
         state.any_special = bool(special.any())
-        state.gate = special.float() if conditional else None
         state.any_sum = state.any_special and tokens.merging and bool(tokens.is_sum(ids).any())
         state.special = special
         state.rows = special.reshape(-1).nonzero().squeeze(-1) if conditional and state.any_special else None
@@ -60,4 +67,16 @@ def attach_embedding(model: nn.Module, tokens: CompTokens, state: ForwardState, 
         new = getattr(module, ATTR)(state.slots).to(out.dtype)
         return torch.where(state.special[..., None], new, out)
 
-    return [emb.register_forward_pre_hook(pre_hook), emb.register_forward_hook(post_hook)]
+    def decoder_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        state.reset()  # nothing of the previous forward survives into this one
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None and kwargs.get("inputs_embeds") is not None:
+            raise InputError(
+                "a model with ccmem attached needs input_ids: which rows are ⟨COMP⟩ tokens (the LoRA gate, the "
+                "⟨COMP⟩ embeddings, merge averaging) is read from the ids and cannot be recovered from "
+                "inputs_embeds; pass input_ids (⟨COMP⟩ ids included), or detach() to run the base model on embeddings"
+            )
+
+    decoder = embedding_owner(model, emb)
+    return [decoder.register_forward_pre_hook(decoder_pre_hook, with_kwargs=True),
+            emb.register_forward_pre_hook(pre_hook), emb.register_forward_hook(post_hook)]

@@ -23,5 +23,10 @@ class InputError(CCMError, ValueError):
     """Bad user input: an empty chunk, one that overflows the position range, a malformed batch."""
 
 
+class AlreadyAttachedError(CCMError, RuntimeError):
+    """A model that already carries ccmem (hooks, attention backend or ⟨COMP⟩/LoRA weights) from another attach:
+    a second attach would stack hooks and reuse or shadow the first one's weights."""
+
+
 class UnsupportedModelError(CCMError, TypeError):
     """A model architecture that ccmem cannot attach to."""

@@ -17,7 +17,9 @@ from .errors import CorruptFileError
 FORMAT_VERSION = 1
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes: the checksum a checked file stores, and the identity
+    of an adapter (e.g. which stage 1 was folded into a model)."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
@@ -33,7 +35,7 @@ def save_checked(path: str | os.PathLike, tensors: dict[str, torch.Tensor], head
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta = {"ccmem": json.dumps(header, sort_keys=True), "sha256": _digest(tensors)}
+    meta = {"ccmem": json.dumps(header, sort_keys=True), "sha256": digest(tensors)}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
@@ -54,7 +56,7 @@ def load_checked(path: str | os.PathLike, kind: str = "file") -> tuple[dict[str,
         ) from e
     if "ccmem" not in meta or "sha256" not in meta:
         raise CorruptFileError(f"{kind} {path} has no ccmem header; it was not written by ccmem")
-    if _digest(tensors) != meta["sha256"]:
+    if digest(tensors) != meta["sha256"]:
         raise CorruptFileError(
             f"{kind} {path} is corrupted: its tensors do not match the stored checksum; re-create it or restore it"
         )

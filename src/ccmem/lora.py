@@ -47,9 +47,13 @@ def target_linears(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.L
 
 
 def attach_lora(
-    model: nn.Module, targets: tuple[str, ...], r: int, alpha: float, dropout: float, state: ForwardState
+    model: nn.Module, targets: tuple[str, ...], r: int, alpha: float, dropout: float, state: ForwardState,
+    conditional: bool = True,
 ) -> list:
-    """Add a LoRA to each target projection and a hook that adds its gated delta; returns the hook handles."""
+    """Add a LoRA to each target projection and a hook that adds its gated delta; returns the hook handles.
+
+    Whether the LoRA is gated is fixed here, not read from the per-forward state: a state that was reset (or never
+    filled) then means "no ⟨COMP⟩ row", i.e. the base model, never "LoRA on every row"."""
     handles = []
     for lin in target_linears(model, targets).values():
         if not hasattr(lin, ATTR):
@@ -59,7 +63,7 @@ def attach_lora(
 
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
             lora = getattr(module, ATTR)
-            if state.gate is None:  # plain LoRA: every row
+            if not conditional:  # plain LoRA: every row
                 return out + lora(args[0]).to(out.dtype)
             if not state.any_special:
                 return out  # no ⟨COMP⟩ row in this batch: exactly the base model, and no wasted compute

@@ -7,6 +7,7 @@ transformers ones, and ``detach()`` returns it to its original behaviour.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,9 @@ from .attention import BACKENDS, STATE_ATTR, attention_modules, register_backend
 from .config import CompressionConfig
 from .embedding import ATTR as EMB_ATTR
 from .embedding import attach_embedding
-from .errors import IncompatibleError, InputError, UnsupportedModelError
+from .errors import AlreadyAttachedError, IncompatibleError, InputError, UnsupportedModelError
 from .lora import ATTR as LORA_ATTR
-from .lora import attach_lora, lora_linears, lora_modules
+from .lora import attach_lora, lora_linears, lora_modules, merge_and_remove_lora
 from .masks import causal_mask, comp_attention_mask, to_additive
 from .merging import merge_plan
 from .positions import skip_position_ids
@@ -30,6 +31,7 @@ from .tokens import CompTokens, register_with_tokenizer
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+STAGE1_KEY = "ccmem_stage1"  # model.config entry naming the stage-1 adapter folded into the weights (saved with them)
 FINGERPRINT_KEYS = (
     "model_type",
     "hidden_size",
@@ -64,9 +66,12 @@ class CompressedModel:
         tokenizer: Any = None,
         attn_implementation: str = "sdpa",
     ) -> CompressedModel:
-        """Freeze ``model`` and add the trainable compression parts (⟨COMP⟩ embeddings, gated LoRA)."""
+        """Freeze ``model`` and add the trainable compression parts (⟨COMP⟩ embeddings, gated LoRA).
+
+        A model that already carries ccmem is refused (:class:`AlreadyAttachedError`) before anything changes."""
         config = config or CompressionConfig()
         _check_architecture(model)
+        check_not_attached(model)
         if attn_implementation not in BACKENDS:
             raise UnsupportedModelError(
                 f"attention backend {attn_implementation!r} cannot take ccmem's 4D masks; use one of {BACKENDS}"
@@ -86,13 +91,15 @@ class CompressedModel:
         self._grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
         register_backends()
-        self._prev_attn = model.config._attn_implementation
+        prev = str(model.config._attn_implementation or "sdpa")
+        self._prev_attn = prev.removeprefix("ccmem_")
         model.set_attn_implementation(f"ccmem_{attn_implementation}")
         for attn in attention_modules(model):
             setattr(attn, STATE_ATTR, self.state)
         self._handles += attach_embedding(model, tokens, self.state, config.conditional)
         self._handles += attach_lora(
-            model, config.target_modules, config.lora_r, config.lora_alpha, config.lora_dropout, self.state
+            model, config.target_modules, config.lora_r, config.lora_alpha, config.lora_dropout, self.state,
+            config.conditional,
         )
         n_lora = len(lora_modules(model))
         n_layers = model.config.num_hidden_layers
@@ -109,7 +116,8 @@ class CompressedModel:
     def detach(self, remove_weights: bool = False) -> nn.Module:
         """Remove every hook and restore the original attention backend; returns the bare model.
 
-        The LoRA and ⟨COMP⟩ weights stay attached (inert) unless ``remove_weights``."""
+        The LoRA and ⟨COMP⟩ weights stay attached (inert) unless ``remove_weights``; until they are removed the model
+        cannot be attached again. A stage-1 LoRA folded by :meth:`from_pretrained` stays in the weights."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -273,19 +281,20 @@ class CompressedModel:
         attn_implementation: str = "sdpa",
         revision: str | None = None,
     ) -> CompressedModel:
-        """Attach a saved adapter (a local folder or a hub repository id) to ``model``."""
+        """Attach a saved adapter (a local folder or a hub repository id) to ``model``.
+
+        If the adapter ships a stage 1 (a ``stage1/`` folder: the full-context LoRA of the two-stage recipe), its LoRA
+        is folded into ``model``'s own weights **in place** (see :func:`fold_stage1`): the caller's model is changed
+        for good, ``detach()`` does not undo it, and the fold is recorded in ``model.config`` so a second
+        ``from_pretrained`` on the same model does not add it again. Load a fresh model to get the base back."""
+        _check_architecture(model)
+        check_not_attached(model)
         tensors, header = cls.read_adapter(path_or_id, revision)
         config = CompressionConfig.from_dict(header["compression"])
-        _check_architecture(model)
         check_fingerprint(model_fingerprint(model), header["base"], f"adapter {path_or_id}")
         stage1 = cls._stage1(path_or_id, revision)
         if stage1 is not None:  # two-stage recipe: fold the full-context LoRA into the base weights first
-            from .lora import merge_and_remove_lora
-
-            base = cls.from_pretrained(stage1, model)
-            base.detach()
-            merge_and_remove_lora(model)
-            base.detach(remove_weights=True)
+            fold_stage1(model, stage1)
         self = cls.attach(model, config, tokenizer, attn_implementation)
         try:
             self._load_tensors(tensors, str(path_or_id))
@@ -323,6 +332,74 @@ class CompressedModel:
         from .session import Session
 
         return Session(self, batch_size=batch_size, grad=grad)
+
+
+def fold_stage1(model: nn.Module, path_or_id: str | os.PathLike, revision: str | None = None) -> bool:
+    """Fold a stage-1 (full-context) adapter's LoRA into ``model``'s weights in place (W <- W + B A alpha/r), once.
+
+    The one fold of the two-stage recipe (:meth:`CompressedModel.from_pretrained`, ``recipe.prepare_model``). The
+    adapter's sha256 is recorded in ``model.config`` (and so saved with the model): folding the same adapter again
+    is skipped with a warning (returns False), folding another one on top is refused, since either would add a
+    second full-context delta that no adapter was trained on."""
+    tensors, header = CompressedModel.read_adapter(path_or_id, revision)
+    sha = io.digest(tensors)
+    done = getattr(model.config, STAGE1_KEY, None)
+    if done is not None:
+        if done.get("sha256") == sha:
+            warnings.warn(
+                f"stage-1 adapter {path_or_id} is already folded into this model's weights (sha256 {sha[:12]}); "
+                "not folding it again", stacklevel=3,
+            )
+            return False
+        raise IncompatibleError(
+            f"this model's weights already hold stage-1 adapter {done.get('adapter')!r} (sha256 "
+            f"{str(done.get('sha256'))[:12]}); folding stage 1 {path_or_id} (sha256 {sha[:12]}) on top would add two "
+            "full-context LoRAs; load a fresh model for it"
+        )
+    _check_architecture(model)
+    check_fingerprint(model_fingerprint(model), header["base"], f"stage-1 adapter {path_or_id}")
+    ccm = CompressedModel.attach(model, CompressionConfig.from_dict(header["compression"]))
+    try:
+        ccm._load_tensors(tensors, str(path_or_id))
+    except Exception:
+        ccm.detach(remove_weights=True)
+        raise
+    ccm.detach()
+    merge_and_remove_lora(model)
+    ccm.detach(remove_weights=True)
+    setattr(model.config, STAGE1_KEY, {"adapter": str(path_or_id), "sha256": sha})
+    return True
+
+
+def check_not_attached(model: nn.Module) -> None:
+    """Refuse a model that already carries ccmem: a second attach would stack a second set of hooks on the first,
+    remember ``ccmem_*`` as the backend to restore on ``detach()`` and reuse (or shadow) the first one's weights."""
+    live = []  # (a ccmem_* attention implementation alone is no attachment: a model built from an attached one's
+    # config has it; attach then restores the plain backend on detach)
+    if any(hasattr(a, STATE_ATTR) for a in attention_modules(model)):
+        live.append("attention state")
+    hooked = [
+        m for m in model.modules()
+        if any(str(getattr(h, "__module__", "")).startswith("ccmem.")
+               for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values())
+    ]
+    if hooked:
+        live.append(f"hooks on {len(hooked)} modules")
+    if live:
+        raise AlreadyAttachedError(
+            f"this {type(model).__name__} already has ccmem attached ({', '.join(live)}); call "
+            ".detach(remove_weights=True) on the CompressedModel that holds it first (after a plain .detach() its "
+            "⟨COMP⟩/LoRA weights stay on the model and still block a new attach), or attach to a freshly loaded model"
+        )
+    n_lora = len(lora_linears(model))
+    left = (["⟨COMP⟩ embeddings (ccmem_comp)"] if hasattr(model.get_input_embeddings(), EMB_ATTR) else []) + (
+        [f"LoRA on {n_lora} projections (ccmem_lora)"] if n_lora else [])
+    if left:
+        raise AlreadyAttachedError(
+            f"this {type(model).__name__} still carries {' and '.join(left)} from an earlier CompressedModel that was "
+            "detached with its weights kept; call .detach(remove_weights=True) on it first (or fold the LoRA with "
+            "ccmem.lora.merge_and_remove_lora), or attach to a freshly loaded model"
+        )
 
 
 def _check_architecture(model: nn.Module) -> None:

@@ -52,16 +52,12 @@ def _merge(a: dict, b: dict) -> None:
 
 def prepare_model(model_name: str, base_adapter: str | None, device: str | None = None):
     """Load the base model; if a stage-1 adapter is given, fold its LoRA into the weights (stage 2 of the recipe)."""
-    from .lora import merge_and_remove_lora
-    from .model import CompressedModel
+    from .model import fold_stage1
     from .models import load_model
 
     model, tok = load_model(model_name, device=device)
     if base_adapter:
-        stage1 = CompressedModel.from_pretrained(base_adapter, model)
-        stage1.detach()
-        merge_and_remove_lora(model)
-        stage1.detach(remove_weights=True)
+        fold_stage1(model, base_adapter)
     return model, tok
 
 

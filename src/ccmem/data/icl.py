@@ -93,6 +93,24 @@ def read_wordnet(pos: str, d: Path | None = None) -> dict[str, Synset]:
     return out
 
 
+def first_senses(pos: str, synsets: dict[str, Synset], d: Path | None = None, min_tagged: int = 0
+                 ) -> dict[str, Synset]:
+    """Each single-word lemma's first-listed synset (the data files list senses in offset order, so use the index
+    order instead: a lemma's most frequent sense comes first in index.<pos>). ``min_tagged``: keep lemmas whose
+    senses were tagged at least that often in SemCor (common words)."""
+    out = {}
+    with open((d or wordnet_dir()) / f"index.{pos}", encoding="latin-1") as f:
+        for line in f:
+            if line.startswith("  "):
+                continue
+            p = line.split()
+            lemma, n_syn, n_ptr = p[0], int(p[2]), int(p[3])
+            offsets = p[4 + n_ptr + 2:4 + n_ptr + 2 + n_syn]
+            if _simple(lemma) and offsets and int(p[4 + n_ptr + 1]) >= min_tagged:
+                out[lemma] = synsets[offsets[0]]
+    return out
+
+
 def _simple(w: str) -> bool:
     return w.isalpha() and w.islower() and 3 <= len(w) <= 14
 
@@ -120,22 +138,7 @@ def _wordnet_tasks(rng: random.Random, per_task: int) -> dict[str, Task]:
     syn = {pos: read_wordnet(pos, d) for pos in ("noun", "verb", "adj", "adv")}
     tasks: dict[str, Task] = {}
 
-    def first_sense(pos: str) -> dict[str, Synset]:
-        """Each single-word lemma's first-listed synset (the data files list senses in offset order, so use the
-        index order instead: a lemma's most frequent sense comes first in index.<pos>)."""
-        out = {}
-        with open(d / f"index.{pos}", encoding="latin-1") as f:
-            for line in f:
-                if line.startswith("  "):
-                    continue
-                p = line.split()
-                lemma, n_syn, n_ptr = p[0], int(p[2]), int(p[3])
-                offsets = p[4 + n_ptr + 2:4 + n_ptr + 2 + n_syn]
-                if _simple(lemma) and offsets:
-                    out[lemma] = syn[pos][offsets[0]]
-        return out
-
-    nouns, verbs, adjs = first_sense("noun"), first_sense("verb"), first_sense("adj")
+    nouns, verbs, adjs = (first_senses(pos, syn[pos], d) for pos in ("noun", "verb", "adj"))
     for name, table, senses in (("wn_noun_supersense", nouns, NOUN_SENSES), ("wn_verb_supersense", verbs,
                                                                               VERB_SENSES)):
         by = defaultdict(list)

