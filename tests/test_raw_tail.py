@@ -116,3 +116,16 @@ def test_split_tail_and_config_errors():
         tiny_ccm("llama", raw_tail=-1)
     with pytest.raises(ConfigError, match="gist"):
         tiny_ccm("llama", "gist", raw_tail=1)
+
+
+def test_training_step_with_everything_in_the_tail(tmp_path):
+    """A micro-batch whose chunks all sit in the raw tail has no ⟨COMP⟩ row and no gradient: the step goes on."""
+    from ccmem.training import TrainConfig, Trainer
+
+    ccm = tiny_ccm("llama", raw_tail=1)
+    eps = [Episode([[5, 6, 7]], [8, 9], [10, 11]), Episode([[5, 6], [7, 8]], [9], [10])]
+    tr = Trainer(ccm, eps, TrainConfig(output_dir=str(tmp_path), max_steps=2, batch_size=1, grad_accum=2, lr=1e-2))
+    before = [p.detach().clone() for p in ccm.trainable_parameters()]
+    hist = tr.fit()
+    assert len(hist) == 2 and all(h["loss"] > 0 for h in hist)
+    assert any(not torch.equal(a, b) for a, b in zip(before, ccm.trainable_parameters()))

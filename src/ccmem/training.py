@@ -152,7 +152,8 @@ class Trainer:
             ctx = self.acc.no_sync(self.model) if not sync and self.acc.num_processes > 1 else _null()
             with ctx:
                 loss, _, ntok = self._forward_loss(self.collate(eps))
-                self.acc.backward(loss / len(micro))
+                if loss.requires_grad:  # a micro-batch with no ⟨COMP⟩ row (e.g. all chunks in the raw tail) adds 0
+                    self.acc.backward(loss / len(micro))
             total += float(loss.detach()) / len(micro)
             tokens += ntok
         loss_t = torch.tensor([total], device=self.acc.device)
