@@ -29,6 +29,15 @@ def random_smollm2():
                                         tie_word_embeddings=True))
 
 
+def smollm2_for_timing(random_weights: bool):
+    """(model, name): the default model, or its architecture with random weights where its files are absent."""
+    if random_weights:
+        return random_smollm2(), "SmolLM2-135M architecture (random weights)"
+    from ccmem.models import load_model
+
+    return load_model()[0], "SmolLM2-135M-Instruct"
+
+
 def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()

@@ -18,7 +18,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import markdown_table, median_time, random_smollm2, write_results  # noqa: E402
+from common import markdown_table, median_time, smollm2_for_timing, write_results  # noqa: E402
 
 from ccmem import CompressedModel, CompressionConfig  # noqa: E402
 from ccmem.data import Collator, Episode  # noqa: E402
@@ -92,14 +92,7 @@ def main() -> None:
     rows = bench("tiny-llama (hidden 128, 4 layers)", CompressedModel.attach(tiny.to(args.device), cfg), 1000, 8,
                  args.repeats)
     if not args.skip_smollm2:
-        if args.random_smollm2:
-            model = random_smollm2()
-            name = "SmolLM2-135M architecture (random weights)"
-        else:
-            from ccmem.models import load_model
-
-            model, _ = load_model()
-            name = "SmolLM2-135M-Instruct"
+        model, name = smollm2_for_timing(args.random_smollm2)
         t0 = time.time()
         rows += bench(name, CompressedModel.attach(model.to(args.device), cfg), 49152, args.batch, args.repeats)
         print(f"smollm2 part took {time.time() - t0:.0f}s")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import markdown_table, random_smollm2, write_results  # noqa: E402
+from common import markdown_table, smollm2_for_timing, write_results  # noqa: E402
 
 from ccmem import CompressedModel, CompressionConfig  # noqa: E402
 from ccmem.data import Collator, Episode  # noqa: E402
@@ -120,14 +120,7 @@ def main() -> None:
     ap.add_argument("--name", default="train_throughput")
     args = ap.parse_args()
     torch.manual_seed(0)
-    if args.random_smollm2:
-        model = random_smollm2()
-        name = "SmolLM2-135M architecture (random weights)"
-    else:
-        from ccmem.models import load_model
-
-        model, _ = load_model()
-        name = "SmolLM2-135M-Instruct"
+    model, name = smollm2_for_timing(args.random_smollm2)
     model.to(args.device)
     vocab = 49152
     rows = []

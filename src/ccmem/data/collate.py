@@ -81,15 +81,8 @@ def split_tail(chunks: Sequence[Sequence[int]], tail: Sequence[int], raw_tail: i
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy. ``logits`` may cover only the last K positions (``logits_to_keep=K``); labels are
     aligned to them. ``reduction="sum"`` returns (sum, count) for pooled perplexities."""
-    k = logits.shape[1]
-    target = labels[:, -k + 1:] if k > 1 else labels[:, :0]
-    pred = logits[:, :-1]
-    loss = torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(), target.reshape(-1),
-                                             ignore_index=IGNORE, reduction="sum")
-    count = (target != IGNORE).sum()
-    if reduction == "sum":
-        return loss, count
-    return loss / count.clamp(min=1)
+    k, n = logits.shape[1], labels.shape[1]
+    return lm_loss_at(logits[:, :-1], labels, torch.arange(n - k, n - 1, device=labels.device), reduction)
 
 
 def keep_for_loss(labels: torch.Tensor) -> int:

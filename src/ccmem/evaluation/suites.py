@@ -146,6 +146,7 @@ class RecallSuite(Suite):
         self.ts, self.fact_turn, self.split, self.split_seed = tuple(ts), fact_turn, split, split_seed
         splits, self.fmt, _ = chitchat_splits(tokenizer, {"split_seed": split_seed, "max_turn_tokens": 128})
         self.items = eval_items(splits[split], self.ts, items, fact_turn, seed)
+        self._values: dict[str, str] = {}  # group id -> the fact's value (exact match), filled by groups()
 
     def steps(self, t: int) -> int:
         return self.fact_turn + t
@@ -159,12 +160,6 @@ class RecallSuite(Suite):
             out.append(Group(ep.id, ep.chunks, [Query(ep.input, list(ep.options), ep.answer)]))
             self._values[ep.id] = it.value
         return out
-
-    @property
-    def _values(self) -> dict[str, str]:
-        if not hasattr(self, "_vals"):
-            self._vals: dict[str, str] = {}
-        return self._vals
 
     def generate(self, method: Any, ccm: Any, groups: list[Group], budget: int, max_new_tokens: int = 12
                  ) -> list[bool]:
