@@ -66,6 +66,9 @@ KNOBS: dict[str, tuple[str, dict[str, Any]]] = {
     "ntok1": ("n_tok 1", {"compression.n_tok": 1}),
     "ntok8": ("n_tok 8", {"compression.n_tok": 8}),
     "sink": ("attention sink on", {"compression.sink": True}),
+    "gate": ("memory gate, starts at -4 (gate lr 1e-2)", {"compression.memory_gate": -4.0, "train.gate_lr": 1.0e-2}),
+    "gate_fast": ("memory gate, starts at -4 (gate lr 5e-2)", {"compression.memory_gate": -4.0,
+                                                               "train.gate_lr": 5.0e-2}),
 }
 
 

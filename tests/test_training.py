@@ -102,6 +102,22 @@ def test_embedding_learning_rate_is_separate(tmp_path):
     assert groups[1]["lr"] / groups[0]["lr"] == pytest.approx(50)  # one schedule scales both
 
 
+def test_memory_gate_trains_with_its_own_learning_rate(tmp_path):
+    """Gates start nearly closed (-4): the recall task is still learned (the memory is read through them) and the
+    gates move at their own learning rate."""
+    ccm = CompressedModel.attach(tiny_model("llama", initializer_range=0.3),
+                                 CompressionConfig(n_tok=2, lora_dropout=0.0, memory_gate=-4.0))
+    tr = Trainer(ccm, key_task(256, 0), TrainConfig(output_dir=str(tmp_path), max_steps=150, batch_size=16, lr=1e-2,
+                                                    gate_lr=0.1))
+    gates = [p for n, p in ccm.trainable_named_parameters().items() if n.startswith("gate.")]
+    assert len(tr.opt.param_groups) == 3 and tr.opt.param_groups[2]["params"] == gates
+    assert tr.opt.param_groups[2]["initial_lr"] == 0.1
+    hist = tr.fit()
+    assert sum(h["loss"] for h in hist[-10:]) / 10 < 0.5
+    assert float((torch.cat([g.detach() for g in gates]) + 4.0).abs().max()) > 0.5
+    assert tr.evaluate(key_task(64, 1)) < 1.2
+
+
 # ---------------------------------------------------------------- toy task
 def key_task(n: int, seed: int) -> list[Episode]:
     """A key (one of 4 tokens) hides at the end of the last context chunk; the output must recall it."""

@@ -3,7 +3,9 @@
 Selecting ``ccmem_sdpa`` / ``ccmem_eager`` as a model's attention implementation changes one thing: when the forward
 carries a :class:`~ccmem.merging.MergePlan` (keyword ``ccmem_merge``, which transformers passes down to every
 attention call), the SUM rows' keys and values (already rotated by RoPE, already in the layer's key/value heads) are
-replaced by the running mean of the matching ⟨COMP⟩ keys/values before attention is computed. Everything else is
+replaced by the running mean of the matching ⟨COMP⟩ keys/values before attention is computed; when it carries
+``ccmem_memory`` (which keys are compressed memory) and the adapter has a memory gate, the gate's per-head bias is
+added to the mask on those keys (:mod:`ccmem.gate`). Everything else is
 delegated to transformers' own sdpa function or to the model's own eager function, so no modeling file is forked.
 The mask functions are registered under the same names, so 2D padding masks keep working (e.g. in ``generate``).
 """
@@ -18,6 +20,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
+from .gate import gated_mask
 from .merging import MergePlan, apply_merge
 from .state import ForwardState
 
@@ -34,7 +37,8 @@ def _eager_for(module: torch.nn.Module) -> Callable:
 
 
 def _make(backend: str) -> Callable:
-    def attention(module, query, key, value, attention_mask, ccmem_merge: MergePlan | None = None, **kwargs):
+    def attention(module, query, key, value, attention_mask, ccmem_merge: MergePlan | None = None,
+                  ccmem_memory: torch.Tensor | None = None, **kwargs):
         state: ForwardState | None = getattr(module, STATE_ATTR, None)
         if ccmem_merge is not None:
             if key.shape[2] != ccmem_merge.length:
@@ -51,6 +55,10 @@ def _make(backend: str) -> Callable:
         if attention_mask is not None and attention_mask.is_floating_point() and attention_mask.dtype != query.dtype:
             # under autocast the queries are bf16/fp16 while ccmem's mask was built in the weights' dtype
             attention_mask = attention_mask.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
+        if ccmem_memory is not None:
+            if attention_mask is None or not attention_mask.is_floating_point():
+                raise RuntimeError("a gated memory needs ccmem's additive 4D mask (parallel_inputs or a Session)")
+            attention_mask = gated_mask(module, attention_mask, ccmem_memory)
         fn = sdpa_attention_forward if backend == "sdpa" else _eager_for(module)
         return fn(module, query, key, value, attention_mask, **kwargs)
 

@@ -25,6 +25,9 @@ class CompressionConfig:
     conditional: apply the LoRA delta only at ⟨COMP⟩/SUM rows (the method); ``False`` is the plain-LoRA ablation.
     raw_tail: the newest ``raw_tail`` chunks stay as raw tokens, read with the input; a chunk is compressed only
         when it leaves this tail (the last turn usually matters most, and a window keeps it verbatim).
+    memory_gate: ``None`` (the paper's method) or the initial value of a learned per-layer, per-head bias on the
+        attention logits of memory slots (:mod:`ccmem.gate`); a negative start (e.g. -6) makes an untrained memory
+        nearly invisible instead of harmful.
     """
 
     variant: str = "concat_recur"
@@ -35,6 +38,7 @@ class CompressionConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     raw_tail: int = 0
+    memory_gate: float | None = None
     target_modules: tuple[str, ...] = field(default_factory=lambda: DEFAULT_TARGETS)
 
     def __post_init__(self) -> None:
@@ -56,6 +60,10 @@ class CompressionConfig:
             raise ConfigError(f"raw_tail must be a non-negative integer (chunks kept raw), got {self.raw_tail!r}")
         if self.raw_tail and self.variant == "gist":
             raise ConfigError("raw_tail needs an online variant; gist recompresses the whole history every step")
+        if self.memory_gate is not None and (isinstance(self.memory_gate, bool) or not isinstance(
+                self.memory_gate, (int, float)) or not -30.0 <= self.memory_gate <= 30.0):
+            raise ConfigError(f"memory_gate must be None or a number in [-30, 30] (a logit bias), got "
+                              f"{self.memory_gate!r}")
         if not self.target_modules:
             raise ConfigError("target_modules is empty; the default is q_proj, k_proj, v_proj, o_proj")
 

@@ -81,6 +81,19 @@ def _same(feature: torch.Tensor) -> Rule:
     return lambda b, h, q, kv: feature[b, q] == feature[b, kv]
 
 
+def _group_ends(input_ids: torch.Tensor, tokens: CompTokens, variant: str) -> torch.Tensor:
+    """(B, N) bool: the tokens that close a block (the last token of a ⟨COMP⟩ or SUM group)."""
+    if variant in ("concat_recur", "concat", "gist"):
+        return input_ids == tokens.comp_ids[-1]
+    if variant == "merge_recur":
+        if not tokens.merging:
+            raise ValueError("merge_recur needs SUM tokens: build CompTokens with merging=True")
+        return input_ids == tokens.sum_ids[-1]
+    if variant == "merge":
+        return (input_ids == tokens.comp_ids[-1]) | (input_ids == tokens.sum_ids[-1])
+    raise ValueError(f"unknown variant {variant!r}")
+
+
 def comp_mask_function(
     input_ids: torch.Tensor,
     tokens: CompTokens,
@@ -96,19 +109,8 @@ def comp_mask_function(
     if segments is None:
         segments = default_segments(attention_mask)
     comp, summ = tokens.is_comp(input_ids), tokens.is_sum(input_ids)
-    comp_first, comp_last = input_ids == tokens.comp_ids[0], input_ids == tokens.comp_ids[-1]
-
-    if variant in ("concat_recur", "concat", "gist"):
-        ends = comp_last
-    elif variant == "merge_recur":
-        if not tokens.merging:
-            raise ValueError("merge_recur needs SUM tokens: build CompTokens with merging=True")
-        ends = input_ids == tokens.sum_ids[-1]
-    elif variant == "merge":
-        ends = comp_last | (input_ids == tokens.sum_ids[-1])
-    else:
-        raise ValueError(f"unknown variant {variant!r}")
-
+    comp_first = input_ids == tokens.comp_ids[0]
+    ends = _group_ends(input_ids, tokens, variant)
     block = reverse_cumsum(ends.long())
     # a token's block counted within its own episode: 0 = the episode's final block (input and output)
     last = segment_end_index(segments)
@@ -129,6 +131,23 @@ def comp_mask_function(
     if sink:
         rule = or_masks(rule, _key(pad & segment_starts(segments)))
     return and_masks(rule, _same(segments), causal_mask_function, padding_mask_function(pad))
+
+
+def memory_mask_function(
+    input_ids: torch.Tensor,
+    tokens: CompTokens,
+    variant: str,
+    attention_mask: torch.Tensor | None = None,
+    sink: bool = False,
+    segments: torch.Tensor | None = None,
+) -> Rule:
+    """Where a query reads compressed memory: a visible ⟨COMP⟩/SUM key of an earlier block (what the online loop
+    holds in its memory slots; a group read by its own block is being written, not memory). The memory gate
+    (:mod:`ccmem.gate`) biases exactly these entries."""
+    visible = comp_mask_function(input_ids, tokens, variant, attention_mask, sink, segments)
+    block = reverse_cumsum(_group_ends(input_ids, tokens, variant).long())
+    other = lambda b, h, q, kv: block[b, q] != block[b, kv]  # noqa: E731
+    return and_masks(visible, _key(tokens.is_special(input_ids)), other)
 
 
 def dense_mask(rule: Rule, batch: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:

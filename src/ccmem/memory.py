@@ -43,10 +43,13 @@ class CompressedMemory:
     fingerprint: dict[str, Any]
     tail: list[list[list[int]]] = field(default_factory=list)  # per row, the raw chunks not yet compressed
     cache_dtype: torch.dtype | None = None  # the model's dtype when the slots are held in fp32 (merge in bf16/fp16)
+    raw: torch.Tensor | None = None  # (M,) bool: slots written by add_raw (verbatim tokens, never gated)
 
     def __post_init__(self) -> None:
         if not self.tail:
             self.tail = [[] for _ in range(self.valid.shape[0])]
+        if self.raw is None:
+            self.raw = torch.zeros(self.valid.shape[1], dtype=torch.bool, device=self.valid.device)
 
     @classmethod
     def empty(cls, batch_size: int, fingerprint: dict[str, Any], config: CompressionConfig,
@@ -105,6 +108,10 @@ class CompressedMemory:
         size = torch.empty(0, dtype=self.cache_dtype).element_size() if self.cache_dtype else k.element_size()
         return 2 * len(self.keys) * k.shape[1] * k.shape[3] * size
 
+    def memory_slots(self) -> torch.Tensor:
+        """(M,) bool, True at compressed slots (not the sink, not raw tokens): what a memory gate biases."""
+        return ~self.sink_slots() & ~self.raw
+
     def sink_slots(self) -> torch.Tensor:
         """(M,) bool, True at the sink slot."""
         m = torch.zeros(self.num_slots, dtype=torch.bool, device=self.valid.device)
@@ -133,6 +140,7 @@ class CompressedMemory:
             self.keys = [torch.cat([torch.where(r, k, torch.zeros_like(k)), m], 2) for k, m in zip(ks, self.keys)]
             self.values = [torch.cat([torch.where(r, v, torch.zeros_like(v)), m], 2) for v, m in zip(vs, self.values)]
             self.valid = torch.cat([rows[:, None], self.valid], 1)
+            self.raw = torch.cat([self.raw.new_zeros(1), self.raw])
             self.has_sink = True
         else:
             self.keys = [torch.cat([torch.where(r, k, m[:, :, :1]), m[:, :, 1:]], 2) for k, m in zip(ks, self.keys)]
@@ -153,6 +161,7 @@ class CompressedMemory:
             self.keys = [torch.cat([m, k], 2) for m, k in zip(self.keys, ks)]
             self.values = [torch.cat([m, v], 2) for m, v in zip(self.values, vs)]
             self.valid = torch.cat([self.valid, rows[:, None].expand(-1, n)], 1)
+            self.raw = torch.cat([self.raw, self.raw.new_zeros(n)])
         else:
             r = rows.view(-1, 1, 1, 1)
             step = self.steps
@@ -173,6 +182,7 @@ class CompressedMemory:
         self.keys = [torch.cat([m, k], 2) for m, k in zip(self.keys, ks)]
         self.values = [torch.cat([m, v], 2) for m, v in zip(self.values, vs)]
         self.valid = torch.cat([self.valid, valid.bool()], 1)
+        self.raw = torch.cat([self.raw, self.raw.new_ones(valid.shape[1])])
         self.offset = self.offset + n_text
         self.steps = self.steps + (n_text > 0).long()
 
@@ -184,12 +194,12 @@ class CompressedMemory:
             keys=[k.expand(n, -1, -1, -1) for k in self.keys], values=[v.expand(n, -1, -1, -1) for v in self.values],
             valid=self.valid.expand(n, -1), offset=self.offset.expand(n), steps=self.steps.expand(n),
             has_sink=self.has_sink, config=self.config, fingerprint=dict(self.fingerprint),
-            tail=[[list(c) for c in self.tail[0]] for _ in range(n)], cache_dtype=self.cache_dtype)
+            tail=[[list(c) for c in self.tail[0]] for _ in range(n)], cache_dtype=self.cache_dtype, raw=self.raw)
 
     # ---------------------------------------------------------------- files
     def save(self, path: str | os.PathLike) -> None:
         """Save to one safetensors file whose JSON header names the model, config and format version."""
-        tensors = {"valid": self.valid, "offset": self.offset, "steps": self.steps}
+        tensors = {"valid": self.valid, "offset": self.offset, "steps": self.steps, "raw": self.raw}
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
             tensors[f"k.{i}"] = k
             tensors[f"v.{i}"] = v
@@ -220,6 +230,7 @@ class CompressedMemory:
             fingerprint=header["base"],
             tail=_tail(header.get("tail"), tensors["valid"].shape[0], path),
             cache_dtype=_cache_dtype(tensors["k.0"].dtype, ccm),
+            raw=tensors["raw"].to(dev).bool() if "raw" in tensors else None,  # files before gates have no raw flags
         )
 
 

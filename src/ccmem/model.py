@@ -20,9 +20,11 @@ from .config import CompressionConfig
 from .embedding import ATTR as EMB_ATTR
 from .embedding import attach_embedding
 from .errors import AlreadyAttachedError, IncompatibleError, InputError, UnsupportedModelError
+from .gate import ATTR as GATE_ATTR
+from .gate import attach_gate, gate_parameters, remove_gate
 from .lora import ATTR as LORA_ATTR
 from .lora import attach_lora, lora_linears, lora_modules, merge_and_remove_lora
-from .masks import causal_mask, comp_attention_mask, to_additive
+from .masks import causal_mask, comp_attention_mask, dense_mask, memory_mask_function, to_additive
 from .merging import merge_plan
 from .positions import skip_position_ids
 from .state import ForwardState
@@ -101,6 +103,8 @@ class CompressedModel:
             model, config.target_modules, config.lora_r, config.lora_alpha, config.lora_dropout, self.state,
             config.conditional,
         )
+        if config.memory_gate is not None:
+            attach_gate(attention_modules(model), model.config.num_attention_heads, config.memory_gate)
         n_lora = len(lora_modules(model))
         n_layers = model.config.num_hidden_layers
         if n_lora != n_layers * len(config.target_modules):
@@ -132,6 +136,7 @@ class CompressedModel:
                 delattr(emb, EMB_ATTR)
             for lin in lora_linears(self.model):
                 delattr(lin, LORA_ATTR)
+            remove_gate(self.model)
             for n, p in self.model.named_parameters():
                 p.requires_grad_(self._grad_flags.get(n, p.requires_grad))
         return self.model
@@ -142,6 +147,8 @@ class CompressedModel:
         for name, lora in lora_modules(self.model).items():
             out[f"lora.{name}.A"] = lora.A
             out[f"lora.{name}.B"] = lora.B
+        for name, gate in gate_parameters(self.model).items():
+            out[f"gate.{name}"] = gate
         return out
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -189,7 +196,16 @@ class CompressedModel:
         plan = None if full_context else merge_plan(input_ids, self.tokens, segments)
         if plan is not None:
             out["ccmem_merge"] = plan
+        if self.gated and not full_context:
+            rule = memory_mask_function(input_ids, self.tokens, self.config.variant, attention_mask, self.config.sink,
+                                        segments)
+            out["ccmem_memory"] = dense_mask(rule, *input_ids.shape, device=input_ids.device)
         return out
+
+    @property
+    def gated(self) -> bool:
+        """Whether this model biases its attention to memory slots (a memory gate, :mod:`ccmem.gate`)."""
+        return self.config.memory_gate is not None
 
     def parallel_forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
@@ -393,7 +409,8 @@ def check_not_attached(model: nn.Module) -> None:
         )
     n_lora = len(lora_linears(model))
     left = (["⟨COMP⟩ embeddings (ccmem_comp)"] if hasattr(model.get_input_embeddings(), EMB_ATTR) else []) + (
-        [f"LoRA on {n_lora} projections (ccmem_lora)"] if n_lora else [])
+        [f"LoRA on {n_lora} projections (ccmem_lora)"] if n_lora else []) + (
+        [f"memory gates ({GATE_ATTR})"] if gate_parameters(model) else [])
     if left:
         raise AlreadyAttachedError(
             f"this {type(model).__name__} still carries {' and '.join(left)} from an earlier CompressedModel that was "

@@ -129,7 +129,14 @@ class Session:
         kv = torch.cat([key_valid, valid.bool()], 1)
         dtype = self.ccm.model.get_input_embeddings().weight.dtype
         mask = to_additive(online_mask(kv, ids.shape[1]), dtype)
-        out = self.ccm.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        extra = {}
+        if self.ccm.gated:  # the memory's compressed slots are the first columns; the gate biases them
+            mem = self.memory.memory_slots()
+            cols = torch.zeros(kv.shape[1], dtype=dtype, device=kv.device)
+            cols[: mem.shape[0]] = mem.to(dtype)
+            extra["ccmem_memory"] = cols.view(1, 1, 1, -1)
+        out = self.ccm.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                             **extra)
         return out.logits, out.cache, kv
 
     def _batch(self, rows: list[list[int] | None], suffix: list[int] = (), tail: bool = True

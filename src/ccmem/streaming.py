@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from .masks import online_mask, to_additive
+
 METHODS = ("ccm", "streamingllm", "window")
 
 
@@ -126,8 +128,15 @@ class Streamer:
         cache = kv.cache(upto) if kv is not None and past else DynamicCache()
         t = torch.tensor([ids], device=dev)
         pos = torch.arange(past, past + len(ids), device=dev)[None]
-        out = self.ccm.model(input_ids=t, position_ids=pos, cache=cache, use_cache=True,
-                             attention_mask=torch.ones(1, past + len(ids), dtype=torch.long, device=dev))
+        mask: torch.Tensor = torch.ones(1, past + len(ids), dtype=torch.long, device=dev)
+        extra = {}
+        if self.ccm.gated:  # a memory gate biases the "mem" slots; it needs the additive 4D mask
+            dtype = self.ccm.model.get_input_embeddings().weight.dtype
+            mask = to_additive(online_mask(mask, len(ids)), dtype)
+            kinds_past = kv.kinds[:past] if kv is not None else []
+            cols = torch.tensor([k == "mem" for k in kinds_past] + [False] * len(ids), device=dev)
+            extra["ccmem_memory"] = cols.to(dtype).view(1, 1, 1, -1)
+        out = self.ccm.model(input_ids=t, position_ids=pos, cache=cache, use_cache=True, attention_mask=mask, **extra)
         c = out.cache
         new = KV([la.keys[:, :, past:] for la in c.layers], [la.values[:, :, past:] for la in c.layers],
                  [kinds] * len(ids))

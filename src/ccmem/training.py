@@ -39,6 +39,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 3e-4
     emb_lr: float | None = None  # learning rate of the ⟨COMP⟩ embeddings (None: the same as lr)
+    gate_lr: float = 1e-2  # learning rate of the memory gates (logit biases: Adam moves them about this much a step)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
@@ -111,8 +112,11 @@ class Trainer:
             ccm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         named = ccm.trainable_named_parameters()
         emb = [p for n, p in named.items() if n == "comp_embedding"]
-        rest = [p for n, p in named.items() if n != "comp_embedding"]
+        gates = [p for n, p in named.items() if n.startswith("gate.")]
+        rest = [p for n, p in named.items() if n != "comp_embedding" and not n.startswith("gate.")]
         groups = [{"params": rest}, {"params": emb, "lr": config.emb_lr or config.lr}]
+        if gates:
+            groups.append({"params": gates, "lr": config.gate_lr})
         self.opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         from transformers import get_cosine_schedule_with_warmup
 
