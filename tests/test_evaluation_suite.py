@@ -129,6 +129,36 @@ def test_kvpress_full_budget_equals_full_context(tmp_path, monkeypatch):
         assert ps[p][4] != ref
 
 
+def word_tokenizer():
+    """A word-level tokenizer whose ids fit the tiny models' 128-token vocabulary (KVzip tokenizes a prompt)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "Repeat the previous context exactly . part of starting with".split()
+    tk = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
+
+
+@pytest.mark.skipif(default_kvpress_python() is None, reason="needs the kvpress environment (make kvpress-env)")
+def test_kvzip_press_keeps_budget_per_head_and_full_budget_is_full_context(tmp_path, monkeypatch):
+    """KVzip evicts head-wise (masking): on average exactly `budget` pairs per layer and head stay readable, the
+    scores then differ from full context, and a budget that keeps every token is full context."""
+    monkeypatch.setenv("CCMEM_CACHE", str(tmp_path))
+    groups = TinySuite().groups(4)
+    d = export_reference(tiny_model(seed=0), "tiny-kvzip", word_tokenizer())
+    assert (d / "tokenizer_config.json").exists()
+    lens = [sum(map(len, g.chunks)) for g in groups]
+    ref = score_online(FullContext("full", "", "reference"), tiny_ccm(seed=0), groups, 0)
+    ps, held = run_kvpress(default_kvpress_python(), d, ["kvzip"], [(4, groups, max(lens)), (2, groups, 6)])
+    assert held["kvzip"][4] == lens
+    diff = max(abs(x[0] - y[0]) for ga, gb in zip(ps["kvzip"][4], ref) for qa, qb in zip(ga, gb)
+               for x, y in zip(qa, qb))
+    assert diff < 1e-4, diff
+    assert held["kvzip"][2] == [6, 6, 6]
+    assert ps["kvzip"][2] != ref
+
+
 def test_raw_context_session_equals_plain_forward():
     """add_raw (the full-context and window baselines in session form) is exactly the causal model on the text."""
     import torch

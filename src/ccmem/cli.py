@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--adapter", action="append", default=None,
                    help="NAME=PATH, repeatable; replaces the suite's default adapters (names: ccm_concat, ccm_merge, "
                         "concat_nr, merge_nr, gist, gist_online, each optionally with a _suffix)")
-    e.add_argument("--presses", default="snapkv,streamingllm,knorm",
-                   help="kvpress presses, comma-separated ('' for none): snapkv, streamingllm, knorm, tova, "
+    e.add_argument("--presses", default="snapkv,streamingllm,knorm,kvzip",
+                   help="kvpress presses, comma-separated ('' for none): snapkv, streamingllm, knorm, kvzip, tova, "
                         "expected_attention")
     e.add_argument("--training-free", default="window,streamingllm", help="ccmem's own KV-budget baselines")
     e.add_argument("--ts", default=None, help="time steps, e.g. 1,2,4,8,16 (default: the suite's)")

@@ -180,7 +180,7 @@ TRAINING_FREE: dict[str, Callable[[], Method]] = {
     "streamingllm": lambda: Window("streamingllm", "StreamingLLM (sink + window)", "training-free", sink=True),
 }
 PRESSES = {"snapkv": "kvpress SnapKV", "streamingllm": "kvpress StreamingLLM", "knorm": "kvpress Knorm",
-           "tova": "kvpress TOVA", "expected_attention": "kvpress ExpectedAttention"}
+           "tova": "kvpress TOVA", "expected_attention": "kvpress ExpectedAttention", "kvzip": "kvpress KVzip"}
 TRAINED_LABELS = {"ccm_concat": "CCM-concat", "ccm_merge": "CCM-merge", "concat_nr": "concat (non-recurrent)",
                   "merge_nr": "merge (non-recurrent)", "gist": "Gisting", "gist_online": "Gisting-online"}
 

@@ -99,8 +99,9 @@ def max_abs_diff(a: Scores, b: Scores) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ kvpress
-def export_reference(model: Any, key: str) -> Path:
-    """Save the reference model (stage 1 folded in) once as a plain HF folder that kvpress's environment loads."""
+def export_reference(model: Any, key: str, tokenizer: Any = None) -> Path:
+    """Save the reference model (stage 1 folded in) once as a plain HF folder that kvpress's environment loads,
+    with its tokenizer when given (KVzip reads its repeat prompt with it)."""
     from ..models import cache_dir
 
     d = cache_dir() / "eval-reference" / hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -108,6 +109,8 @@ def export_reference(model: Any, key: str) -> Path:
         tmp = d.with_suffix(".tmp")
         model.save_pretrained(tmp)
         tmp.rename(d)
+    if tokenizer is not None and not (d / "tokenizer_config.json").exists():
+        tokenizer.save_pretrained(d)
     return d
 
 
@@ -150,8 +153,9 @@ def run_kvpress(python: str, model_dir: Path, presses: list[str], jobs: list[tup
 
 # ------------------------------------------------------------------------------------------------ run
 def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None = None,
-             progress: bool = True) -> dict[str, Any]:
-    """Run every method of ``cfg`` on ``suite``; returns the result dict (rows, margins, headline, agreement)."""
+             progress: bool = True, tokenizer: Any = None) -> dict[str, Any]:
+    """Run every method of ``cfg`` on ``suite``; returns the result dict (rows, margins, headline, agreement).
+    ``tokenizer``: the model's, needed by the KVzip press."""
     from ..config import CompressionConfig
     from ..model import CompressedModel
     from ..recipe import prepare_model
@@ -214,7 +218,7 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
             methods = [m for m in methods if not isinstance(m, Press)]
         else:
             ref.detach(remove_weights=True)
-            model_dir = export_reference(base, f"{cfg.model}|{_file_hash(cfg.base_adapter)}")
+            model_dir = export_reference(base, f"{cfg.model}|{_file_hash(cfg.base_adapter)}", tokenizer)
             jobs = [(t, groups[t], budgets[t]) for t in ts]
             ps, press_held = run_kvpress(py, model_dir, [m.press for m in presses], jobs, max(cfg.batch_size, 32))
             for m in presses:
@@ -381,7 +385,7 @@ def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str 
         from .suites import IclSuite
 
         s = IclSuite(tok, items=limit or 30, **({"ts": ts} if ts else {}))
-    res = evaluate(s, cfg)
+    res = evaluate(s, cfg, tokenizer=tok)
     res["notes"] = notes + res["notes"]
     res["title"] = d["title"]
     res["command"] = command or main_command()
