@@ -55,7 +55,7 @@ def adapters(tmp_path_factory):
 def test_every_method_runs_and_modes_agree(adapters, mode, tmp_path, monkeypatch):
     monkeypatch.setenv("CCMEM_CACHE", str(tmp_path / "cache"))
     presses = ("snapkv", "streamingllm", "knorm") if default_kvpress_python() else ()
-    cfg = EvalConfig(adapters=adapters, presses=presses, mode=mode, check=3, batch_size=4)
+    cfg = EvalConfig(adapters=adapters, presses=presses, mode=mode, check=3, batch_size=4, bootstrap=200)
     res = evaluate(TinySuite(), cfg, load_model=lambda: tiny_model(seed=0), progress=False)
     names = {m["name"] for m in res["methods"]}
     expected = {"none", "full", "window", "streamingllm", *adapters} | {f"kvpress_{p}" for p in presses}
@@ -79,11 +79,18 @@ def test_every_method_runs_and_modes_agree(adapters, mode, tmp_path, monkeypatch
         for p in presses:
             assert by[(t, f"kvpress_{p}")]["kv_slots"] == 2 * t
     assert res["margins"] and all(m["ccm"] == "ccm_concat" for m in res["margins"])
+    for r in res["rows"]:  # paired bootstrap intervals on every row, gap and margin
+        lo, hi = r["acc_norm_ci"]
+        assert 0.0 <= lo <= hi <= 1.0
+    assert all(by[(t, "full")]["gap_recovered_ci"] in ([1.0, 1.0], None) for t in (1, 2, 4))
+    for m in res["margins"]:
+        assert m["margin_ci"][0] <= m["margin_ci"][1]
     res.update(title="tiny", command="pytest", headline=headline(res, "acc_norm", "acc", min_t=2))
+    assert len(res["headline"]["interval_95"]) == 2
     paths = write(tmp_path, "tiny", res, res["methods"], "acc_norm", True)
     assert all(p.stat().st_size > 0 for p in paths)
     md = paths[1].read_text()
-    assert "| t |" in md
+    assert "| t |" in md and "bootstrap intervals" in md and "margin_ci" in md
     res["config"]["suite"] = "icl"  # re-rendering from the JSON alone gives the same table
     paths[0].write_text(__import__("json").dumps(res))
     assert rerender(paths[0])[1].read_text() == md

@@ -52,6 +52,15 @@ def pivot(rows: list[dict], key: str, methods: list[str], ts: list[int]) -> list
     return [{"t": t, **{m: by[(t, m)].get(key) for m in methods if (t, m) in by}} for t in ts]
 
 
+def _ci_text(rows: list[dict], key: str) -> list[dict]:
+    """Rows with ``key`` ([lo, hi]) written as one "[lo, hi]" cell, for the tables."""
+    out = []
+    for r in rows:
+        ci = r.get(key)
+        out.append({**r, key: f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else None})
+    return out
+
+
 def write(out_dir: Path, name: str, result: dict[str, Any], methods: list[dict], metric: str,
           higher_is_better: bool) -> list[Path]:
     """Write ``<name>.json``, ``<name>.md`` and ``<name>.png``; returns the paths."""
@@ -61,13 +70,19 @@ def write(out_dir: Path, name: str, result: dict[str, Any], methods: list[dict],
     h = result["headline"]
     md = [f"# {result['title']}\n",
           f"Headline: **{h['metric']} = {h['value']}** (target {'>' if h['higher_is_better'] else '<'} "
-          f"{h['target']}): {h['meaning']}\n",
+          f"{h['target']}"
+          + (f"; 95 % interval [{h['interval_95'][0]}, {h['interval_95'][1]}]" if h.get("interval_95") else "")
+          + f"): {h['meaning']}\n",
           f"Command: `{result['command']}`\n",
           "Methods: " + "; ".join(f"`{m['name']}` = {m['label']} ({m['kind']}"
                                   + (f", adapter {m['adapter']}" if m.get("adapter") else "") + ")" for m in methods)
           + "\n",
           f"## {metric} ({'higher' if higher_is_better else 'lower'} is better)\n", markdown_table(
               pivot(rows, metric, names, ts), ["t"] + names),
+          *([f"\n## {metric}: 95 % bootstrap intervals (paired over the suite's units, "
+             f"{result['config'].get('bootstrap', '')} replicates)\n",
+             markdown_table(pivot(_ci_text(rows, f"{metric}_ci"), f"{metric}_ci", names, ts), ["t"] + names)]
+            if any(f"{metric}_ci" in r for r in rows) else []),
           *(["\n## exact_match (greedy reply contains the answer; methods with an online session)\n",
              markdown_table(pivot(rows, "exact_match", names, ts), ["t"] + names)]
             if any("exact_match" in r for r in rows) else []),
@@ -77,8 +92,12 @@ def write(out_dir: Path, name: str, result: dict[str, Any], methods: list[dict],
           markdown_table(pivot(rows, "peak_kv_kib", names, ts), ["t"] + names),
           "\n## Fraction of the no-context -> full-context gap recovered\n",
           markdown_table(pivot(rows, "gap_recovered", names, ts), ["t"] + names),
+          *(["\n## Gap recovered: 95 % bootstrap intervals\n",
+             markdown_table(pivot(_ci_text(rows, "gap_recovered_ci"), "gap_recovered_ci", names, ts), ["t"] + names)]
+            if any(r.get("gap_recovered_ci") for r in rows) else []),
           "\n## CCM-concat against the best other method at equal or smaller KV\n",
-          markdown_table(result["margins"], ["t", "ccm", "best_other", "ccm_value", "other_value", "margin"])]
+          markdown_table(_ci_text(result["margins"], "margin_ci"),
+                         ["t", "ccm", "best_other", "ccm_value", "other_value", "margin", "margin_ci"])]
     if result.get("agreement"):
         md.append("\n## Parallel forward vs online loop (max |difference| of option log-likelihoods)\n")
         md.append(markdown_table([{"method": k, "max_abs_diff": v} for k, v in result["agreement"].items()],
@@ -109,6 +128,10 @@ def plot(path: Path, rows: list[dict], methods: list[dict], metric: str, ts: lis
         kw = {"color": colors[(2 * i) % 20 + (i // 10) % 2], "marker": "o", "label": m["label"]}
         ls = styles.get(m["kind"], "-")
         a.plot([r["t"] for r in mr], [r[metric] for r in mr], ls, **kw)
+        if all(r.get(f"{metric}_ci") for r in mr):  # the 95 % bootstrap interval as error bars
+            a.errorbar([r["t"] for r in mr], [r[metric] for r in mr], fmt="none", ecolor=kw["color"], capsize=2,
+                       elinewidth=0.8, yerr=[[max(r[metric] - r[f"{metric}_ci"][0], 0) for r in mr],
+                                             [max(r[f"{metric}_ci"][1] - r[metric], 0) for r in mr]])
         if m["name"] != "none":
             b.plot([max(r["kv_kib"], 1e-1) for r in mr], [r[metric] for r in mr], ls, **kw)
     a.set(xlabel="time step t (context chunks)", ylabel=metric, title="quality per time step")

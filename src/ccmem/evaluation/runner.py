@@ -43,6 +43,8 @@ class EvalConfig:
     kvpress_python: str | None = None
     device: str | None = None
     generate: bool = True  # suites that can (recall) also score greedy replies by exact match
+    bootstrap: int = 1000  # paired bootstrap replicates for the 95 % intervals (0: none)
+    bootstrap_seed: int = 0
 
 
 def methods_for(cfg: EvalConfig) -> list[Method]:
@@ -252,6 +254,12 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
                          "budget_slots": budgets[t]})
     _gap(rows, suite.metric)
     margins = _margins(rows, methods, suite.metric, suite.higher_is_better)
+    if cfg.bootstrap:
+        from .intervals import add_intervals, replicates
+
+        reps = {(m.name, t): replicates(suite, groups[t], scores[(m.name, t)], calib, suite.metric, cfg.bootstrap,
+                                        cfg.bootstrap_seed) for m in methods for t in ts}
+        add_intervals(rows, margins, reps, suite.metric, suite.higher_is_better)
     return {"rows": rows, "margins": margins, "agreement": agreement, "mode": mode, "notes": notes,
             "methods": [{"name": m.name, "label": m.label, "kind": m.kind, "adapter": m.adapter,
                          "peer": m.peer if m.kind == "trained" else None} for m in methods],
@@ -314,8 +322,10 @@ def headline(result: dict[str, Any], metric: str, unit: str, min_t: int = 4) -> 
     ms = [m for m in result["margins"] if m["t"] >= min_t] or result["margins"]
     worst = min(ms, key=lambda m: m["margin"])
     others = sorted({m["best_other"] for m in ms})
+    ci = worst.get("margin_ci")
     return {"metric": f"ccm_concat_margin_worst_t_ge_{min_t}", "value": round(worst["margin"], 4), "target": 0.0,
             "higher_is_better": True, "unit": unit,
+            **({"interval_95": [round(x, 4) for x in ci]} if ci else {}),
             "meaning": f"min over t >= {min_t} of CCM-concat's {metric} margin over the best other method holding at "
                        f"most its KV (positive = CCM-concat better); worst at t={worst['t']} against "
                        f"{worst['best_other']} ({worst['ccm']}); methods that were best somewhere: {others}"}

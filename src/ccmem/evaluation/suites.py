@@ -47,6 +47,13 @@ class Suite:
     def aggregate(self, groups: list[Group], scores: Scores, calib: Scores | None) -> dict[str, Any]:
         raise NotImplementedError
 
+    def resample(self, groups: list[Group], scores: Scores, calib: Scores | None, rng: Any
+                 ) -> tuple[list[Group], Scores, Scores | None]:
+        """One bootstrap draw of the suite's units (here: contexts, with replacement); see :mod:`.intervals`."""
+        from .intervals import resample_groups
+
+        return resample_groups(groups, scores, calib, rng)
+
     def describe(self) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -124,6 +131,12 @@ class IclSuite(Suite):
         out: dict[str, Any] = {k: sum(r[k] for r in per_task.values()) / len(per_task) for k in keys}
         out["per_task_acc_norm"] = {n: r["acc_norm"] for n, r in per_task.items()}
         return out
+
+    def resample(self, groups, scores, calib, rng):
+        """Items are drawn within each task (a group is one task): the metric stays a mean over the same tasks."""
+        from .intervals import resample_queries
+
+        return resample_queries(groups, scores, calib, rng)
 
     def describe(self):
         return {"suite": "icl", "test_tasks": list(self.tasks), "items_per_task": self.items, "ts": list(self.ts),

@@ -1,0 +1,86 @@
+"""Bootstrap intervals: hand-checked cases, pairing across methods, and resampling units of each suite."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from ccmem.evaluation import Group, IclSuite, Query
+from ccmem.evaluation.intervals import add_intervals, interval, percentile, replicates, resample_queries
+from ccmem.evaluation.suites import Suite
+
+
+class MeanSuite(Suite):
+    """One value per group, carried as its only score; the metric is their mean."""
+
+    name, metric, higher_is_better, ts = "mean", "value", True, (1,)
+
+    def aggregate(self, groups, scores, calib):
+        return {"value": sum(s[0][0][0] for s in scores) / len(scores)}
+
+
+def data(values):
+    return [Group(f"g{i}", [], [Query([1], [[2]])]) for i in range(len(values))], [[[(v, 1)]] for v in values]
+
+
+def test_percentile_matches_numpy():
+    r = random.Random(1)
+    xs = [r.gauss(0, 1) for _ in range(257)]
+    for q in (0.0, 0.025, 0.5, 0.975, 1.0):
+        assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, 100 * q)), abs=1e-12)
+    assert interval(list(range(101))) == pytest.approx([2.5, 97.5])
+    with pytest.raises(ValueError):
+        percentile([], 0.5)
+
+
+def test_two_groups_hand_checked():
+    """Two contexts scoring a and b: a resample is (a, a), (a, b), (b, a) or (b, b), so the replicate mean is a, the
+    midpoint or b with probabilities 1/4, 1/2, 1/4, and the central 95 % interval is exactly [a, b]."""
+    groups, scores = data([0.2, 0.6])
+    reps = replicates(MeanSuite(), groups, scores, None, "value", 4000, seed=0)
+    assert set(round(x, 9) for x in reps) == {0.2, 0.4, 0.6}
+    assert reps.count(reps[0]) > 0 and abs(sum(abs(x - 0.4) < 1e-9 for x in reps) / 4000 - 0.5) < 0.03
+    assert interval(reps) == pytest.approx([0.2, 0.6])
+
+
+def test_constant_metric_has_a_point_interval_and_width_shrinks_with_n():
+    groups, scores = data([0.5] * 10)
+    assert interval(replicates(MeanSuite(), groups, scores, None, "value", 200, 0)) == [0.5, 0.5]
+    r = random.Random(0)
+    widths = []
+    for n in (25, 400):
+        g, s = data([float(r.random() < 0.5) for _ in range(n)])
+        lo, hi = interval(replicates(MeanSuite(), g, s, None, "value", 1000, 0))
+        widths.append(hi - lo)
+    # binomial: width ~ 4 * sqrt(p(1-p)/n) = 0.4 at n = 25, 0.1 at n = 400
+    assert 0.3 < widths[0] < 0.5 and 0.07 < widths[1] < 0.13
+
+
+def test_paired_margins_and_gap():
+    """Replicate r draws the same contexts for every method: a method equal to another plus 0.1 everywhere has a
+    margin interval of exactly [0.1, 0.1], however noisy each method is alone."""
+    r = random.Random(3)
+    base = [r.random() for _ in range(30)]
+    suite = MeanSuite()
+    reps = {}
+    for name, shift in (("ccm_concat", 0.1), ("window", 0.0), ("none", -0.2), ("full", 0.3)):
+        g, s = data([v + shift for v in base])
+        reps[(name, 1)] = replicates(suite, g, s, None, "value", 300, seed=7)
+    rows = [{"t": 1, "method": n, "value": 0.0, "gap_recovered": 0.0} for n in ("ccm_concat", "window")]
+    margins = [{"t": 1, "ccm": "ccm_concat", "best_other": "window", "margin": 0.1}]
+    add_intervals(rows, margins, reps, "value", higher=True)
+    assert margins[0]["margin_ci"] == pytest.approx([0.1, 0.1])
+    assert rows[0]["value_ci"][1] - rows[0]["value_ci"][0] > 0.05  # alone, each method is noisy
+    assert rows[0]["gap_recovered_ci"] == pytest.approx([0.6, 0.6])  # (0.1 + 0.2) / (0.3 + 0.2), every draw
+    assert rows[1]["gap_recovered_ci"] == pytest.approx([0.4, 0.4])
+
+
+def test_icl_resamples_items_within_each_task():
+    groups = [Group(f"task{k}", [], [Query([k], [[1], [2]], i % 2) for i in range(5)]) for k in range(3)]
+    scores = [[[(-1.0, 1), (-2.0, 1)] for _ in range(5)] for _ in range(3)]
+    g, s, c = resample_queries(groups, scores, scores, random.Random(0))
+    assert [x.id for x in g] == ["task0", "task1", "task2"]
+    assert all(len(x.queries) == 5 and len(y) == 5 for x, y in zip(g, s)) and c is not None
+    assert IclSuite.resample is not Suite.resample
