@@ -1,5 +1,8 @@
 """``ccmem chat``: talk to the default model with compressed memory. Each turn (yours and the model's) is
-compressed into n slots after it is answered; commands start with a slash (/help)."""
+compressed into n slots after it is answered; commands start with a slash (/help). Turns are rendered with the
+tokenizer's chat template (ChatML for SmolLM2; measured on 24 chit-chat validation dialogs at t = 6, the shipped
+chit-chat adapter recovers 55 % of the no -> full context perplexity gap with the template and 46 % with the
+``A: / B:`` lines it was trained on); ``--plain`` uses the ``A: / B:`` lines."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ HELP = """commands:
 
 class Chat:
     def __init__(self, variant: str = "concat", adapter: str | None = None, device: str | None = None,
-                 max_new_tokens: int = 48):
+                 max_new_tokens: int = 48, template: bool = True):
         from .demo import default_adapter, stop_ids
         from .memory import bytes_per_slot
         from .model import CompressedModel
@@ -29,7 +32,9 @@ class Chat:
         self.ccm = self._model(variant)
         self.tok = self.ccm.tokenizer
         self.per_slot = bytes_per_slot(self.ccm.model)
-        self.stops = stop_ids(self.tok)
+        self.template = template and bool(getattr(self.tok, "chat_template", None))
+        # a templated turn ends at the end-of-turn token; a plain one at the end of its line
+        self.stops = [self.tok.eos_token_id] if self.template else stop_ids(self.tok)
         self.max_new_tokens = max_new_tokens
         self.session = self.ccm.session()
         self.turns = 0
@@ -50,6 +55,15 @@ class Chat:
                 f"(full context would hold {self.compressed_tokens * self.per_slot / 1024:.0f} KiB)")
 
     def reply(self, user: str) -> tuple[str, str]:
+        if self.template:
+            before, tokens = self.session.memory.num_slots, int(self.session.memory.offset[0])
+            text = self.session.reply({"role": "user", "content": user.strip()}, max_new_tokens=self.max_new_tokens,
+                                      eos_token_id=self.stops, repetition_penalty=1.3) or "..."
+            m = self.session.memory
+            self.turns += 2
+            self.compressed_tokens += int(m.offset[0]) - tokens
+            return text, (f"[compress 2 turns, {int(m.offset[0]) - tokens} tokens -> {m.num_slots - before} slots "
+                          f"(memory key/value size = {m.num_slots}, {m.kv_bytes / 1024:.0f} KiB)]")
         user_turn = self._enc(f"A: {user.strip()}\n")
         prompt = user_turn + self._enc("B:")
         ids = self.session.generate(prompt, max_new_tokens=self.max_new_tokens, eos_token_id=self.stops,
@@ -102,10 +116,12 @@ class Chat:
         return f"unknown command /{cmd}; /help lists them"
 
 
-def run_chat(variant: str = "concat", adapter: str | None = None, device: str | None = None) -> int:
+def run_chat(variant: str = "concat", adapter: str | None = None, device: str | None = None,
+             template: bool = True) -> int:
     print("loading SmolLM2-135M-Instruct with the CCM adapter ...", flush=True)
-    chat = Chat(variant, adapter, device)
-    print(f"ready ({chat.variant}). Type a message; /help for commands.", flush=True)
+    chat = Chat(variant, adapter, device, template=template)
+    fmt = "chat template" if chat.template else "A: / B: lines"
+    print(f"ready ({chat.variant}, {fmt}). Type a message; /help for commands.", flush=True)
     while True:
         try:
             line = input("you> ")

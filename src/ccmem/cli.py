@@ -48,7 +48,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     from .chat import run_chat
 
-    return run_chat(args.variant, args.adapter, args.device)
+    return run_chat(args.variant, args.adapter, args.device, template=not args.plain)
 
 
 def _stream(args: argparse.Namespace) -> int:
@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--variant", default="concat", choices=["concat", "merge"])
     c.add_argument("--adapter", default=None, help="adapter folder or hub id (default: the shipped one)")
     c.add_argument("--device", default=None)
+    c.add_argument("--plain", action="store_true",
+                   help="render turns as 'A: ... / B: ...' lines instead of the tokenizer's chat template")
     c.set_defaults(fn=_chat)
     st = sub.add_parser("stream", help="perplexity over a long text in a bounded cache: CCM vs StreamingLLM")
     st.add_argument("--adapter", default="adapters/stream-kjv")

@@ -61,13 +61,24 @@ def prepare_model(model_name: str, base_adapter: str | None, device: str | None 
     return model, tok
 
 
+def dialog_format(tok: Any, data_cfg: dict) -> Any:
+    """``format: plain`` (``A: ... / B: ...`` lines, the default) or ``template`` (the tokenizer's chat template)."""
+    from .data.dialog import FORMATS
+
+    name = data_cfg.get("format", "plain")
+    if name not in FORMATS:
+        raise ConfigError(f"data.format must be one of {sorted(FORMATS)}, got {name!r}")
+    return FORMATS[name](tok)
+
+
 def chitchat_splits(tok: Any, data_cfg: dict) -> tuple[dict, Any]:
     from .data import DialogFormat, load_chitchat, split_dialogs
 
     dialogs, report = load_chitchat()
-    fmt = DialogFormat(tok)
+    fmt = dialog_format(tok, data_cfg)
     limit = data_cfg.get("max_turn_tokens", 128)
-    kept = [d for d in dialogs if all(len(fmt.turn(0, t)) <= limit for t in d.turns)]
+    plain = DialogFormat(tok)  # the filter counts plain turns, so every format keeps the same dialogs and splits
+    kept = [d for d in dialogs if all(len(plain.turn(0, t)) <= limit for t in d.turns)]
     report["turn over max_turn_tokens"] += len(dialogs) - len(kept)
     return split_dialogs(kept, seed=data_cfg.get("split_seed", 0)), fmt, report
 
@@ -183,7 +194,7 @@ def _holdout(eps: list, d: dict, seed: int, report):
 def _dialog_or_episode_file(tok: Any, d: dict, seed: int):
     """``jsonl`` (``kind: dialogs`` or ``episodes``, ccmem.data.sources), ``dailydialog`` and ``soda`` (hub names or
     local files in the hub's schema): dialogs are split by id and cut like the chit-chat corpus."""
-    from .data import DialogEpisodes, DialogFormat, load_jsonl_dialogs, load_jsonl_episodes, split_dialogs
+    from .data import DialogEpisodes, load_jsonl_dialogs, load_jsonl_episodes, split_dialogs
     from .data.hub import load_dailydialog, load_soda
 
     source, strict = d["source"], d.get("strict", False)
@@ -201,7 +212,7 @@ def _dialog_or_episode_file(tok: Any, d: dict, seed: int):
                                     max_dialogs=d.get("max_dialogs"), tokenizer=tok,
                                     max_turn_tokens=d.get("max_turn_tokens", 128))
     splits = split_dialogs(dialogs, seed=d.get("split_seed", 0), test=0.0, val=d.get("eval_fraction", 0.05))
-    fmt = DialogFormat(tok)
+    fmt = dialog_format(tok, d)
     train = DialogEpisodes(splits["train"], fmt, seed=seed, cut=d.get("cut", "uniform"))
     if not len(train):
         raise ConfigError(f"data.source {source!r}: no dialog with at least 3 turns left for training")

@@ -215,6 +215,39 @@ class Session:
         return StepReport(tokens=[len(r) if r else 0 for r in rows], slots=self.memory.slots_per_row(),
                           memory_bytes=self.memory.kv_bytes)
 
+    # ---------------------------------------------------------------- chat messages
+    def _single_row(self, what: str) -> None:
+        if self.batch_size != 1:
+            raise InputError(f"{what} takes one conversation; this session has {self.batch_size} rows")
+
+    def _opens(self) -> bool:
+        return int(self.memory.steps[0]) == 0 and not self.memory.tail[0]
+
+    def add_message(self, message: dict[str, str]) -> StepReport:
+        """Compress one chat message (``{"role": ..., "content": ...}``) rendered by the tokenizer's chat template
+        (:mod:`ccmem.chat_template`): one message is one chunk."""
+        from .chat_template import message_ids
+
+        self._single_row("add_message")
+        return self.add_context(message_ids(self.ccm.tokenizer, message, first=self._opens()))
+
+    def reply(self, message: dict[str, str], compress: bool = True, **generate_kwargs: Any) -> str:
+        """Answer a user message from memory with the chat template's generation prompt; then (``compress``) the
+        message and the reply join the memory as two chunks. Returns the reply text. ``generate_kwargs`` go to
+        :meth:`generate` (the end-of-turn token of the tokenizer stops it)."""
+        from .chat_template import generation_prompt_ids, message_ids
+
+        self._single_row("reply")
+        tok = self.ccm.tokenizer
+        first = self._opens()
+        ids = message_ids(tok, message, first=first)
+        out = self.generate(ids + generation_prompt_ids(tok), **generate_kwargs)
+        text = tok.decode(out, skip_special_tokens=True).strip()
+        if compress:
+            self.add_context(ids)
+            self.add_context(message_ids(tok, {"role": "assistant", "content": text or "..."}, first=False))
+        return text
+
     def fork(self, n: int) -> Session:
         """A new session of ``n`` rows, each starting from this single-row session's memory (the memory tensors are
         shared, not copied; later steps write new tensors, so the forks never disturb each other or this one)."""

@@ -52,6 +52,50 @@ class DialogFormat:
         return Episode(chunks, inp, self.reply(dialog.turns[k - 1], eos), id=f"{dialog.id}:{k}")
 
 
+class TemplateFormat(DialogFormat):
+    """Dialog turns as chat messages in the tokenizer's own chat template (ChatML for SmolLM2): the target turn is
+    the assistant's, the turns before it alternate user / assistant backwards from it, and the first turn of the
+    dialog carries the template's opening (its default system prompt). One message is one chunk, as in
+    :meth:`ccmem.session.Session.add_message`; the target ends at the end-of-turn token."""
+
+    def __init__(self, tokenizer: Any):
+        super().__init__(tokenizer)
+        from ..chat_template import generation_prompt_ids
+
+        self.gen = generation_prompt_ids(tokenizer)
+
+    def _message(self, text: str, role: str, first: bool) -> list[int]:
+        from ..chat_template import message_ids
+
+        key = f"{role}:{int(first)}:{text}"
+        if key not in self._cache:
+            self._cache[key] = message_ids(self.tok, {"role": role, "content": text.strip()}, first)
+        return list(self._cache[key])
+
+    def turn(self, i: int, text: str, k: int | None = None) -> list[int]:
+        """Turn i of a dialog cut to k turns (its role depends on k: turn k-1 is the assistant's)."""
+        role = "assistant" if ((k if k is not None else i + 1) - 1 - i) % 2 == 0 else "user"
+        return self._message(text, role, first=i == 0)
+
+    def episode(self, dialog: Dialog, k: int, eos: bool = True) -> Episode:
+        if not 2 <= k <= len(dialog.turns):
+            raise ValueError(f"k={k} must lie in [2, {len(dialog.turns)}] for dialog {dialog.id}")
+        chunks = [self.turn(i, t, k) for i, t in enumerate(dialog.turns[: k - 2])]
+        inp = self.turn(k - 2, dialog.turns[k - 2], k) + self.gen
+        full = self._message(dialog.turns[k - 1], "assistant", first=False)
+        if full[: len(self.gen)] != self.gen:
+            raise ValueError("the chat template's assistant message does not start with its generation prompt")
+        out = full[len(self.gen):]
+        if self.eos and self.eos[0] in out:  # the reply ends at the end-of-turn token
+            out = out[: out.index(self.eos[0]) + 1]
+        if not eos and out and self.eos and out[-1] == self.eos[0]:
+            out = out[:-1]
+        return Episode(chunks, inp, out, id=f"{dialog.id}:{k}")
+
+
+FORMATS = {"plain": DialogFormat, "template": TemplateFormat}
+
+
 CUTS = ("uniform", "end")
 
 
