@@ -1,5 +1,6 @@
 """ccmem: compressed context memory for online language-model interaction (Kim et al., ICLR 2024)."""
 
+from .cache import CompressedCache
 from .config import VARIANTS, CompressionConfig
 from .errors import (
     AlreadyAttachedError,
@@ -26,6 +27,7 @@ __all__ = [
     "AlreadyAttachedError",
     "CCMError",
     "CompTokens",
+    "CompressedCache",
     "CompressedMemory",
     "CompressedModel",
     "CompressionConfig",

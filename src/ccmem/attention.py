@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
@@ -56,13 +57,39 @@ def _make(backend: str) -> Callable:
             # under autocast the queries are bf16/fp16 while ccmem's mask was built in the weights' dtype
             attention_mask = attention_mask.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
         if ccmem_memory is not None:
-            if attention_mask is None or not attention_mask.is_floating_point():
-                raise RuntimeError("a gated memory needs ccmem's additive 4D mask (parallel_inputs or a Session)")
-            attention_mask = gated_mask(module, attention_mask, ccmem_memory)
+            attention_mask = gated_mask(module, _additive(attention_mask, query, key), ccmem_memory)
         fn = sdpa_attention_forward if backend == "sdpa" else _eager_for(module)
         return fn(module, query, key, value, attention_mask, **kwargs)
 
     return attention
+
+
+def _additive(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """The float (B, 1, q, K) form of whatever mask transformers built: None means causal with the queries at the
+    end of the keys (what sdpa's ``is_causal`` skip stands for), a boolean mask marks the allowed entries."""
+    if mask is not None and mask.is_floating_point():
+        return mask
+    if mask is None:
+        q, k = query.shape[2], key.shape[2]
+        mask = torch.arange(k, device=query.device)[None, :] <= torch.arange(k - q, k, device=query.device)[:, None]
+        mask = mask[None, None]
+    out = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
+    return out.masked_fill_(~mask, torch.finfo(query.dtype).min)
+
+
+def _from_zero(mask_fn: Callable) -> Callable:
+    """transformers' mask builders index the 2D padding mask with key positions, which start below 0 when a
+    compressed memory holds more slots than the text tokens it stands for (:mod:`ccmem.cache`): shift every position
+    up by that much and pad the 2D mask with valid entries on the left."""
+
+    def mask(*args, q_offset: Any = 0, kv_offset: Any = 0, attention_mask: torch.Tensor | None = None, **kwargs):
+        if isinstance(kv_offset, int) and kv_offset < 0:
+            if attention_mask is not None:
+                attention_mask = torch.nn.functional.pad(attention_mask, (-kv_offset, 0), value=True)
+            q_offset, kv_offset = q_offset - kv_offset, 0
+        return mask_fn(*args, q_offset=q_offset, kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
+
+    return mask
 
 
 def register_backends() -> None:
@@ -70,7 +97,7 @@ def register_backends() -> None:
     for backend in BACKENDS:
         name = f"ccmem_{backend}"
         AttentionInterface.register(name, _make(backend))
-        AttentionMaskInterface.register(name, sdpa_mask if backend == "sdpa" else eager_mask)
+        AttentionMaskInterface.register(name, _from_zero(sdpa_mask if backend == "sdpa" else eager_mask))
 
 
 def attention_modules(model: torch.nn.Module, q_name: str = "q_proj") -> list[torch.nn.Module]:

@@ -39,6 +39,19 @@ def remove_gate(model: nn.Module) -> None:
             delattr(m, ATTR)
 
 
+def memory_kwargs_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Decoder pre-hook: a forward on a :class:`~ccmem.cache.CompressedCache` that does not say which keys are memory
+    (``model.generate``) gets ``ccmem_memory`` from the cache."""
+    from .cache import CompressedCache
+
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if "ccmem_memory" in kwargs or not isinstance(cache, CompressedCache):
+        return None
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    kwargs["ccmem_memory"] = cache.memory_columns(ids.shape[1], torch.float32)
+    return args, kwargs
+
+
 def gated_mask(module: nn.Module, attention_mask: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     """``attention_mask`` (additive, (B, 1, Nq, Nk)) plus the module's gate on the memory columns: (B, H, Nq, Nk)."""
     gate = getattr(module, ATTR, None)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from . import io
+from .cache import CompressedCache
 from .config import CompressionConfig
 from .errors import IncompatibleError
 from .merging import running_mean
@@ -120,15 +120,10 @@ class CompressedMemory:
         return m
 
     # ---------------------------------------------------------------- cache view
-    def to_cache(self) -> DynamicCache:
-        """A fresh transformers cache holding the memory (the memory itself is never mutated by a forward)."""
-        cache = DynamicCache()
-        if self.num_slots:
-            for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
-                if self.cache_dtype is not None:
-                    k, v = k.to(self.cache_dtype), v.to(self.cache_dtype)
-                cache.update(k, v, i)
-        return cache
+    def to_cache(self) -> CompressedCache:
+        """A fresh transformers cache viewing the memory (:class:`~ccmem.cache.CompressedCache`); a forward appends
+        to the view, never to the memory."""
+        return CompressedCache.from_memory(self)
 
     # ---------------------------------------------------------------- update
     def add_sink(self, ks: list[torch.Tensor], vs: list[torch.Tensor], rows: torch.Tensor) -> None:

@@ -18,10 +18,10 @@ from . import io
 from .attention import BACKENDS, STATE_ATTR, attention_modules, register_backends
 from .config import CompressionConfig
 from .embedding import ATTR as EMB_ATTR
-from .embedding import attach_embedding
+from .embedding import attach_embedding, embedding_owner
 from .errors import AlreadyAttachedError, IncompatibleError, InputError, UnsupportedModelError
 from .gate import ATTR as GATE_ATTR
-from .gate import attach_gate, gate_parameters, remove_gate
+from .gate import attach_gate, gate_parameters, memory_kwargs_hook, remove_gate
 from .lora import ATTR as LORA_ATTR
 from .lora import attach_lora, lora_linears, lora_modules, merge_and_remove_lora
 from .masks import causal_mask, comp_attention_mask, dense_mask, memory_mask_function, to_additive
@@ -105,6 +105,8 @@ class CompressedModel:
         )
         if config.memory_gate is not None:
             attach_gate(attention_modules(model), model.config.num_attention_heads, config.memory_gate)
+            decoder = embedding_owner(model, model.get_input_embeddings())
+            self._handles.append(decoder.register_forward_pre_hook(memory_kwargs_hook, with_kwargs=True))
         n_lora = len(lora_modules(model))
         n_layers = model.config.num_hidden_layers
         if n_lora != n_layers * len(config.target_modules):

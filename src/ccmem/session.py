@@ -215,6 +215,46 @@ class Session:
         return StepReport(tokens=[len(r) if r else 0 for r in rows], slots=self.memory.slots_per_row(),
                           memory_bytes=self.memory.kv_bytes)
 
+    @torch.no_grad()
+    def cache(self) -> Any:
+        """The memory as a transformers ``Cache`` (:class:`~ccmem.cache.CompressedCache`); the raw tail, if any, is
+        read into it first. For ``model.generate`` use :meth:`generation_inputs`, which adds the 2D mask that tells
+        generate where the new tokens start. Every row must stand at the same point (same text offset, every slot
+        valid, equal tails): use
+        :meth:`generate` for rows that differ. A fresh view each call; the memory is not changed."""
+        from .cache import CompressedCache
+
+        mem = self.memory
+        if len(set(mem.offset.tolist())) != 1 or not bool(mem.valid.all()) or len({len(mem.tail_ids(b)) for b in
+                                                                                 range(self.batch_size)}) != 1:
+            raise InputError(
+                "model.generate reads one position for every row, but this session's rows have compressed different "
+                "amounts of text (or hold unused slots or raw tails of different lengths); use Session.generate, "
+                "which handles each row apart, or one session per conversation"
+            )
+        cache = CompressedCache.from_memory(mem)
+        tail = [mem.tail_ids(b) for b in range(self.batch_size)]
+        if tail[0]:
+            self.ccm.model(input_ids=torch.tensor(tail, device=self.ccm.device), cache=cache, use_cache=True)
+        return cache
+
+    def generation_inputs(self, prompt: Any) -> dict[str, Any]:
+        """Keyword arguments for ``model.generate`` that continue from the memory exactly as :meth:`generate` does:
+
+            out = ccm.model.generate(**session.generation_inputs(prompt), max_new_tokens=32, streamer=...)
+            reply = out[:, len(prompt):]
+
+        ``input_ids`` is the prompt alone; ``attention_mask`` covers the positions the memory stands for plus the
+        prompt (transformers' form for "the cache holds the past, these are the new tokens"), so generate numbers
+        the prompt from the memory's text offset."""
+        rows = self._rows(prompt)
+        if len({len(r) for r in rows}) != 1:
+            raise InputError("model.generate takes prompts of one length per batch; pad them or use Session.generate")
+        cache = self.cache()
+        ids = torch.tensor(rows, device=self.ccm.device)
+        mask = torch.ones(len(rows), cache.get_seq_length() + ids.shape[1], dtype=torch.long, device=ids.device)
+        return {"input_ids": ids, "attention_mask": mask, "cache": cache}
+
     # ---------------------------------------------------------------- chat messages
     def _single_row(self, what: str) -> None:
         if self.batch_size != 1:
