@@ -100,6 +100,11 @@ def register_backends() -> None:
         AttentionMaskInterface.register(name, _from_zero(sdpa_mask if backend == "sdpa" else eager_mask))
 
 
-def attention_modules(model: torch.nn.Module, q_name: str = "q_proj") -> list[torch.nn.Module]:
-    """Modules that own a query projection: the self-attention blocks of a decoder."""
-    return [m for _, m in model.named_modules() if isinstance(getattr(m, q_name, None), torch.nn.Linear)]
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The self-attention blocks of a decoder: modules with an output projection and query (or fused qkv)
+    projection."""
+    def is_attention(m: torch.nn.Module) -> bool:
+        return isinstance(getattr(m, "o_proj", None), torch.nn.Linear) and any(
+            isinstance(getattr(m, q, None), torch.nn.Linear) for q in ("q_proj", "qkv_proj"))
+
+    return [m for m in model.modules() if is_attention(m)]

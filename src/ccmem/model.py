@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from . import io
 from .attention import BACKENDS, STATE_ATTR, attention_modules, register_backends
-from .config import CompressionConfig
+from .config import DEFAULT_TARGETS, CompressionConfig
 from .embedding import ATTR as EMB_ATTR
 from .embedding import attach_embedding, embedding_owner
 from .errors import AlreadyAttachedError, IncompatibleError, InputError, UnsupportedModelError
@@ -30,7 +31,10 @@ from .positions import skip_position_ids
 from .state import ForwardState
 from .tokens import CompTokens, register_with_tokenizer
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "olmo3",
+                         "granite", "smollm3")
+#: families whose attention projects q, k and v with one fused matrix: the default LoRA targets become these
+FUSED_TARGETS = {"phi3": ("qkv_proj", "o_proj")}
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 STAGE1_KEY = "ccmem_stage1"  # model.config entry naming the stage-1 adapter folded into the weights (saved with them)
@@ -78,6 +82,14 @@ class CompressedModel:
             raise UnsupportedModelError(
                 f"attention backend {attn_implementation!r} cannot take ccmem's 4D masks; use one of {BACKENDS}"
             )
+        if attn_implementation == "sdpa" and not getattr(model, "_supports_sdpa", True):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has no sdpa attention in transformers (e.g. Gemma 2's logit soft-capping); "
+                "attach it with attn_implementation='eager'"
+            )
+        fused = FUSED_TARGETS.get(model.config.model_type)
+        if fused and tuple(config.target_modules) == DEFAULT_TARGETS:
+            config = replace(config, target_modules=fused)
         vocab = model.get_input_embeddings().weight.shape[0]
         base = vocab
         if tokenizer is not None and len(tokenizer) > vocab:
