@@ -69,6 +69,8 @@ KNOBS: dict[str, tuple[str, dict[str, Any]]] = {
     "gate": ("memory gate, starts at -4 (gate lr 1e-2)", {"compression.memory_gate": -4.0, "train.gate_lr": 1.0e-2}),
     "gate_fast": ("memory gate, starts at -4 (gate lr 5e-2)", {"compression.memory_gate": -4.0,
                                                                "train.gate_lr": 5.0e-2}),
+    "sink_gate": ("attention sink on + memory gate from -4", {"compression.sink": True,
+                                                              "compression.memory_gate": -4.0}),
 }
 
 
