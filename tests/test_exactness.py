@@ -204,3 +204,29 @@ def test_bf16_merge_parallel_online_gap_does_not_grow_with_t():
         got, _ = s.logits(tail)
         diffs[t] = float((par - got[0].float()).abs().max())
     assert diffs[32] <= 2 * diffs[4] and diffs[32] < 4e-3, diffs
+
+
+def test_two_models_in_one_process_and_two_threads_do_not_interfere():
+    """Each attached model has its own per-forward state: interleaved forwards of two models, also from two threads
+    at once, give what each gives alone."""
+    import threading
+
+    a, b = tiny_ccm("llama", "concat_recur", seed=0), tiny_ccm("mistral", "merge_recur", seed=3)
+    tails = [t for _, t in EPISODES]
+    alone = {name: online(m, EPISODES).logits(tails)[0] for name, m in (("a", a), ("b", b))}
+    results: dict[str, list] = {"a": [], "b": []}
+
+    def work(name, m):
+        for _ in range(5):
+            results[name].append(online(m, EPISODES).logits(tails)[0])
+
+    threads = [threading.Thread(target=work, args=(n, m)) for n, m in (("a", a), ("b", b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for name in ("a", "b"):
+        assert len(results[name]) == 5
+        for got in results[name]:
+            assert torch.equal(got, alone[name])
+    assert not torch.equal(alone["a"][:, :, :10], alone["b"][:, :, :10])
