@@ -25,7 +25,8 @@ def check_message(message: Any) -> dict[str, str]:
     role, content = message["role"], message["content"]
     if role not in ROLES:
         raise InputError(f"message role {role!r} is not one of {', '.join(ROLES)}")
-    if not isinstance(content, str) or not content.strip():
+    if not isinstance(content, str) or (role != "assistant" and not content.strip()):
+        # an assistant turn may be empty (a model can end its turn at once); the others carry the conversation
         raise InputError(f"the {role} message's content is empty (or not text); send some text")
     return {"role": role, "content": content}
 

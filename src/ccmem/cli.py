@@ -51,6 +51,12 @@ def _chat(args: argparse.Namespace) -> int:
     return run_chat(args.variant, args.adapter, args.device, template=not args.plain)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .server.main import run
+
+    return run(args)
+
+
 def _stream(args: argparse.Namespace) -> int:
     from .streaming import StreamConfig, run_stream
 
@@ -112,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--plain", action="store_true",
                    help="render turns as 'A: ... / B: ...' lines instead of the tokenizer's chat template")
     c.set_defaults(fn=_chat)
+    sv = sub.add_parser("serve", help="OpenAI-compatible chat server whose sessions keep compressed memory")
+    from .server.main import add_arguments
+
+    add_arguments(sv)
+    sv.set_defaults(fn=_serve)
     st = sub.add_parser("stream", help="perplexity over a long text in a bounded cache: CCM vs StreamingLLM")
     st.add_argument("--adapter", default="adapters/stream-kjv")
     st.add_argument("--text", default="kjv:new", help="kjv:all|old|new, or a PG-19-style .txt file or folder")

@@ -285,7 +285,7 @@ class Session:
         text = tok.decode(out, skip_special_tokens=True).strip()
         if compress:
             self.add_context(ids)
-            self.add_context(message_ids(tok, {"role": "assistant", "content": text or "..."}, first=False))
+            self.add_context(message_ids(tok, {"role": "assistant", "content": text}, first=False))
         return text
 
     def fork(self, n: int) -> Session:

@@ -1,0 +1,222 @@
+"""``ccmem serve`` with the official ``openai`` client against a live server on 127.0.0.1 (tiny model)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from ccmem import CompressedModel, CompressionConfig
+from ccmem.server import Engine, ServerConfig, create_app
+from ccmem.server.engine import Limits
+from ccmem.server.store import SessionStore
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nbe kind<|im_end|>\n' }}{% endif %}"
+          "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+KEYS = ("key-one", "key-two")
+N_TOK = 2
+
+
+def server_tokenizer():
+    """Word-level ChatML tokenizer filling the tiny models' 128 ids, so every generated id decodes to a word."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "system user assistant be kind hi my dog is called pixel what name".split()
+    vocab = {"[UNK]": 0, "<|im_start|>": 1, "<|im_end|>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    vocab.update({f"w{i}": len(vocab) for i in range(128 - len(vocab))})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="<|im_end|>",
+                                  additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = CHATML
+    return tok
+
+
+def make_engine(data_dir, max_queue=4):
+    model = tiny_model("llama", initializer_range=0.2)
+    ccm = CompressedModel.attach(model, CompressionConfig(n_tok=N_TOK, lora_dropout=0.0),
+                                 tokenizer=server_tokenizer())
+    torch.manual_seed(0)
+    return Engine(ccm, SessionStore(data_dir), Limits(max_messages=8, max_message_tokens=40, max_new_tokens=16,
+                                                      max_queue=max_queue))
+
+
+class Live:
+    """A uvicorn server in a thread on a free port."""
+
+    def __init__(self, engine, keys=KEYS, max_request_bytes=20_000):
+        app = create_app(engine, ServerConfig(api_keys=set(keys), max_request_bytes=max_request_bytes,
+                                              model_name="tiny"))
+        self.engine = engine
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, key=KEYS[0]):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0)
+
+    def get(self, path, key=KEYS[0]):
+        req = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {key}"})
+        try:
+            with urllib.request.urlopen(req) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.engine.store.close()
+
+
+@pytest.fixture
+def live(tmp_path):
+    s = Live(make_engine(tmp_path / "store"))
+    yield s
+    s.stop()
+
+
+def ask(client, sid, messages, **kw):
+    return client.chat.completions.create(model="tiny", messages=messages, max_tokens=kw.pop("max_tokens", 6),
+                                          temperature=kw.pop("temperature", 0), extra_headers={"X-Session-Id": sid},
+                                          **kw)
+
+
+def session(live, sid, key=KEYS[0]):
+    status, body = live.get(f"/v1/sessions/{sid}", key)
+    return status, (json.loads(body) if status == 200 else None)
+
+
+U1 = {"role": "user", "content": "hi my dog is called pixel"}
+U2 = {"role": "user", "content": "what is my dog name"}
+
+
+def test_models_health_and_multi_turn_memory_growth(live):
+    c = live.client()
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+    r1 = ask(c, "a", [U1])
+    assert r1.choices[0].message.role == "assistant" and r1.usage.completion_tokens >= 1
+    assert r1.usage.total_tokens == r1.usage.prompt_tokens + r1.usage.completion_tokens
+    _, s = session(live, "a")
+    assert s["turns"] == 2 and s["slots"] == 2 * N_TOK  # the question and the reply, n_tok slots each
+    ask(c, "a", [U2])  # only the new message: the server continues from memory
+    _, s = session(live, "a")
+    assert s["turns"] == 4 and s["slots"] == 4 * N_TOK and s["bytes"] > 0
+    status, body = live.get("/health")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    status, body = live.get("/metrics")
+    assert status == 200 and b"ccmem_tokens_generated" in body and b"ccmem_sessions_stored 1.0" in body
+
+
+def test_streaming_equals_plain_reply(live):
+    c = live.client()
+    plain = ask(c, "p", [U1]).choices[0].message.content
+    stream = ask(c, "q", [U1], stream=True)
+    pieces, finish = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    assert "".join(pieces).strip() == plain.strip() and finish in ("stop", "length")
+    assert session(live, "q")[1]["turns"] == 2
+
+
+def test_resent_history_compresses_only_new_turns_and_edited_history_restarts(live):
+    c = live.client()
+    r1 = ask(c, "h", [U1]).choices[0].message.content
+    history = [U1, {"role": "assistant", "content": r1}]
+    ask(c, "h", history + [U2])  # an OpenAI client resends everything
+    assert session(live, "h")[1]["turns"] == 4  # U1 and r1 were not compressed again
+    edited = [{"role": "user", "content": "hi my dog is called what"}, {"role": "assistant", "content": r1}]
+    ask(c, "h", edited + [U2])
+    assert session(live, "h")[1]["turns"] == 4  # a new memory: the 2 edited messages + question + reply
+
+
+def test_sessions_are_private_to_their_key(live):
+    ask(live.client(KEYS[0]), "mine", [U1])
+    assert session(live, "mine", KEYS[1])[0] == 404
+    assert live.get("/v1/sessions/mine/memory", KEYS[1])[0] == 404
+    ask(live.client(KEYS[1]), "mine", [U1])  # the same name under another key is another session
+    assert session(live, "mine", KEYS[1])[1]["turns"] == 2 and session(live, "mine", KEYS[0])[1]["turns"] == 2
+    with pytest.raises(openai.AuthenticationError):
+        ask(live.client("wrong-key"), "x", [U1])
+
+
+@pytest.mark.parametrize("messages,kw,match", [
+    ([U1] * 9, {}, "limit of 8"),
+    ([{"role": "user", "content": "w1 " * 50}], {}, "more than the limit of 40"),
+    ([U1], {"max_tokens": 17}, "max_tokens"),
+    ([U1, {"role": "assistant", "content": "hi"}], {}, "last message must be the user"),
+    ([{"role": "user", "content": " "}], {}, "empty"),
+    ([{"role": "robot", "content": "hi"}], {}, "robot"),
+    ([U1], {"n": 2}, "n must be 1"),
+])
+def test_every_limit_is_a_clear_400(live, messages, kw, match):
+    with pytest.raises(openai.BadRequestError, match=match):
+        ask(live.client(), "lim", messages, **kw)
+    assert session(live, "lim")[0] == 404  # nothing was created
+
+
+def test_oversized_body_is_413(live):
+    with pytest.raises(openai.APIStatusError) as e:
+        ask(live.client(), "big", [{"role": "user", "content": "w1 " * 8000}])
+    assert e.value.status_code == 413
+
+
+def test_full_queue_is_429(tmp_path):
+    live = Live(make_engine(tmp_path / "store", max_queue=1))
+    try:
+        live.engine.slots.acquire()  # one request already waits
+        with pytest.raises(openai.RateLimitError):
+            ask(live.client(), "busy", [U1])
+        live.engine.slots.release()
+        assert ask(live.client(), "busy", [U1]).choices[0].message.content is not None
+    finally:
+        live.stop()
+
+
+def test_restart_serves_every_session_where_it_stopped_and_memory_export_import(tmp_path):
+    live = Live(make_engine(tmp_path / "store"))
+    ask(live.client(), "keep", [U1])
+    status, blob = live.get("/v1/sessions/keep/memory")
+    assert status == 200 and len(blob) > 1000
+    before = session(live, "keep")[1]
+    live.stop()
+    live = Live(make_engine(tmp_path / "store"))  # a new process would see the same store
+    try:
+        assert session(live, "keep")[1]["slots"] == before["slots"]
+        ask(live.client(), "keep", [U2])
+        assert session(live, "keep")[1]["turns"] == 4
+        req = urllib.request.Request(live.url + "/v1/sessions/copy/memory", data=blob, method="PUT",
+                                     headers={"Authorization": f"Bearer {KEYS[0]}"})
+        with urllib.request.urlopen(req) as r:
+            assert json.loads(r.read())["slots"] == before["slots"]
+        bad = urllib.request.Request(live.url + "/v1/sessions/bad/memory", data=blob[:-10], method="PUT",
+                                     headers={"Authorization": f"Bearer {KEYS[0]}"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(bad)
+        assert e.value.code == 400
+        req = urllib.request.Request(live.url + "/v1/sessions/keep", method="DELETE",
+                                     headers={"Authorization": f"Bearer {KEYS[0]}"})
+        with urllib.request.urlopen(req) as r:
+            assert json.loads(r.read())["deleted"] is True
+        assert session(live, "keep")[0] == 404
+    finally:
+        live.stop()
