@@ -220,3 +220,85 @@ def test_restart_serves_every_session_where_it_stopped_and_memory_export_import(
         assert session(live, "keep")[0] == 404
     finally:
         live.stop()
+
+
+def test_kill_9_mid_load_loses_no_answered_turn(tmp_path):
+    """A real `ccmem serve` process, killed with SIGKILL while clients are mid-conversation, restarted on the same
+    store: every answered turn is in its session's memory, every memory file passes its checksum, and a session that
+    was idle during the crash is exactly as it was."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from ccmem import io
+    from ccmem.server.store import SessionStore
+
+    model_dir, adapter_dir = tmp_path / "model", tmp_path / "adapter"
+    model, tok = tiny_model("llama", initializer_range=0.2), server_tokenizer()
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    CompressedModel.attach(model, CompressionConfig(n_tok=N_TOK, lora_dropout=0.0), tokenizer=tok
+                           ).save_pretrained(adapter_dir)
+    (tmp_path / "keys").write_text(KEYS[0] + "\n")
+
+    def start():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        p = subprocess.Popen([sys.executable, "-m", "ccmem", "serve", "--model", str(model_dir), "--adapter",
+                              str(adapter_dir), "--data-dir", str(tmp_path / "store"), "--port", str(port),
+                              "--api-keys-file", str(tmp_path / "keys"), "--max-new-tokens", "8"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                return p, openai.OpenAI(base_url=url + "/v1", api_key=KEYS[0], max_retries=0, timeout=30)
+            except OSError:
+                time.sleep(0.1)
+        p.kill()
+        raise RuntimeError("the server did not start")
+
+    proc, client = start()
+    ask(client, "idle", [U1], max_tokens=4)
+    idle_before = client.get("/sessions/idle", cast_to=object)
+    answered = {f"s{i}": 0 for i in range(4)}
+    stop = threading.Event()
+
+    def talk(sid):
+        while not stop.is_set():
+            try:
+                ask(client, sid, [U1 if answered[sid] % 2 == 0 else U2], max_tokens=4)
+            except Exception:  # noqa: BLE001 - the server was killed under this request
+                return
+            answered[sid] += 1
+
+    threads = [threading.Thread(target=talk, args=(sid,)) for sid in answered]
+    for t in threads:
+        t.start()
+    while sum(answered.values()) < 10:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stop.set()
+    for t in threads:
+        t.join()
+
+    store = SessionStore(tmp_path / "store")  # as the restarted server sees it
+    files = list((tmp_path / "store" / "memory").iterdir())
+    assert files and all(f.suffix == ".safetensors" for f in files)  # partial writes were swept
+    for f in files:
+        io.load_checked(f)  # raises on any checksum or truncation problem
+    store.close()
+    proc, client = start()
+    try:
+        for sid, n in answered.items():
+            turns = client.get(f"/sessions/{sid}", cast_to=object)["turns"]
+            assert 2 * n <= turns <= 2 * n + 2, (sid, n, turns)  # + the turn in flight if it committed
+        assert client.get("/sessions/idle", cast_to=object) == idle_before
+        ask(client, "s0", [U2], max_tokens=4)  # and the conversation goes on
+    finally:
+        proc.kill()
+        proc.wait()
