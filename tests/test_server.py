@@ -14,6 +14,7 @@ from conftest import tiny_model
 from ccmem import CompressedModel, CompressionConfig
 from ccmem.server import Engine, ServerConfig, create_app
 from ccmem.server.engine import Limits
+from ccmem.server.main import ThreadedServer
 from ccmem.server.store import SessionStore
 
 openai = pytest.importorskip("openai")
@@ -60,13 +61,8 @@ class Live:
         app = create_app(engine, ServerConfig(api_keys=set(keys), max_request_bytes=max_request_bytes,
                                               model_name="tiny"))
         self.engine = engine
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.threaded = ThreadedServer(app)
+        self.url = self.threaded.url
 
     def client(self, key=KEYS[0]):
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0)
@@ -80,8 +76,7 @@ class Live:
             return e.code, e.read()
 
     def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.threaded.stop()
         self.engine.store.close()
 
 
@@ -302,3 +297,16 @@ def test_kill_9_mid_load_loses_no_answered_turn(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_full_history_server_keeps_every_token(tmp_path):
+    """The baseline mode of serve_load: the same server keeping raw keys/values grows by every token, ccmem by
+    n_tok slots per message."""
+    eng = make_engine(tmp_path / "store")
+    full = Engine(eng.ccm, SessionStore(tmp_path / "full"), eng.limits, full_history=True)
+    a = eng.chat("o", "x", [U1], max_new_tokens=4, temperature=0)
+    b = full.chat("o", "x", [U1], max_new_tokens=4, temperature=0)
+    assert a.text == b.text  # the first answer reads the same (empty) memory
+    assert a.session.slots == 2 * N_TOK and b.session.slots == b.session.tokens > 2 * N_TOK
+    eng.store.close()
+    full.store.close()

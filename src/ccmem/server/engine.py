@@ -69,9 +69,14 @@ class _Deltas(BaseStreamer):
 
 class Engine:
     def __init__(self, ccm: Any, store: SessionStore, limits: Limits | None = None, hot_bytes: int = 1 << 30,
-                 model_name: str = "ccmem") -> None:
+                 model_name: str = "ccmem", full_history: bool = False) -> None:
+        """``full_history``: keep every message's raw keys/values instead of compressing them (the baseline a
+        plain server with per-session KV caching is: memory grows with every token said)."""
         if ccm.tokenizer is None:
             raise InputError("the server needs a model attached with its tokenizer")
+        if full_history and ccm.config.merging:
+            raise InputError("a full-history server needs a concat model (a merge memory averages its slots)")
+        self.full_history = full_history
         self.ccm, self.tok, self.store = ccm, ccm.tokenizer, store
         self.limits, self.hot_bytes, self.model_name = limits or Limits(), hot_bytes, model_name
         self.hot: OrderedDict[tuple[str, str], tuple[Session, SessionMeta]] = OrderedDict()
@@ -125,6 +130,13 @@ class Engine:
             self._evict()
             return meta
 
+    def _keep(self, session: Session, ids: list[int]) -> None:
+        """One message joins the session: compressed into n_tok slots, or (full history) kept verbatim."""
+        if self.full_history:
+            session.add_raw(ids)
+        else:
+            session.add_context(ids)
+
     def _count(self, session: Session, meta: SessionMeta) -> None:
         meta.slots, meta.bytes = session.memory.num_slots, session.memory.kv_bytes
         meta.tokens = int(session.memory.offset[0]) + sum(session.memory.tail_tokens())
@@ -168,8 +180,9 @@ class Engine:
         before = meta.tokens
         read = 0
         for m in p.new:
-            read += len(message_ids(self.tok, m, first=session._opens()))
-            session.add_message(m)
+            ids = message_ids(self.tok, m, first=session._opens())
+            read += len(ids)
+            self._keep(session, ids)
             meta.chain.append(link(meta.chain[-1] if meta.chain else "", m))
             meta.turns += 1
         user = messages[-1]
@@ -198,10 +211,10 @@ class Engine:
         for s in stop or []:
             if s in text:
                 text, finish = text[: text.index(s)], "stop"
-        session.add_context(ids)
+        self._keep(session, ids)
         text = text.strip()
         reply = {"role": "assistant", "content": text}
-        session.add_message(reply)
+        self._keep(session, message_ids(self.tok, reply, first=False))
         for m in (user, reply):
             meta.chain.append(link(meta.chain[-1] if meta.chain else "", m))
         meta.turns += 2

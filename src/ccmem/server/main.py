@@ -31,7 +31,7 @@ def build(args: argparse.Namespace):
     store = SessionStore(args.data_dir or cache_dir() / "server")
     limits = Limits(max_messages=args.max_messages, max_message_tokens=args.max_message_tokens,
                     max_new_tokens=args.max_new_tokens, max_queue=args.max_queue)
-    engine = Engine(ccm, store, limits, hot_bytes=args.hot_mib << 20)
+    engine = Engine(ccm, store, limits, hot_bytes=args.hot_mib << 20, full_history=args.full_history)
     keys = api_keys(args.api_keys_file)
     if not keys:
         print("warning: no API keys (--api-keys-file or CCMEM_API_KEYS): every client shares one owner",
@@ -55,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=16)
     p.add_argument("--model-name", default="ccmem-smollm2-135m")
     p.add_argument("--device", default=None)
+    p.add_argument("--full-history", action="store_true",
+                   help="keep every message's raw keys/values instead of compressing (the baseline server)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,3 +64,28 @@ def run(args: argparse.Namespace) -> int:
 
     uvicorn.run(build(args), host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+class ThreadedServer:
+    """uvicorn serving ``app`` on 127.0.0.1 from a background thread (a free port unless given): for tests,
+    benchmarks and notebooks. ``stop()`` shuts it down."""
+
+    def __init__(self, app, port: int = 0) -> None:
+        import threading
+        import time
+
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the server thread stopped before it started (is the port free?)")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
