@@ -310,3 +310,24 @@ def test_full_history_server_keeps_every_token(tmp_path):
     assert a.session.slots == 2 * N_TOK and b.session.slots == b.session.tokens > 2 * N_TOK
     eng.store.close()
     full.store.close()
+
+
+def test_real_default_model_serves_a_conversation(tmp_path):
+    from ccmem.demo import default_adapter
+    from ccmem.models import load_model
+
+    model, tok = load_model("smollm2")
+    ccm = CompressedModel.from_pretrained(default_adapter("concat"), model, tokenizer=tok)
+    live = Live(Engine(ccm, SessionStore(tmp_path / "store")))
+    try:
+        c = live.client()
+        r = ask(c, "real", [{"role": "user", "content": "Hi! I just got back from a hiking trip in Colorado."}],
+                max_tokens=12)
+        assert r.choices[0].message.content.strip()
+        r = ask(c, "real", [{"role": "user", "content": "Where did I go hiking?"}], max_tokens=12, stream=True)
+        text = "".join(ch.choices[0].delta.content or "" for ch in r if ch.choices)
+        assert text.strip()
+        s = session(live, "real")[1]
+        assert s["turns"] == 4 and s["slots"] == 4 * ccm.config.n_tok and s["tokens_compressed"] > 30
+    finally:
+        live.stop()
