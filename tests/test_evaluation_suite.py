@@ -194,3 +194,22 @@ def test_raw_context_refused_by_a_merge_memory():
     s = tiny_ccm(variant="merge_recur", seed=0).session()
     with pytest.raises(ConfigError, match="concat memory"):
         s.add_raw([5, 6, 7])
+
+
+def test_frontier_points_at_every_budget(adapters, tmp_path, monkeypatch):
+    from ccmem.evaluation.frontier import frontier
+    from ccmem.evaluation.frontier import write as write_frontier
+
+    monkeypatch.setenv("CCMEM_CACHE", str(tmp_path / "cache"))
+    cfg = EvalConfig(adapters={"ccm_concat": adapters["ccm_concat"], "ccm_merge": adapters["ccm_merge"]},
+                     presses=(), check=0, batch_size=4, bootstrap=50)
+    res = frontier(TinySuite(), cfg, per_step=(1, 3), load_model=lambda: tiny_model(seed=0), progress=False)
+    by = {(p["t"], p["method"], p["per_step"]): p for p in res["points"]}
+    for t in (1, 2, 4):
+        for k in (1, 3):  # the training-free methods at k slots per step
+            assert by[(t, "window", k)]["kv_slots"] == k * t == by[(t, "streamingllm", k)]["kv_slots"]
+        assert by[(t, "ccm_concat", None)]["kv_slots"] == 2 * t and by[(t, "ccm_merge", None)]["kv_slots"] == 2
+        assert by[(t, "window", 3)]["acc_norm_ci"][0] <= by[(t, "window", 3)]["acc_norm_ci"][1]
+    assert {(r["t"], r["method"]) for r in res["references"]} == {(t, m) for t in (1, 2, 4) for m in ("none", "full")}
+    paths = write_frontier(tmp_path, "frontier_tiny", res)
+    assert all(p.stat().st_size > 0 for p in paths) and "| t | method | per_step |" in paths[1].read_text()

@@ -95,7 +95,7 @@ def _eval(args: argparse.Namespace) -> int:
           "training_free": tuple(p for p in args.training_free.split(",") if p),
           "mode": args.mode, "check": args.check, "batch_size": args.batch_size, "device": args.device}
     res, paths = run_named(args.suite, args.out, args.name, adapters, args.limit,
-                           [int(t) for t in args.ts.split(",")] if args.ts else None, **kw)
+                           [int(t) for t in args.ts.split(",")] if args.ts else None, frontier=args.frontier, **kw)
     print(paths[1].read_text())
     print(f"[ccmem] wrote {', '.join(map(str, paths))}")
     return 0
@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--out", default="benchmarks/results")
     e.add_argument("--name", default=None, help="results file name (default eval_<suite>)")
     e.add_argument("--device", default=None)
+    e.add_argument("--frontier", action="store_true",
+                   help="every method at 1, 2, 4, 8 KV slots per context step (t = 8, 12 for chitchat; 8, 16 for "
+                        "icl / recall) -> frontier_<suite>.{json,md,png}")
     e.set_defaults(fn=_eval)
     args = ap.parse_args(argv)
     return args.fn(args)

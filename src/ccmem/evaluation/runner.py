@@ -367,11 +367,31 @@ SUITES: dict[str, dict[str, Any]] = {
 }
 
 
+FRONTIER_TS = {"chitchat": (8, 12), "icl": (8, 16), "recall": (8, 16)}
+
+
+def build_suite(suite: str, tok: Any, limit: int | None, ts: list[int] | None) -> Suite:
+    """A named suite on ``tok`` (``limit``: dialogs, items per task or facts per distance)."""
+    if suite == "chitchat":
+        from .suites import ChitchatSuite
+
+        return ChitchatSuite(tok, dialogs=limit or 100, **({"ts": ts} if ts else {}))
+    if suite == "recall":
+        from .suites import RecallSuite
+
+        return RecallSuite(tok, items=limit or 100, **({"ts": ts} if ts else {}))
+    from .suites import IclSuite
+
+    return IclSuite(tok, items=limit or 30, **({"ts": ts} if ts else {}))
+
+
 def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str | None = None,
               adapters: dict[str, str] | None = None, limit: int | None = None, ts: list[int] | None = None,
-              command: str | None = None, **cfg_kw: Any) -> tuple[dict[str, Any], list[Path]]:
+              command: str | None = None, frontier: bool = False, **cfg_kw: Any
+              ) -> tuple[dict[str, Any], list[Path]]:
     """``ccmem eval``: build a named suite on the default model, run every method whose adapter exists, write the
-    JSON / markdown / PNG reports. Missing adapters are listed in the report's notes, never silently dropped."""
+    JSON / markdown / PNG reports. Missing adapters are listed in the report's notes, never silently dropped.
+    ``frontier``: every method at several KV budgets instead (:mod:`.frontier`), at the suite's frontier steps."""
     from ..models import load_tokenizer
 
     if suite not in SUITES:
@@ -383,18 +403,17 @@ def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str 
     cfg = EvalConfig(base_adapter=d["base_adapter"], adapters=present,
                      peers={k: v for k, v in d["peers"].items() if v in present}, **cfg_kw)
     tok = load_tokenizer(cfg.model)
-    if suite == "chitchat":
-        from .suites import ChitchatSuite
+    if frontier:
+        from .frontier import frontier as run_frontier
+        from .frontier import write as write_frontier
 
-        s = ChitchatSuite(tok, dialogs=limit or 100, **({"ts": ts} if ts else {}))
-    elif suite == "recall":
-        from .suites import RecallSuite
-
-        s = RecallSuite(tok, items=limit or 100, **({"ts": ts} if ts else {}))
-    else:
-        from .suites import IclSuite
-
-        s = IclSuite(tok, items=limit or 30, **({"ts": ts} if ts else {}))
+        s = build_suite(suite, tok, limit, ts or list(FRONTIER_TS[suite]))
+        res = run_frontier(s, cfg, tokenizer=tok)
+        res["notes"] = notes + res["notes"]
+        res["command"] = command or main_command()
+        res["environment"] = _environment_with_kvpress(cfg)
+        return res, write_frontier(Path(out_dir), name or f"frontier_{suite}", res)
+    s = build_suite(suite, tok, limit, ts)
     res = evaluate(s, cfg, tokenizer=tok)
     res["notes"] = notes + res["notes"]
     res["title"] = d["title"]
