@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--training-free", default="window,streamingllm", help="ccmem's own KV-budget baselines")
     e.add_argument("--ts", default=None, help="time steps, e.g. 1,2,4,8,16 (default: the suite's)")
     e.add_argument("--limit", type=int, default=None,
-                   help="dialogs (chitchat, 100), items per task (icl, 30) or facts per distance (recall, 100)")
+                   help="dialogs (chitchat, 100), items per task (icl, 100) or facts per distance (recall, 100)")
     e.add_argument("--mode", default="auto", choices=["auto", "parallel", "online"])
     e.add_argument("--check", type=int, default=2, help="contexts per t scored both ways (parallel vs online)")
     e.add_argument("--batch-size", type=int, default=16)

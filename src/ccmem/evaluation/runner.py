@@ -382,7 +382,7 @@ def build_suite(suite: str, tok: Any, limit: int | None, ts: list[int] | None) -
         return RecallSuite(tok, items=limit or 100, **({"ts": ts} if ts else {}))
     from .suites import IclSuite
 
-    return IclSuite(tok, items=limit or 30, **({"ts": ts} if ts else {}))
+    return IclSuite(tok, items=limit or 100, **({"ts": ts} if ts else {}))
 
 
 def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str | None = None,

@@ -100,7 +100,7 @@ class IclSuite(Suite):
 
     name, metric, higher_is_better = "icl", "acc_norm", True
 
-    def __init__(self, tokenizer: Any, items: int = 30, ts: Sequence[int] = (1, 2, 4, 8, 16), tasks=None,
+    def __init__(self, tokenizer: Any, items: int = 100, ts: Sequence[int] = (1, 2, 4, 8, 16), tasks=None,
                  seed: int = 100):
         from ..data.icl import TEST_TASKS, IclFormat, build_tasks, split_task
 
