@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .masks import online_mask, to_additive
+from .cache import CompressedCache
 
 METHODS = ("ccm", "streamingllm", "window")
 
@@ -54,12 +54,12 @@ class KV:
     def __len__(self) -> int:
         return len(self.kinds)
 
-    def cache(self, upto: int | None = None) -> DynamicCache:
-        c = DynamicCache()
-        if self.kinds:
-            for i, (k, v) in enumerate(zip(self.keys, self.values)):
-                c.update(k[:, :, :upto], v[:, :, :upto], i)
-        return c
+    def cache(self, upto: int | None = None) -> CompressedCache:
+        """The first ``upto`` slots as the library's one cache type: positions continue from the slot count (the
+        StreamingLLM layout numbers slots by their index), and its "mem" slots are what a memory gate biases."""
+        n = len(self.kinds) if upto is None else upto
+        mem = torch.tensor([k == "mem" for k in self.kinds[:n]], dtype=torch.bool, device=self.keys[0].device)
+        return CompressedCache([k[:, :, :n] for k in self.keys], [v[:, :, :n] for v in self.values], n, mem)
 
     def select(self, idx: Sequence[int], inv_freq: torch.Tensor, extra: KV | None = None,
                extra_old_pos: Sequence[int] = ()) -> KV:
@@ -128,15 +128,8 @@ class Streamer:
         cache = kv.cache(upto) if kv is not None and past else DynamicCache()
         t = torch.tensor([ids], device=dev)
         pos = torch.arange(past, past + len(ids), device=dev)[None]
-        mask: torch.Tensor = torch.ones(1, past + len(ids), dtype=torch.long, device=dev)
-        extra = {}
-        if self.ccm.gated:  # a memory gate biases the "mem" slots; it needs the additive 4D mask
-            dtype = self.ccm.model.get_input_embeddings().weight.dtype
-            mask = to_additive(online_mask(mask, len(ids)), dtype)
-            kinds_past = kv.kinds[:past] if kv is not None else []
-            cols = torch.tensor([k == "mem" for k in kinds_past] + [False] * len(ids), device=dev)
-            extra["ccmem_memory"] = cols.to(dtype).view(1, 1, 1, -1)
-        out = self.ccm.model(input_ids=t, position_ids=pos, cache=cache, use_cache=True, attention_mask=mask, **extra)
+        mask = torch.ones(1, past + len(ids), dtype=torch.long, device=dev)
+        out = self.ccm.model(input_ids=t, position_ids=pos, cache=cache, use_cache=True, attention_mask=mask)
         c = out.cache
         new = KV([la.keys[:, :, past:] for la in c.layers], [la.values[:, :, past:] for la in c.layers],
                  [kinds] * len(ids))
