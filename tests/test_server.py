@@ -331,3 +331,51 @@ def test_real_default_model_serves_a_conversation(tmp_path):
         assert s["turns"] == 4 and s["slots"] == 4 * ccm.config.n_tok and s["tokens_compressed"] > 30
     finally:
         live.stop()
+
+
+@pytest.mark.parametrize("full_history", [False, True])
+def test_requests_of_different_sessions_are_batched_and_answer_as_alone(tmp_path, full_history):
+    """Requests waiting together (sessions at different points, one fresh) run as one batched step and get exactly
+    the greedy replies and memories they get one at a time."""
+    def engine(name):
+        e = make_engine(tmp_path / name)
+        if full_history:
+            e = Engine(e.ccm, e.store, e.limits, full_history=True)
+        return e
+
+    histories = {"a": [U1], "b": [U1, U2], "c": []}
+    asks = {"a": U2, "b": {"role": "user", "content": "what is my name"}, "c": U1}
+    solo, batched = engine("solo"), engine("batched")
+    for e in (solo, batched):
+        for sid, msgs in histories.items():
+            for m in msgs:
+                e.chat("o", sid, [m], max_new_tokens=4, temperature=0)
+    want = {sid: solo.chat("o", sid, [m], max_new_tokens=5, temperature=0) for sid, m in asks.items()}
+    got: dict = {}
+    streamed: dict = {sid: [] for sid in asks}
+    with batched.model_lock:  # the worker takes a first request and waits: the three others queue up together
+        first = threading.Thread(target=batched.chat, args=("o", "z", [U1]), kwargs={"max_new_tokens": 2})
+        first.start()
+        while batched.jobs or batched.worker is None:
+            time.sleep(0.01)
+        threads = [threading.Thread(target=lambda s=sid, m=m: got.__setitem__(
+            s, batched.chat("o", s, [m], max_new_tokens=5, temperature=0, on_text=streamed[s].append)))
+            for sid, m in asks.items()]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 30
+        while len(batched.jobs) < 3 and time.time() < deadline:
+            time.sleep(0.01)
+    for t in [first, *threads]:
+        t.join(timeout=60)
+    assert batched.stats["largest_batch"] == 3
+    for sid in asks:
+        assert got[sid].text == want[sid].text and got[sid].finish_reason == want[sid].finish_reason
+        assert "".join(streamed[sid]).strip() == got[sid].text
+        assert got[sid].session.slots == want[sid].session.slots and got[sid].session.turns == want[sid].session.turns
+        a, b = solo.hot[("o", sid)][0], batched.hot[("o", sid)][0]
+        la, _ = a.logits([5, 6, 7])
+        lb, _ = b.logits([5, 6, 7])
+        assert (la - lb).abs().max() <= 1e-4
+    solo.store.close()
+    batched.store.close()

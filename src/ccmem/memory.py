@@ -191,6 +191,59 @@ class CompressedMemory:
             has_sink=self.has_sink, config=self.config, fingerprint=dict(self.fingerprint),
             tail=[[list(c) for c in self.tail[0]] for _ in range(n)], cache_dtype=self.cache_dtype, raw=self.raw)
 
+    @classmethod
+    def stack(cls, mems: list[CompressedMemory]) -> CompressedMemory:
+        """Single-row memories of different sizes as one batch (a server serving several sessions in one forward):
+        each row's slots first, then invalid padding; a sink slot when any row has one (invalid in the others).
+        :meth:`unstack` gives back each row's own memory."""
+        first = mems[0]
+        for m in mems:
+            if m.batch_size != 1:
+                raise ValueError("stack takes single-row memories")
+            if m.config.to_dict() != first.config.to_dict() or m.fingerprint != first.fingerprint:
+                raise IncompatibleError("memories of different models or compression configs cannot share a batch")
+        sink = any(m.has_sink for m in mems)
+        body = max(m.num_slots - int(m.has_sink) for m in mems)
+        ref = first.keys[0]
+
+        def row(m: CompressedMemory, x: torch.Tensor | None, fill: Any) -> torch.Tensor:
+            """One row's slot axis laid out as [sink? | body | padding]; x is (..., M) or (1, H, M, D)."""
+            s = int(m.has_sink)
+            dim = 2 if x is not None and x.dim() == 4 else -1
+            parts = []
+            if sink:
+                parts.append(x.narrow(dim, 0, 1) if s else fill(1))
+            b = x.narrow(dim, s, x.shape[dim] - s)
+            parts += [b, fill(body - b.shape[dim])]
+            return torch.cat(parts, dim)
+
+        def kv(x: torch.Tensor) -> Any:
+            return lambda n: x.new_zeros(x.shape[0], x.shape[1], n, x.shape[3])
+
+        keys = [torch.cat([row(m, m.keys[i], kv(m.keys[i])) for m in mems]) for i in range(len(first.keys))]
+        values = [torch.cat([row(m, m.values[i], kv(m.values[i])) for m in mems]) for i in range(len(first.values))]
+        valid = torch.cat([row(m, m.valid, lambda n, m=m: m.valid.new_zeros(1, n)) for m in mems])
+        raws = torch.stack([row(m, m.raw[None], lambda n, m=m: m.raw.new_zeros(1, n))[0] for m in mems])
+        if bool(((raws != raws.any(0)) & valid).any()):
+            raise IncompatibleError("rows hold raw and compressed slots at the same index; they cannot be batched")
+        return cls(keys=keys, values=values, valid=valid, offset=torch.cat([m.offset for m in mems]),
+                   steps=torch.cat([m.steps for m in mems]), has_sink=sink, config=first.config,
+                   fingerprint=dict(first.fingerprint), tail=[m.tail[0] for m in mems],
+                   cache_dtype=first.cache_dtype, raw=raws.any(0).to(ref.device))
+
+    def unstack(self) -> list[CompressedMemory]:
+        """Each row as its own single-row memory holding only its valid slots (the inverse of :meth:`stack`)."""
+        out = []
+        for b in range(self.batch_size):
+            keep = self.valid[b]
+            has_sink = self.has_sink and bool(keep[0])
+            out.append(CompressedMemory(
+                keys=[k[b:b + 1, :, keep] for k in self.keys], values=[v[b:b + 1, :, keep] for v in self.values],
+                valid=self.valid[b:b + 1, keep], offset=self.offset[b:b + 1], steps=self.steps[b:b + 1],
+                has_sink=has_sink, config=self.config, fingerprint=dict(self.fingerprint),
+                tail=[[list(c) for c in self.tail[b]]], cache_dtype=self.cache_dtype, raw=self.raw[keep]))
+        return out
+
     # ---------------------------------------------------------------- files
     def save(self, path: str | os.PathLike) -> None:
         """Save to one safetensors file whose JSON header names the model, config and format version."""

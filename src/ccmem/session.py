@@ -337,9 +337,11 @@ class Session:
         eos_token_id: int | list[int] | None = None,
         seed: int | None = None,
         repetition_penalty: float = 1.0,
+        on_token: Any = None,
     ) -> list[list[int]] | list[int]:
         """Reply to ``queries`` from memory; greedy by default. The memory is not changed (compress the turn
-        afterwards with :meth:`add_context`). Returns the new token ids (without the end token) per row."""
+        afterwards with :meth:`add_context`). Returns the new token ids (without the end token) per row.
+        ``on_token(row, token_id)`` is called for every token as it is produced (streaming)."""
         single = _is_single(queries)
         rows = self._rows(queries)
         if eos_token_id is None and self.ccm.tokenizer is not None:
@@ -370,6 +372,8 @@ class Session:
                         done[b] = True
                     else:
                         out[b].append(int(tok[b]))
+                        if on_token is not None:
+                            on_token(b, int(tok[b]))
             if bool(done.all()):
                 break
             step_valid = (~done).long()[:, None]

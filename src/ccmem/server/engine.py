@@ -1,18 +1,21 @@
 """The server's model work: open a session (hot, on disk or new), compress what is new, answer, save, answer back.
 
-One model serves every session, and an attached model keeps per-forward state, so model work runs one request at a
-time (a lock); requests beyond ``max_queue`` waiting are refused (:class:`QueueFull`, HTTP 429). Hot sessions stay in
-RAM in LRU order while their memories fit ``hot_bytes``; colder ones are reloaded from their file (they are saved
-after every turn anyway).
+One model serves every session, and an attached model keeps per-forward state, so one worker thread does all model
+work. It takes the waiting requests of up to ``max_batch`` different sessions that share sampling settings and runs
+them as one batch: their memories are stacked (:meth:`~ccmem.memory.CompressedMemory.stack`), the replies generated
+together, the user messages and replies compressed in one forward each, and the memories split back. Requests of
+one session stay in order; requests beyond ``max_queue`` waiting are refused (:class:`QueueFull`, HTTP 429).
+Hot sessions stay in RAM in LRU order while their memories fit ``hot_bytes``; colder ones are reloaded from their
+file (they are saved after every turn anyway).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,6 +23,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..chat_template import check_message, generation_prompt_ids, message_ids
 from ..errors import InputError
+from ..memory import CompressedMemory
 from ..session import Session
 from .store import SessionMeta, SessionStore
 from .transcript import link, plan
@@ -47,29 +51,63 @@ class Reply:
 
 
 class _Deltas(BaseStreamer):
-    """Turns generated ids into text pieces as they come (decoding the whole reply each time keeps multi-token
-    characters intact); the first ``put`` is the prompt and is skipped."""
+    """transformers' streamer interface over :class:`_Text` (its first ``put`` is the prompt and is skipped)."""
 
     def __init__(self, tok: Any, on_text: Callable[[str], None]) -> None:
-        self.tok, self.on_text, self.ids, self.sent, self.prompt = tok, on_text, [], "", True
+        self.text, self.prompt = _Text(tok, on_text), True
 
     def put(self, value: torch.Tensor) -> None:
         if self.prompt:
             self.prompt = False
             return
-        self.ids += value.reshape(-1).tolist()
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if len(text) > len(self.sent) and not text.endswith("\ufffd"):
-            self.on_text(text[len(self.sent):])
-            self.sent = text
+        for t in value.reshape(-1).tolist():
+            self.text.add(t)
 
     def end(self) -> None:
         pass
 
 
+@dataclass
+class _Job:
+    owner: str
+    sid: str
+    messages: list[dict[str, str]]
+    max_new_tokens: int
+    sampling: tuple  # (temperature, top_p, seed, stop strings): requests batched together share these
+    on_text: Callable[[str], None] | None
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Reply | None = None
+    error: Exception | None = None
+    session: Any = None
+    meta: Any = None
+    before: int = 0
+    read: int = 0
+    ids: list[int] = field(default_factory=list)
+    prompt: list[int] = field(default_factory=list)
+    new: list[int] = field(default_factory=list)
+    finish: str = "stop"
+
+
+class _Text:
+    """Generated ids to text pieces as they come (decoding the whole reply each time keeps multi-token characters
+    intact)."""
+
+    def __init__(self, tok: Any, on_text: Callable[[str], None]) -> None:
+        self.tok, self.on_text, self.ids, self.sent = tok, on_text, [], ""
+
+    def add(self, token: int) -> None:
+        if token == self.tok.eos_token_id:
+            return
+        self.ids.append(token)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if len(text) > len(self.sent) and not text.endswith("\ufffd"):
+            self.on_text(text[len(self.sent):])
+            self.sent = text
+
+
 class Engine:
     def __init__(self, ccm: Any, store: SessionStore, limits: Limits | None = None, hot_bytes: int = 1 << 30,
-                 model_name: str = "ccmem", full_history: bool = False) -> None:
+                 model_name: str = "ccmem", full_history: bool = False, max_batch: int = 8) -> None:
         """``full_history``: keep every message's raw keys/values instead of compressing them (the baseline a
         plain server with per-session KV caching is: memory grows with every token said)."""
         if ccm.tokenizer is None:
@@ -82,7 +120,11 @@ class Engine:
         self.hot: OrderedDict[tuple[str, str], tuple[Session, SessionMeta]] = OrderedDict()
         self.model_lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(self.limits.max_queue)
-        self.stats = {"tokens_compressed": 0, "tokens_generated": 0}
+        self.stats = {"tokens_compressed": 0, "tokens_generated": 0, "steps": 0, "largest_batch": 0}
+        self.max_batch = max_batch
+        self.jobs: deque[_Job] = deque()
+        self.wake = threading.Condition()
+        self.worker: threading.Thread | None = None
 
     # ------------------------------------------------------------------ sessions
     def _open(self, owner: str, sid: str) -> tuple[Session, SessionMeta]:
@@ -163,64 +205,166 @@ class Engine:
     def chat(self, owner: str, sid: str, messages: list[dict[str, str]], max_new_tokens: int = 256,
              temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
              on_text: Callable[[str], None] | None = None) -> Reply:
+        """Answer one request (blocking). It waits with the others; the worker takes up to ``max_batch`` requests
+        of different sessions with the same sampling settings into one batched step."""
         if not self.slots.acquire(blocking=False):
             raise QueueFull(f"more than {self.limits.max_queue} requests are waiting; retry shortly")
         try:
-            with self.model_lock:
-                return self._chat(owner, sid, messages, max_new_tokens, temperature, top_p, seed, stop, on_text)
+            job = _Job(owner, sid, messages, max_new_tokens, (float(temperature), float(top_p), seed,
+                                                               tuple(stop or ())), on_text)
+            with self.wake:
+                self.jobs.append(job)
+                self.wake.notify()
+                if self.worker is None or not self.worker.is_alive():
+                    self.worker = threading.Thread(target=self._work, daemon=True, name="ccmem-engine")
+                    self.worker.start()
+            job.done.wait()
+            if job.error is not None:
+                raise job.error
+            return job.result
         finally:
             self.slots.release()
 
-    def _chat(self, owner, sid, messages, max_new_tokens, temperature, top_p, seed, stop, on_text) -> Reply:
-        session, meta = self._open(owner, sid)
-        p = plan(meta.chain, messages[:-1])
+    # ------------------------------------------------------------------ the worker
+    def _work(self) -> None:
+        while True:
+            with self.wake:
+                while not self.jobs:
+                    self.wake.wait()
+                batch = self._take()
+            try:
+                with self.model_lock:
+                    self._step(batch)
+            except Exception as e:  # noqa: BLE001 - every waiting request learns what went wrong
+                for j in batch:
+                    if j.result is None and j.error is None:
+                        j.error = e
+            for j in batch:
+                j.done.set()
+
+    def _take(self) -> list[_Job]:
+        """The oldest request, plus later ones of other sessions with the same sampling settings (a session's
+        requests stay in order: a second one waits for the next step)."""
+        first = self.jobs.popleft()
+        batch, seen, rest = [first], {(first.owner, first.sid)}, []
+        while self.jobs and len(batch) < self.max_batch:
+            j = self.jobs.popleft()
+            if (j.owner, j.sid) in seen or j.sampling != first.sampling:
+                rest.append(j)
+                seen.add((j.owner, j.sid))
+            else:
+                batch.append(j)
+                seen.add((j.owner, j.sid))
+        self.jobs.extendleft(reversed(rest))
+        return batch
+
+    def _prepare(self, job: _Job) -> None:
+        """Open the session, compress the history messages that are new, render the user message."""
+        session, meta = self._open(job.owner, job.sid)
+        p = plan(meta.chain, job.messages[:-1])
         if p.restart:
             session.reset()
             meta.chain, meta.turns, meta.tokens = [], 0, 0
-        before = meta.tokens
-        read = 0
+        job.session, job.meta, job.before = session, meta, meta.tokens
         for m in p.new:
             ids = message_ids(self.tok, m, first=session._opens())
-            read += len(ids)
+            job.read += len(ids)
             self._keep(session, ids)
             meta.chain.append(link(meta.chain[-1] if meta.chain else "", m))
             meta.turns += 1
-        user = messages[-1]
-        ids = message_ids(self.tok, user, first=session._opens())
-        prompt = ids + generation_prompt_ids(self.tok)
-        read += len(prompt)
+        job.ids = message_ids(self.tok, job.messages[-1], first=session._opens())
+        job.prompt = job.ids + generation_prompt_ids(self.tok)
+        job.read += len(job.prompt)
+
+    def _step(self, batch: list[_Job]) -> None:
+        ready = []
+        for j in batch:
+            try:
+                self._prepare(j)
+                ready.append(j)
+            except Exception as e:  # noqa: BLE001 - this request fails alone
+                j.error = e
+        if not ready:
+            return
+        self.stats["steps"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(ready))
+        temperature, top_p, seed, stop = ready[0].sampling
         if seed is not None:
             torch.manual_seed(seed)
-        kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0,
+        if len(ready) == 1:
+            outs = [self._generate_one(ready[0])]
+        else:
+            outs = self._generate_batch(ready)
+        eos = self.tok.eos_token_id
+        replies = []
+        for j, new in zip(ready, outs):
+            finish = "stop" if (eos in new) or len(new) < j.max_new_tokens else "length"
+            if eos in new:
+                new = new[: new.index(eos)]
+            text = self.tok.decode(new, skip_special_tokens=True)
+            for s in stop:
+                if s in text:
+                    text, finish = text[: text.index(s)], "stop"
+            j.new, j.finish = new, finish
+            replies.append({"role": "assistant", "content": text.strip()})
+        # keep the user messages and the replies: one batched forward each when several sessions share the step
+        self._keep_rows(ready, [j.ids for j in ready])
+        self._keep_rows(ready, [message_ids(self.tok, r, first=False) for r in replies])
+        for j, reply in zip(ready, replies):
+            meta = j.meta
+            for m in (j.messages[-1], reply):
+                meta.chain.append(link(meta.chain[-1] if meta.chain else "", m))
+            meta.turns += 2
+            self._count(j.session, meta)
+            self.store.save(meta, j.session)
+            self.stats["tokens_compressed"] += meta.tokens - j.before
+            self.stats["tokens_generated"] += len(j.new)
+            j.result = Reply(reply["content"], j.read, len(j.new), j.finish, meta)
+        self._evict()
+
+    def _generate_one(self, j: _Job) -> list[int]:
+        """One request: transformers' generate on the session's cache (stop strings, streamer)."""
+        temperature, top_p, _, stop = j.sampling
+        kw: dict[str, Any] = {"max_new_tokens": j.max_new_tokens, "do_sample": temperature > 0,
                               "eos_token_id": self.tok.eos_token_id, "pad_token_id": self.tok.pad_token_id
                               if self.tok.pad_token_id is not None else self.tok.eos_token_id}
         if temperature > 0:
             kw.update(temperature=temperature, top_p=top_p)
         if stop:
             kw.update(stop_strings=list(stop), tokenizer=self.tok)
-        if on_text is not None:
-            kw["streamer"] = _Deltas(self.tok, on_text)
+        if j.on_text is not None:
+            kw["streamer"] = _Deltas(self.tok, j.on_text)
         with torch.no_grad():
-            out = self.ccm.model.generate(**session.generation_inputs(prompt), **kw)
-        new = out[0, len(prompt):].tolist()
-        eos = self.tok.eos_token_id
-        finish = "stop" if (eos in new) or len(new) < max_new_tokens else "length"
-        if eos in new:
-            new = new[: new.index(eos)]
-        text = self.tok.decode(new, skip_special_tokens=True)
-        for s in stop or []:
-            if s in text:
-                text, finish = text[: text.index(s)], "stop"
-        self._keep(session, ids)
-        text = text.strip()
-        reply = {"role": "assistant", "content": text}
-        self._keep(session, message_ids(self.tok, reply, first=False))
-        for m in (user, reply):
-            meta.chain.append(link(meta.chain[-1] if meta.chain else "", m))
-        meta.turns += 2
-        self._count(session, meta)
-        self.store.save(meta, session)
-        self._evict()
-        self.stats["tokens_compressed"] += meta.tokens - before
-        self.stats["tokens_generated"] += len(new)
-        return Reply(text, read, len(new), finish, meta)
+            out = self.ccm.model.generate(**j.session.generation_inputs(j.prompt), **kw)
+        return out[0, len(j.prompt):].tolist()
+
+    def _batched(self, jobs: list[_Job]) -> Session:
+        """One session whose rows are the jobs' sessions (memories stacked, padded with invalid slots)."""
+        s = self.ccm.session(batch_size=len(jobs))
+        s.memory = CompressedMemory.stack([j.session.memory for j in jobs])
+        return s
+
+    def _generate_batch(self, jobs: list[_Job]) -> list[list[int]]:
+        temperature, top_p, _, _ = jobs[0].sampling
+        s = self._batched(jobs)
+        streams = [_Text(self.tok, j.on_text) if j.on_text is not None else None for j in jobs]
+
+        def on_token(b: int, tok: int) -> None:
+            if streams[b] is not None and len(streams[b].ids) < jobs[b].max_new_tokens:
+                streams[b].add(tok)
+
+        out = s.generate([j.prompt for j in jobs], max_new_tokens=max(j.max_new_tokens for j in jobs),
+                         do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
+                         top_p=top_p, eos_token_id=self.tok.eos_token_id, on_token=on_token)
+        # generate stops each row at its end token; a row asked for fewer tokens than the longest is cut to its own
+        return [o[: j.max_new_tokens] + ([self.tok.eos_token_id] if len(o) < j.max_new_tokens else [])
+                for o, j in zip(out, jobs)]
+
+    def _keep_rows(self, jobs: list[_Job], rows: list[list[int]]) -> None:
+        if len(jobs) == 1:
+            self._keep(jobs[0].session, rows[0])
+            return
+        s = self._batched(jobs)
+        self._keep(s, rows)
+        for j, m in zip(jobs, s.memory.unstack()):
+            j.session.memory = m
