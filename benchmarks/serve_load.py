@@ -135,8 +135,9 @@ def report(res: dict[str, Any], name: str) -> None:
           f"Headline: **{h['metric']} = {h['value']}** (target >= {h['target']}); throughput ratio ccmem / full "
           f"history = {h['throughput_ratio_ccmem_over_full']} (target >= 1).", "",
           f"Command: `{res['command']}`", "",
-          "One model serves every session (model work is serialised), so latency includes queueing behind the "
-          "other sessions. A turn = the user message read and kept, a greedy reply of at most "
+          "One model serves every session: one engine worker runs up to 8 waiting sessions per batched step, so "
+          "latency includes queueing behind the other sessions. A turn = the user message read and kept, a greedy "
+          "reply of at most "
           f"{res['config']['max_tokens']} tokens, the reply kept, the session saved to disk.", "",
           markdown_table([{"mode": r["mode"], "turns_done": r["turns_done"], "wall_s": r["wall_s"],
                            "turns_per_s": r["turns_per_s"]} for r in res["runs"]],
@@ -177,11 +178,16 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--time-limit", type=float, default=1800, help="seconds per server")
     ap.add_argument("--name", default="serve_load")
+    ap.add_argument("--report", action="store_true", help="only re-render the table and plot from the JSON")
     args = ap.parse_args()
+    if args.report:
+        report(json.loads((RESULTS / f"{args.name}.json").read_text()), args.name)
+        return
     convos = user_turns(args.sessions, args.turns)
     runs = [run_mode(m, convos, args.max_tokens, args.time_limit) for m in MODES]
     res = {"name": args.name, "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
-           "environment": environment(), "config": vars(args), "runs": runs}
+           "environment": environment(), "config": {k: v for k, v in vars(args).items() if k != "report"},
+           "runs": runs}
     report(res, args.name)
     print(json.dumps(res["headline"], indent=2))
 
