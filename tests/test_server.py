@@ -379,3 +379,18 @@ def test_requests_of_different_sessions_are_batched_and_answer_as_alone(tmp_path
         assert (la - lb).abs().max() <= 1e-4
     solo.store.close()
     batched.store.close()
+
+
+def test_cold_sessions_leave_ram_and_come_back_from_disk(tmp_path):
+    eng = make_engine(tmp_path / "store")
+    eng.hot_bytes = 1  # at most one session in RAM
+    ref = make_engine(tmp_path / "ref")
+    for e in (eng, ref):
+        e.chat("o", "a", [U1], max_new_tokens=3, temperature=0)
+        e.chat("o", "b", [U1], max_new_tokens=3, temperature=0)
+    assert list(eng.hot) == [("o", "b")] and len(ref.hot) == 2
+    x = eng.chat("o", "a", [U2], max_new_tokens=4, temperature=0)  # reloaded from its file
+    y = ref.chat("o", "a", [U2], max_new_tokens=4, temperature=0)
+    assert x.text == y.text and x.session.turns == y.session.turns == 4 and list(eng.hot) == [("o", "a")]
+    eng.store.close()
+    ref.store.close()
