@@ -17,15 +17,18 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 from transformers import AttentionInterface
+from transformers.integrations.flex_attention import flex_attention_forward
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
+from .gate import ATTR as GATE_ATTR
 from .gate import gated_mask
 from .merging import MergePlan, apply_merge
 from .state import ForwardState
 
-BACKENDS = ("sdpa", "eager")
+BACKENDS = ("sdpa", "eager", "flex")
 STATE_ATTR = "ccmem_state"
 
 
@@ -53,15 +56,42 @@ def _make(backend: str) -> Callable:
                 "this forward holds SUM tokens but no merge plan; run it through CompressedModel.parallel_forward "
                 "or pass **ccm.parallel_inputs(ids, mask) to the model"
             )
-        if attention_mask is not None and attention_mask.is_floating_point() and attention_mask.dtype != query.dtype:
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.is_floating_point() and (
+                attention_mask.dtype != query.dtype):
             # under autocast the queries are bf16/fp16 while ccmem's mask was built in the weights' dtype
             attention_mask = attention_mask.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
+        if backend == "flex" and isinstance(attention_mask, BlockMask):
+            # the parallel forward's rule as a block-sparse FlexAttention mask; a gate enters as a score bias
+            bias = None
+            if ccmem_memory is not None and getattr(module, GATE_ATTR, None) is not None:
+                gate = getattr(module, GATE_ATTR).to(query.dtype).view(1, -1, 1, 1)
+                bias = gate * ccmem_memory.to(query.dtype)[..., : key.shape[2]]
+            if query.device.type == "cpu":  # inductor's CPU code for flex fails to build here; eager flex is exact
+                return _flex_eager(query, key, value, attention_mask, bias, kwargs.get("scaling"),
+                                   kwargs.get("softcap"))
+            return flex_attention_forward(module, query, key, value, attention_mask, position_bias=bias, **kwargs)
         if ccmem_memory is not None:
             attention_mask = gated_mask(module, _additive(attention_mask, query, key), ccmem_memory)
-        fn = sdpa_attention_forward if backend == "sdpa" else _eager_for(module)
+        fn = _eager_for(module) if backend == "eager" else sdpa_attention_forward  # flex: dense masks (sessions)
         return fn(module, query, key, value, attention_mask, **kwargs)
 
     return attention
+
+
+def _flex_eager(query, key, value, block_mask, bias, scaling, softcap) -> tuple[torch.Tensor, None]:
+    """FlexAttention without torch.compile (a reference implementation: right, not fast): the CPU path."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def score_mod(score, b, h, q, kv):
+        if softcap is not None:
+            score = softcap * torch.tanh(score / softcap)
+        if bias is not None:
+            score = score + bias[b, h, q, kv]
+        return score
+
+    out = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
+                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _additive(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -97,7 +127,9 @@ def register_backends() -> None:
     for backend in BACKENDS:
         name = f"ccmem_{backend}"
         AttentionInterface.register(name, _make(backend))
-        AttentionMaskInterface.register(name, _from_zero(sdpa_mask if backend == "sdpa" else eager_mask))
+        # flex takes ccmem's BlockMask in the parallel forward; any mask transformers builds (sessions, generate)
+        # is the sdpa one, and the flex function hands it to sdpa
+        AttentionMaskInterface.register(name, _from_zero(eager_mask if backend == "eager" else sdpa_mask))
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.masking_utils import and_masks, causal_mask_function, padding_mask_function
 
 from . import io
 from .attention import BACKENDS, STATE_ATTR, attention_modules, register_backends
@@ -25,7 +26,7 @@ from .gate import ATTR as GATE_ATTR
 from .gate import attach_gate, gate_parameters, memory_kwargs_hook, remove_gate
 from .lora import ATTR as LORA_ATTR
 from .lora import attach_lora, lora_linears, lora_modules, merge_and_remove_lora
-from .masks import causal_mask, comp_attention_mask, dense_mask, memory_mask_function, to_additive
+from .masks import comp_mask_function, default_segments, dense_mask, memory_mask_function, to_additive
 from .merging import merge_plan
 from .positions import skip_position_ids
 from .state import ForwardState
@@ -61,6 +62,7 @@ class CompressedModel:
         self.state = ForwardState()
         self._handles: list = []
         self._prev_attn: str | None = None
+        self.backend = "sdpa"
         self._grad_flags: dict[str, bool] = {}
 
     # ------------------------------------------------------------------ construction
@@ -102,6 +104,7 @@ class CompressedModel:
             _pad_tokenizer_to(tokenizer, vocab)
             register_with_tokenizer(tokenizer, tokens)
         self = cls(model, config, tokens, tokenizer)
+        self.backend = attn_implementation
         self._grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
         register_backends()
@@ -193,12 +196,11 @@ class CompressedModel:
             attention_mask = torch.ones_like(input_ids)
         special = self.tokens.is_special(input_ids)
         if full_context:
-            allowed = causal_mask(attention_mask)
-            if segments is not None:
-                allowed = allowed & (segments[:, None, :, None] == segments[:, None, None, :])
+            rule = and_masks(causal_mask_function, padding_mask_function(attention_mask.bool()),
+                             _same_segment(segments if segments is not None else default_segments(attention_mask)))
         else:
-            allowed = comp_attention_mask(input_ids, self.tokens, self.config.variant, attention_mask, self.config.sink,
-                                          segments)
+            rule = comp_mask_function(input_ids, self.tokens, self.config.variant, attention_mask, self.config.sink,
+                                      segments)
         pos = skip_position_ids(special, self.config.n_tok, attention_mask, segments=segments)
         if int(pos.max()) >= self.max_positions:
             raise InputError(
@@ -206,14 +208,21 @@ class CompressedModel:
                 "shorten the episode"
             )
         dtype = self.model.get_input_embeddings().weight.dtype
-        out = {"attention_mask": to_additive(allowed, dtype), "position_ids": pos}
+        b, n = input_ids.shape
+        if self.backend == "flex":  # block-sparse: fully masked 128 x 128 blocks are skipped, no N x N tensor
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            mask: Any = create_block_mask(rule, b, None, n, n, device=input_ids.device)
+        else:
+            mask = to_additive(dense_mask(rule, b, n, device=input_ids.device), dtype)
+        out = {"attention_mask": mask, "position_ids": pos}
         plan = None if full_context else merge_plan(input_ids, self.tokens, segments)
         if plan is not None:
             out["ccmem_merge"] = plan
         if self.gated and not full_context:
-            rule = memory_mask_function(input_ids, self.tokens, self.config.variant, attention_mask, self.config.sink,
-                                        segments)
-            out["ccmem_memory"] = dense_mask(rule, *input_ids.shape, device=input_ids.device)
+            memory = memory_mask_function(input_ids, self.tokens, self.config.variant, attention_mask,
+                                          self.config.sink, segments)
+            out["ccmem_memory"] = dense_mask(memory, *input_ids.shape, device=input_ids.device)
         return out
 
     @property
@@ -362,6 +371,10 @@ class CompressedModel:
         from .session import Session
 
         return Session(self, batch_size=batch_size, grad=grad)
+
+
+def _same_segment(segments: torch.Tensor):
+    return lambda b, h, q, kv: segments[b, q] == segments[b, kv]
 
 
 def fold_stage1(model: nn.Module, path_or_id: str | os.PathLike, revision: str | None = None) -> bool:

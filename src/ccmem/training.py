@@ -23,7 +23,7 @@ import torch
 
 from .data.collate import Collator, lm_loss_at, loss_positions
 from .data.episode import Episode, strip_eos
-from .errors import CCMError
+from .errors import CCMError, ConfigError
 
 
 class NonFiniteLossError(CCMError, FloatingPointError):
@@ -102,6 +102,9 @@ class Trainer:
 
         self.ccm, self.cfg = ccm, config
         self.acc = accelerator or Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+        if getattr(ccm, "backend", "sdpa") == "flex" and self.acc.device.type == "cpu":
+            raise ConfigError("the flex attention backend cannot train on a CPU (FlexAttention has no CPU backward in "
+                              "torch 2.13); attach with attn_implementation='sdpa' here, 'flex' on a GPU")
         self.train = Source(train_data)
         self.eval_data = list(eval_data or [])
         mode = "compress" if config.mode == "compress" else "full"
