@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--pack", type=int, default=1024, help="tokens per packed row (new path)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-batch", action="store_true", help="also search the largest batch that fits (GPU)")
+    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flex"],
+                    help="attention backend (flex: BlockMask from the rule functions; training needs a GPU)")
     ap.add_argument("--name", default="train_throughput")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -125,14 +127,16 @@ def main() -> None:
     vocab = 49152
     rows = []
     for variant in ("concat_recur", "merge_recur"):
-        ccm = CompressedModel.attach(model, CompressionConfig(variant=variant, n_tok=2, lora_dropout=0.0))
+        ccm = CompressedModel.attach(model, CompressionConfig(variant=variant, n_tok=2, lora_dropout=0.0),
+                                     attn_implementation=args.attn)
         ccm.model.train()
         for shape in ("chitchat", "icl"):
             eps = synthetic(shape, args.batch, vocab, seed=1)
             res = {p: measure(ccm, eps, p, args.pack, args.bf16, args.repeats) for p in ("old", "new")}
             for p in ("old", "new"):
                 mb = largest_batch(ccm, shape, vocab, p, args.pack, args.bf16, args.batch) if args.max_batch else None
-                rows.append({"model": name, "variant": variant, "shape": shape, "path": p, "batch": args.batch,
+                rows.append({"model": name, "attn": args.attn, "variant": variant, "shape": shape, "path": p,
+                             "batch": args.batch,
                              **res[p], "largest_batch": mb,
                              "speedup_vs_old": res[p]["tokens_per_s"] / res["old"]["tokens_per_s"]})
                 print(rows[-1], flush=True)
