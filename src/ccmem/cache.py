@@ -8,10 +8,10 @@ different lengths, through the cache-layer contract transformers' masks and ``ge
 - ``get_mask_sizes(q)``: ``M + appended + q`` key/value slots, numbered from ``offset - M``, so memory slots come
   before every new token and the new tokens are causal among themselves.
 
-``model.generate(prompt_ids, cache=session.cache(), ...)`` therefore equals :meth:`Session.generate` token for token
-(greedy; tested), with streamers, stop strings and ``GenerationConfig`` from transformers. The session's own
-forwards read the same object. The memory is never modified: each ``session.cache()`` is a fresh view whose
-appended tokens are dropped with it.
+``model.generate(**session.generation_inputs(prompts), ...)`` therefore continues every row from its memory, with
+streamers, stop strings, sampling and ``GenerationConfig`` from transformers; :meth:`Session.generate` is exactly
+that call. The session's own forwards read the same object. The memory is never modified: each
+``session.cache()`` is a fresh view whose appended tokens are dropped with it.
 """
 
 from __future__ import annotations
@@ -67,13 +67,14 @@ class CompressedCache(DynamicCache):
         self.memory_slots = memory_slots  # (M,) bool: compressed slots (what a memory gate biases)
 
     @classmethod
-    def from_memory(cls, memory: Any) -> CompressedCache:
-        """A view of a :class:`~ccmem.memory.CompressedMemory` (in the dtype the model reads it in)."""
+    def from_memory(cls, memory: Any, position: int | None = None) -> CompressedCache:
+        """A view of a :class:`~ccmem.memory.CompressedMemory` (in the dtype the model reads it in). ``position``:
+        where new tokens start (default: the rows' text offset, the largest when they differ; callers that mix rows
+        pass explicit position ids and a 2D mask, as :meth:`~ccmem.session.Session.generation_inputs` does)."""
         keys, values = memory.keys, memory.values
         if memory.cache_dtype is not None:
             keys, values = [k.to(memory.cache_dtype) for k in keys], [v.to(memory.cache_dtype) for v in values]
-        offsets = {int(o) for o in memory.offset.tolist()}
-        offset = offsets.pop() if len(offsets) == 1 else -1
+        offset = int(memory.offset.max()) if position is None else position
         return cls(keys, values, offset, memory.memory_slots())
 
     @property

@@ -215,45 +215,43 @@ class Session:
         return StepReport(tokens=[len(r) if r else 0 for r in rows], slots=self.memory.slots_per_row(),
                           memory_bytes=self.memory.kv_bytes)
 
-    @torch.no_grad()
-    def cache(self) -> Any:
-        """The memory as a transformers ``Cache`` (:class:`~ccmem.cache.CompressedCache`); the raw tail, if any, is
-        read into it first. For ``model.generate`` use :meth:`generation_inputs`, which adds the 2D mask that tells
-        generate where the new tokens start. Every row must stand at the same point (same text offset, every slot
-        valid, equal tails): use
-        :meth:`generate` for rows that differ. A fresh view each call; the memory is not changed."""
+    def cache(self, position: int | None = None) -> Any:
+        """The memory as a transformers ``Cache`` (:class:`~ccmem.cache.CompressedCache`), a fresh view: a forward
+        appends to it, never to the memory. ``position``: where new tokens start counting (default: the memory's
+        text offset when every row shares it). For ``model.generate`` use :meth:`generation_inputs`, which also
+        reads the raw tail and handles rows at different points."""
         from .cache import CompressedCache
 
-        mem = self.memory
-        if len(set(mem.offset.tolist())) != 1 or not bool(mem.valid.all()) or len({len(mem.tail_ids(b)) for b in
-                                                                                 range(self.batch_size)}) != 1:
-            raise InputError(
-                "model.generate reads one position for every row, but this session's rows have compressed different "
-                "amounts of text (or hold unused slots or raw tails of different lengths); use Session.generate, "
-                "which handles each row apart, or one session per conversation"
-            )
-        cache = CompressedCache.from_memory(mem)
-        tail = [mem.tail_ids(b) for b in range(self.batch_size)]
-        if tail[0]:
-            self.ccm.model(input_ids=torch.tensor(tail, device=self.ccm.device), cache=cache, use_cache=True)
-        return cache
+        return CompressedCache.from_memory(self.memory, position)
 
     def generation_inputs(self, prompt: Any) -> dict[str, Any]:
-        """Keyword arguments for ``model.generate`` that continue from the memory exactly as :meth:`generate` does:
+        """Keyword arguments for ``model.generate`` that continue each row from its memory:
 
-            out = ccm.model.generate(**session.generation_inputs(prompt), max_new_tokens=32, streamer=...)
-            reply = out[:, len(prompt):]
+            out = ccm.model.generate(**session.generation_inputs(prompts), max_new_tokens=32, streamer=...)
+            replies = out[:, inputs["input_ids"].shape[1]:]
 
-        ``input_ids`` is the prompt alone; ``attention_mask`` covers the positions the memory stands for plus the
-        prompt (transformers' form for "the cache holds the past, these are the new tokens"), so generate numbers
-        the prompt from the memory's text offset."""
+        Rows may stand at different points (memories of different sizes and text offsets, prompts of different
+        lengths): prompts (each behind its row's raw tail) are left-padded, ``position_ids`` number each row from
+        its own text offset, and the 2D ``attention_mask`` marks, at the cache's key positions, which memory slots
+        each row holds and which prompt tokens are real."""
         rows = self._rows(prompt)
-        if len({len(r) for r in rows}) != 1:
-            raise InputError("model.generate takes prompts of one length per batch; pad them or use Session.generate")
-        cache = self.cache()
-        ids = torch.tensor(rows, device=self.ccm.device)
-        mask = torch.ones(len(rows), cache.get_seq_length() + ids.shape[1], dtype=torch.long, device=ids.device)
-        return {"input_ids": ids, "attention_mask": mask, "cache": cache}
+        mem, dev = self.memory, self.ccm.device
+        full = [mem.tail_ids(b) + r for b, r in enumerate(rows)]
+        width, slots = max(map(len, full)), mem.num_slots
+        start = max(int(mem.offset.max()), slots)  # key positions [start - M, start) hold the memory
+        ids = torch.zeros(len(rows), width, dtype=torch.long, device=dev)
+        pos = torch.ones(len(rows), width, dtype=torch.long, device=dev)
+        mask = torch.zeros(len(rows), start + width, dtype=torch.long, device=dev)
+        mask[:, start - slots:start] = mem.valid.long()
+        for b, f in enumerate(full):
+            pad = width - len(f)
+            ids[b, pad:] = torch.tensor(f, device=dev)
+            pos[b, pad:] = int(mem.offset[b]) + torch.arange(len(f), device=dev)
+            mask[b, start + pad:] = 1
+        if int(pos.max()) >= self.ccm.max_positions:
+            raise InputError(f"this input reaches position {int(pos.max())}, past the model's "
+                             f"{self.ccm.max_positions}; shorten it or start a new session (reset)")
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "cache": self.cache(start)}
 
     # ---------------------------------------------------------------- chat messages
     def _single_row(self, what: str) -> None:
@@ -325,7 +323,7 @@ class Session:
             lp_sum.append(lp.sum())
         return Score(torch.stack(lp_sum), torch.tensor([len(t) for t in t_rows]), per_row)
 
-    @_grad_mode
+    @torch.no_grad()
     def generate(
         self,
         queries: Any,
@@ -338,80 +336,63 @@ class Session:
         seed: int | None = None,
         repetition_penalty: float = 1.0,
         on_token: Any = None,
+        stop_strings: list[str] | None = None,
+        **generate_kwargs: Any,
     ) -> list[list[int]] | list[int]:
-        """Reply to ``queries`` from memory; greedy by default. The memory is not changed (compress the turn
-        afterwards with :meth:`add_context`). Returns the new token ids (without the end token) per row.
-        ``on_token(row, token_id)`` is called for every token as it is produced (streaming)."""
+        """Reply to ``queries`` from memory with transformers' ``generate`` on the memory's cache
+        (:meth:`generation_inputs`); greedy by default. The memory is not changed (compress the turn afterwards with
+        :meth:`add_context`). Returns the new token ids (without the end token) per row. ``eos_token_id=None``
+        uses the tokenizer's; ``seed`` samples reproducibly without touching the global RNG; ``on_token(row,
+        token_id)`` is called for every token as it is produced; other keywords go to ``generate``."""
         single = _is_single(queries)
-        rows = self._rows(queries)
+        inputs = self.generation_inputs(queries)
         if eos_token_id is None and self.ccm.tokenizer is not None:
             eos_token_id = self.ccm.tokenizer.eos_token_id
-        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-        processors = _warpers(do_sample, temperature, top_k, top_p, repetition_penalty)
-        gen = torch.Generator(device=self.ccm.device)
-        if seed is not None:
-            gen.manual_seed(seed)
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                              "eos_token_id": eos or None, "pad_token_id": eos[0] if eos else 0, **generate_kwargs}
+        if do_sample:
+            kw.update(temperature=temperature, top_k=top_k or None, top_p=top_p)
+        if repetition_penalty != 1.0:
+            kw["repetition_penalty"] = repetition_penalty
+        if stop_strings:
+            kw.update(stop_strings=list(stop_strings), tokenizer=self.ccm.tokenizer)
+        if on_token is not None:
+            kw["streamer"] = _RowStreamer(on_token, set(eos))
+        with torch.random.fork_rng(devices=[self.ccm.device] if self.ccm.device.type == "cuda" else []):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = self.ccm.model.generate(**inputs, **kw)
+        out = out[:, inputs["input_ids"].shape[1]:].tolist()
+        replies = [r[: next((i for i, t in enumerate(r) if t in eos), len(r))] for r in out]
+        return replies[0] if single else replies
 
-        ids, valid, pos, lens = self._batch(rows)
-        logits, cache, kv = self._run(self.memory.to_cache(), self.memory.valid, ids, valid, pos)
-        b_idx = torch.arange(len(rows), device=ids.device)
-        next_logits = logits[b_idx, lens - 1]
-        out: list[list[int]] = [[] for _ in rows]
-        done = torch.zeros(len(rows), dtype=torch.bool, device=ids.device)
-        text_len = self.memory.offset + lens
-        history = ids
-        for _ in range(max_new_tokens):
-            scores = processors(history, next_logits.float()) if processors else next_logits.float()
-            if do_sample:
-                tok = torch.multinomial(torch.softmax(scores, -1), 1, generator=gen).squeeze(1)
-            else:
-                tok = scores.argmax(-1)
-            for b in range(len(rows)):
-                if not done[b]:
-                    if int(tok[b]) in eos:
-                        done[b] = True
-                    else:
-                        out[b].append(int(tok[b]))
-                        if on_token is not None:
-                            on_token(b, int(tok[b]))
-            if bool(done.all()):
-                break
-            step_valid = (~done).long()[:, None]
-            tok = tok.masked_fill(done, 0)
-            history = torch.cat([history, tok[:, None]], 1)
-            logits, cache, kv = self._run(cache, kv, tok[:, None], step_valid, text_len[:, None])
-            text_len = text_len + 1
-            next_logits = logits[:, -1]
-        return out[0] if single else out
+
+class _RowStreamer:
+    """transformers' streamer protocol as ``on_token(row, token)`` calls, each row up to its end token (generate
+    first puts the prompt, then one token per row and step)."""
+
+    def __init__(self, on_token: Any, eos: set[int]) -> None:
+        self.on_token, self.eos, self.prompt, self.done = on_token, eos, True, None
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt:
+            self.prompt = False
+            return
+        toks = value.reshape(-1).tolist()
+        if self.done is None:
+            self.done = [False] * len(toks)
+        for b, t in enumerate(toks):
+            if self.done[b] or t in self.eos:
+                self.done[b] = True
+                continue
+            self.on_token(b, t)
+
+    def end(self) -> None:
+        pass
 
 
 def _is_single(x: Any) -> bool:
     """One row given bare (a string, a 1-D tensor or a flat list of ids) rather than a list of rows."""
     return isinstance(x, str) or (isinstance(x, torch.Tensor) and x.dim() == 1) or (
         isinstance(x, (list, tuple)) and (len(x) == 0 or isinstance(x[0], int)))
-
-
-def _warpers(do_sample: bool, temperature: float, top_k: int, top_p: float, repetition_penalty: float = 1.0):
-    """transformers' own logits processors; None when plain greedy decoding needs none."""
-    if not do_sample and repetition_penalty == 1.0:
-        return None
-    from transformers.generation.logits_process import (
-        LogitsProcessorList,
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    procs = LogitsProcessorList()
-    if repetition_penalty != 1.0:
-        procs.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
-    if not do_sample:
-        return procs
-    if temperature != 1.0:
-        procs.append(TemperatureLogitsWarper(temperature))
-    if top_k:
-        procs.append(TopKLogitsWarper(top_k))
-    if top_p < 1.0:
-        procs.append(TopPLogitsWarper(top_p))
-    return procs
