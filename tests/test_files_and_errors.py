@@ -291,12 +291,15 @@ def test_missing_adapter_folder(tmp_path):
 
 # ---------------------------------------------------------------- bad input
 def test_empty_chunk_is_refused_and_memory_kept():
-    s = fill(tiny_ccm("llama").session())
+    """Empty ids and empty text (through a real tokenizer) are both refused before anything is compressed."""
+    from test_chat_template import chat_tokenizer
+
+    ccm = CompressedModel.attach(tiny_model("llama"), CompressionConfig(n_tok=2), tokenizer=chat_tokenizer())
+    s = fill(ccm.session())
     before = [k.clone() for k in s.memory.keys]
-    with pytest.raises(InputError, match="empty"):
-        s.add_context([])
-    with pytest.raises(InputError, match="empty"):
-        s.add_context("") if s.ccm.tokenizer else s.add_context([])
+    for empty in ([], "", [[]]):
+        with pytest.raises(InputError, match="empty"):
+            s.add_context(empty)
     assert all(torch.equal(a, b) for a, b in zip(before, s.memory.keys)) and s.memory.num_slots == 6
 
 

@@ -58,8 +58,23 @@ def test_equal_budgets_and_bounded_cache(variant):
     assert sizes["ccm"] == sizes["streamingllm"] == sizes["window"]
     assert len(sizes["ccm"]) == len(tokens) - 1 and max(sizes["ccm"]) <= cfg.window
     for r in runs.values():
-        assert len(r.nll) == len(tokens) - 1 and 1 < r.ppl < 1e4
+        assert len(r.nll) == len(tokens) - 1
     assert runs["ccm"].ppl != runs["streamingllm"].ppl
+
+
+def test_a_budget_that_never_evicts_is_full_context():
+    """Nothing to compress or evict: every method's per-token loss is the model's own on the whole text."""
+    import math
+
+    ccm = tiny_ccm("llama", "concat_recur", sink=True)
+    tokens = [random.Random(1).randrange(3, 120) for _ in range(120)]
+    runs = stream_all(ccm, tokens, StreamConfig(window=200, chunk=16, mem_slots=6, sink=1))
+    with torch.no_grad():
+        logp = torch.log_softmax(ccm.model(input_ids=torch.tensor([tokens])).logits[0, :-1].float(), -1)
+    want = [-float(logp[i, tokens[i + 1]]) for i in range(len(tokens) - 1)]
+    for r in runs.values():
+        assert max(abs(a - b) for a, b in zip(r.nll, want)) < 1e-4
+        assert math.isclose(r.ppl, math.exp(sum(want) / len(want)), rel_tol=1e-5)
 
 
 def test_memory_slots_are_fifo_and_capped():
