@@ -346,3 +346,11 @@ def test_bad_config(bad):
 def test_gist_has_no_online_session():
     with pytest.raises(ConfigError, match="gist"):
         tiny_ccm("llama", "gist").session()
+
+
+def test_shipped_adapters_are_found_or_named(tmp_path, monkeypatch):
+    from ccmem.demo import adapters_dir, default_adapter
+
+    assert (default_adapter("concat") / "adapter.safetensors").is_file()  # from the checkout
+    monkeypatch.setenv("CCMEM_ADAPTERS", str(tmp_path))
+    assert adapters_dir() == tmp_path and default_adapter("merge") == tmp_path / "chitchat-merge"

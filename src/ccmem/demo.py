@@ -13,11 +13,25 @@ from typing import Any
 
 from .data.episode import Episode
 
-ADAPTERS = Path(__file__).resolve().parents[2] / "adapters"
+def adapters_dir() -> Path:
+    """Where the shipped adapters live: ``$CCMEM_ADAPTERS``, else the ``adapters/`` folder of the source checkout
+    this package runs from (an editable install, as ``make setup`` makes)."""
+    import os
+
+    env = os.environ.get("CCMEM_ADAPTERS")
+    if env:
+        return Path(env)
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "adapters" / "chitchat-concat" / "adapter.safetensors").is_file():
+            return parent / "adapters"
+    raise FileNotFoundError(
+        "the shipped adapters were not found: set CCMEM_ADAPTERS to a folder holding chitchat-concat/ and "
+        "chitchat-merge/ (the repository's adapters/), or pass --adapter PATH"
+    )
 
 
 def default_adapter(variant: str) -> Path:
-    return ADAPTERS / f"chitchat-{variant}"
+    return adapters_dir() / f"chitchat-{variant}"
 
 
 def stop_ids(tok: Any) -> list[int]:
