@@ -13,6 +13,7 @@ from typing import Any
 
 from .data.episode import Episode
 
+
 def adapters_dir() -> Path:
     """Where the shipped adapters live: ``$CCMEM_ADAPTERS``, else the ``adapters/`` folder of the source checkout
     this package runs from (an editable install, as ``make setup`` makes)."""
