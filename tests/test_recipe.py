@@ -150,3 +150,18 @@ def test_recipe_source_errors(tiny_folder):
         build_data(tok, {"source": "metaicl"}, 0)
     with pytest.raises(ConfigError, match="known: chitchat"):
         build_data(tok, {"source": "nope"}, 0)
+
+
+def test_general_recipe_runs_and_resumes(tmp_path, tiny_folder):
+    """The cross-session recipe: its mix builds, a time-boxed run saves a resumable checkpoint, and the adapter
+    carries its sink and memory gate."""
+    common = [f"model={tiny_folder}", "train.max_steps=2", "train.grad_accum=1", "train.save_every=1",
+              f"train.output_dir={tmp_path}/run", f"output={tmp_path}/adapter", "--device", "cpu"]
+    assert main(["train", "configs/general_concat.yaml", *common]) == 0
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["compression"]
+    assert cfg["sink"] is True and cfg["memory_gate"] == -4.0
+    ckpts = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert [c.name for c in ckpts] == ["step_000002"]  # keep_checkpoints: 1
+    assert main(["train", "configs/general_concat.yaml", *common[:-4], "train.max_steps=3",
+                 f"train.output_dir={tmp_path}/run", f"output={tmp_path}/adapter", "--device", "cpu"]) == 0
+    assert len((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()) == 3  # resumed at step 2
