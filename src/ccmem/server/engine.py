@@ -146,7 +146,7 @@ class Engine:
             self.hot.popitem(last=False)  # saved after its last turn: reloaded from disk when needed
 
     def hot_memory_bytes(self) -> int:
-        return sum(s.memory.kv_bytes for s, _ in self.hot.values())
+        return sum(s.memory.kv_bytes for s, _ in list(self.hot.values()))  # a copy: the worker may be mutating it
 
     def forget(self, owner: str, sid: str) -> bool:
         with self.model_lock:
