@@ -242,3 +242,19 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path):
     assert [h["loss"] for h in runs[0].history] == pytest.approx([h["loss"] for h in runs[1].history], abs=1e-5)
     for a, b in zip(runs[0].ccm.trainable_parameters(), runs[1].ccm.trainable_parameters()):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_compiled_forward_trains_like_eager(tmp_path):
+    """train.compile traces the hooked model with torch.compile (backend "eager": dynamo capture without code
+    generation, the part that can break on ccmem's hooks); the losses and weights match the uncompiled run."""
+    runs = []
+    for backend in ("", "eager"):
+        ccm = make_toy_ccm()
+        tr = Trainer(ccm, key_task(16, 0), TrainConfig(output_dir=str(tmp_path / (backend or "plain")), max_steps=3,
+                                                       batch_size=4, lr=1e-2, compile=backend, warmup_ratio=0.0))
+        runs.append(([h["loss"] for h in tr.fit()], ccm.trainable_parameters()))
+    assert runs[0][0] == pytest.approx(runs[1][0], abs=1e-5)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="train.compile"):
+        TrainConfig(compile="fast")

@@ -46,6 +46,7 @@ class TrainConfig:
     max_length: int = 1024
     seed: int = 42
     mixed_precision: str = "no"  # "no", "bf16", "fp16" (accelerate)
+    compile: str = ""  # torch.compile backend for the model's forward ("inductor" on a GPU; "" = off)
     gradient_checkpointing: bool = False
     pack: int = 0  # pack each micro-batch's episodes into rows of at most this many tokens (0: pad each episode)
     log_every: int = 1
@@ -61,6 +62,9 @@ class TrainConfig:
             self.mixed_precision = "no"
         if self.mode not in ("compress", "full"):
             raise ValueError(f"train.mode must be 'compress' or 'full', got {self.mode!r}")
+        if self.compile and self.compile not in ("inductor", "eager", "aot_eager", "cudagraphs"):
+            raise ValueError(f"train.compile must be '' or a torch.compile backend (inductor, aot_eager, eager, "
+                             f"cudagraphs), got {self.compile!r}")
 
 
 class Source:
@@ -126,6 +130,9 @@ class Trainer:
         warm = math.ceil(config.warmup_ratio * config.max_steps)
         self.sched = get_cosine_schedule_with_warmup(self.opt, warm, config.max_steps)
         self.model, self.opt = self.acc.prepare(ccm.model, self.opt)
+        if config.compile:  # the hooks and ccmem's attention function trace through dynamo (graph breaks at the
+            # data-dependent ⟨COMP⟩ row count); checkpoints hold the same state either way
+            self.model = torch.compile(self.model, backend=config.compile, dynamic=True)
         self.step = 0
         self.history: list[dict] = []
         self.out = Path(config.output_dir)
