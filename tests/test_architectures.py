@@ -49,6 +49,16 @@ def family_ccm(name, variant="concat_recur", attn="eager", **cfg):
     return ccm
 
 
+def assert_parallel_equals_online(ccm):
+    ids, am = parallel(ccm, EPISODES, "right")
+    with torch.no_grad():
+        out = ccm.model(input_ids=ids, use_cache=False, **ccm.parallel_inputs(ids, am))
+    par = tail_logits(out.logits, am, EPISODES, "right")
+    got, _ = online(ccm, EPISODES).logits([t for _, t in EPISODES])
+    for b, (_, tail) in enumerate(EPISODES):
+        assert (par[b] - got[b, : len(tail)]).abs().max() <= TOL
+
+
 def test_every_family_is_listed():
     assert set(FAMILIES) <= set(SUPPORTED_MODEL_TYPES)
 
@@ -57,13 +67,7 @@ def test_every_family_is_listed():
 def test_parallel_equals_online(name, attn, variant):
     ccm = family_ccm(name, variant, attn)
     assert len(lora_modules(ccm.model)) == 2 * len(ccm.config.target_modules)
-    ids, am = parallel(ccm, EPISODES, "right")
-    with torch.no_grad():
-        out = ccm.model(input_ids=ids, use_cache=False, **ccm.parallel_inputs(ids, am))
-    par = tail_logits(out.logits, am, EPISODES, "right")
-    got, _ = online(ccm, EPISODES).logits([t for _, t in EPISODES])
-    for b, (_, tail) in enumerate(EPISODES):
-        assert (par[b] - got[b, : len(tail)]).abs().max() <= TOL
+    assert_parallel_equals_online(ccm)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -87,13 +91,7 @@ def test_fused_qkv_gets_its_own_default_targets_and_gates():
     set_gates(ccm)
     assert ccm.config.target_modules == ("qkv_proj", "o_proj")
     assert len(gate_parameters(ccm.model)) == 2
-    ids, am = parallel(ccm, EPISODES, "right")
-    with torch.no_grad():
-        out = ccm.model(input_ids=ids, use_cache=False, **ccm.parallel_inputs(ids, am))
-    par = tail_logits(out.logits, am, EPISODES, "right")
-    got, _ = online(ccm, EPISODES).logits([t for _, t in EPISODES])
-    for b, (_, tail) in enumerate(EPISODES):
-        assert (par[b] - got[b, : len(tail)]).abs().max() <= TOL
+    assert_parallel_equals_online(ccm)
 
 
 def test_sdpa_less_family_and_unknown_family_are_refused_clearly():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ccmem.evaluation import Group, IclSuite, Query
-from ccmem.evaluation.intervals import add_intervals, interval, percentile, replicates, resample_queries
+from ccmem.evaluation.intervals import add_intervals, interval, percentile, replicates
 from ccmem.evaluation.suites import Suite
 
 
@@ -41,7 +41,7 @@ def test_two_groups_hand_checked():
     groups, scores = data([0.2, 0.6])
     reps = replicates(MeanSuite(), groups, scores, None, "value", 4000, seed=0)
     assert set(round(x, 9) for x in reps) == {0.2, 0.4, 0.6}
-    assert reps.count(reps[0]) > 0 and abs(sum(abs(x - 0.4) < 1e-9 for x in reps) / 4000 - 0.5) < 0.03
+    assert abs(sum(abs(x - 0.4) < 1e-9 for x in reps) / 4000 - 0.5) < 0.03
     assert interval(reps) == pytest.approx([0.2, 0.6])
 
 
@@ -80,7 +80,9 @@ def test_paired_margins_and_gap():
 def test_icl_resamples_items_within_each_task():
     groups = [Group(f"task{k}", [], [Query([k], [[1], [2]], i % 2) for i in range(5)]) for k in range(3)]
     scores = [[[(-1.0, 1), (-2.0, 1)] for _ in range(5)] for _ in range(3)]
-    g, s, c = resample_queries(groups, scores, scores, random.Random(0))
+    g, s, c = IclSuite.resample(None, groups, scores, scores, random.Random(0))
     assert [x.id for x in g] == ["task0", "task1", "task2"]
     assert all(len(x.queries) == 5 and len(y) == 5 for x, y in zip(g, s)) and c is not None
-    assert IclSuite.resample is not Suite.resample
+    # stratified: every task keeps only its own items (input [k]), and some item is drawn twice
+    assert all(q.input == [k] for k, x in enumerate(g) for q in x.queries)
+    assert any(len({id(q) for q in x.queries}) < 5 for x in g)

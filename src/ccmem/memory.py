@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from . import io
-from .cache import CompressedCache
 from .config import CompressionConfig
 from .errors import IncompatibleError
 from .merging import running_mean
@@ -118,12 +117,6 @@ class CompressedMemory:
         if self.has_sink:
             m[0] = True
         return m
-
-    # ---------------------------------------------------------------- cache view
-    def to_cache(self) -> CompressedCache:
-        """A fresh transformers cache viewing the memory (:class:`~ccmem.cache.CompressedCache`); a forward appends
-        to the view, never to the memory."""
-        return CompressedCache.from_memory(self)
 
     # ---------------------------------------------------------------- update
     def add_sink(self, ks: list[torch.Tensor], vs: list[torch.Tensor], rows: torch.Tensor) -> None:

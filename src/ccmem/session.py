@@ -188,7 +188,7 @@ class Session:
         ids, valid, pos, lens = self._batch(rows, suffix=self.ccm.tokens.comp_ids, tail=False)
         active = torch.tensor([r is not None for r in rows], device=ids.device)
         visible = mem.valid if cfg.recurrent else mem.valid & mem.sink_slots()[None]
-        _, cache, _ = self._run(mem.to_cache(), visible, ids, valid, pos)
+        _, cache, _ = self._run(self.cache(), visible, ids, valid, pos)
         m, n = mem.num_slots, cfg.n_tok
         layers = cache.layers
         if cfg.sink:
@@ -208,7 +208,7 @@ class Session:
         if any(self.memory.tail):
             raise ConfigError("add_raw cannot follow chunks waiting in the raw tail; use add_context")
         ids, valid, pos, lens = self._batch(rows, tail=False)
-        _, cache, _ = self._run(self.memory.to_cache(), self.memory.valid, ids, valid, pos)
+        _, cache, _ = self._run(self.cache(), self.memory.valid, ids, valid, pos)
         m = self.memory.num_slots
         self.memory.add_raw([la.keys[:, :, m:] for la in cache.layers], [la.values[:, :, m:] for la in cache.layers],
                             valid.bool(), lens)
@@ -258,7 +258,9 @@ class Session:
         if self.batch_size != 1:
             raise InputError(f"{what} takes one conversation; this session has {self.batch_size} rows")
 
-    def _opens(self) -> bool:
+    @property
+    def fresh(self) -> bool:
+        """Nothing read yet (row 0): the next chat message opens the conversation (template opening included)."""
         return int(self.memory.steps[0]) == 0 and not self.memory.tail[0]
 
     def add_message(self, message: dict[str, str]) -> StepReport:
@@ -267,7 +269,7 @@ class Session:
         from .chat_template import message_ids
 
         self._single_row("add_message")
-        return self.add_context(message_ids(self.ccm.tokenizer, message, first=self._opens()))
+        return self.add_context(message_ids(self.ccm.tokenizer, message, first=self.fresh))
 
     def reply(self, message: dict[str, str], compress: bool = True, **generate_kwargs: Any) -> str:
         """Answer a user message from memory with the chat template's generation prompt; then (``compress``) the
@@ -277,7 +279,7 @@ class Session:
 
         self._single_row("reply")
         tok = self.ccm.tokenizer
-        first = self._opens()
+        first = self.fresh
         ids = message_ids(tok, message, first=first)
         out = self.generate(ids + generation_prompt_ids(tok), **generate_kwargs)
         text = tok.decode(out, skip_special_tokens=True).strip()
@@ -299,7 +301,7 @@ class Session:
         """Logits (B, L, V) of uncompressed tokens read on top of the memory, and their validity (B, L)."""
         rows = self._rows(inputs)
         ids, valid, pos, _ = self._batch(rows)
-        logits, _, _ = self._run(self.memory.to_cache(), self.memory.valid, ids, valid, pos)
+        logits, _, _ = self._run(self.cache(), self.memory.valid, ids, valid, pos)
         skip = self.memory.tail_tokens()
         if any(skip):  # drop the raw tail's positions: the caller asked about its own tokens only
             width = max(len(r) for r in rows)

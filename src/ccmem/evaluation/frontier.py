@@ -36,8 +36,7 @@ def frontier(suite: Suite, cfg: EvalConfig, per_step: tuple[int, ...] = (1, 2, 4
             points.append({**r, "per_step": k})
     return {"points": points, "references": refs, "per_step": list(per_step), "ts": list(suite.ts),
             "metric": suite.metric, "higher_is_better": suite.higher_is_better, "notes": sorted(set(notes)),
-            "config": {**{k: v for k, v in vars(cfg).items() if k != "adapters"}, "adapters": cfg.adapters,
-                       **suite.describe()}}
+            "config": {**vars(cfg), **suite.describe()}}
 
 
 def write(out_dir: Path, name: str, res: dict[str, Any]) -> list[Path]:

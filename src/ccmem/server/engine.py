@@ -18,9 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from transformers.generation.streamers import BaseStreamer
-
 from ..chat_template import check_message, generation_prompt_ids, message_ids
 from ..errors import InputError
 from ..memory import CompressedMemory
@@ -48,23 +45,6 @@ class Reply:
     completion_tokens: int
     finish_reason: str
     session: SessionMeta
-
-
-class _Deltas(BaseStreamer):
-    """transformers' streamer interface over :class:`_Text` (its first ``put`` is the prompt and is skipped)."""
-
-    def __init__(self, tok: Any, on_text: Callable[[str], None]) -> None:
-        self.text, self.prompt = _Text(tok, on_text), True
-
-    def put(self, value: torch.Tensor) -> None:
-        if self.prompt:
-            self.prompt = False
-            return
-        for t in value.reshape(-1).tolist():
-            self.text.add(t)
-
-    def end(self) -> None:
-        pass
 
 
 @dataclass
@@ -120,7 +100,7 @@ class Engine:
         self.hot: OrderedDict[tuple[str, str], tuple[Session, SessionMeta]] = OrderedDict()
         self.model_lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(self.limits.max_queue)
-        self.stats = {"tokens_compressed": 0, "tokens_generated": 0, "steps": 0, "largest_batch": 0}
+        self.stats = {"tokens_compressed": 0, "tokens_generated": 0, "largest_batch": 0}
         self.max_batch = max_batch
         self.jobs: deque[_Job] = deque()
         self.wake = threading.Condition()
@@ -267,12 +247,12 @@ class Engine:
             meta.chain, meta.turns, meta.tokens = [], 0, 0
         job.session, job.meta, job.before = session, meta, meta.tokens
         for m in p.new:
-            ids = message_ids(self.tok, m, first=session._opens())
+            ids = message_ids(self.tok, m, first=session.fresh)
             job.read += len(ids)
             self._keep(session, ids)
             meta.chain.append(link(meta.chain[-1] if meta.chain else "", m))
             meta.turns += 1
-        job.ids = message_ids(self.tok, job.messages[-1], first=session._opens())
+        job.ids = message_ids(self.tok, job.messages[-1], first=session.fresh)
         job.prompt = job.ids + generation_prompt_ids(self.tok)
         job.read += len(job.prompt)
 
@@ -286,15 +266,9 @@ class Engine:
                 j.error = e
         if not ready:
             return
-        self.stats["steps"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(ready))
-        temperature, top_p, seed, stop = ready[0].sampling
-        if seed is not None:
-            torch.manual_seed(seed)
-        if len(ready) == 1:
-            outs = [self._generate_one(ready[0])]
-        else:
-            outs = self._generate_batch(ready)
+        stop = ready[0].sampling[3]
+        outs = self._generate(ready)
         eos = self.tok.eos_token_id
         replies = []
         for j, new in zip(ready, outs):
@@ -322,31 +296,17 @@ class Engine:
             j.result = Reply(reply["content"], j.read, len(j.new), j.finish, meta)
         self._evict()
 
-    def _generate_one(self, j: _Job) -> list[int]:
-        """One request: transformers' generate on the session's cache (stop strings, streamer)."""
-        temperature, top_p, _, stop = j.sampling
-        kw: dict[str, Any] = {"max_new_tokens": j.max_new_tokens, "do_sample": temperature > 0,
-                              "eos_token_id": self.tok.eos_token_id, "pad_token_id": self.tok.pad_token_id
-                              if self.tok.pad_token_id is not None else self.tok.eos_token_id}
-        if temperature > 0:
-            kw.update(temperature=temperature, top_p=top_p)
-        if stop:
-            kw.update(stop_strings=list(stop), tokenizer=self.tok)
-        if j.on_text is not None:
-            kw["streamer"] = _Deltas(self.tok, j.on_text)
-        with torch.no_grad():
-            out = self.ccm.model.generate(**j.session.generation_inputs(j.prompt), **kw)
-        return out[0, len(j.prompt):].tolist()
-
     def _batched(self, jobs: list[_Job]) -> Session:
         """One session whose rows are the jobs' sessions (memories stacked, padded with invalid slots)."""
         s = self.ccm.session(batch_size=len(jobs))
         s.memory = CompressedMemory.stack([j.session.memory for j in jobs])
         return s
 
-    def _generate_batch(self, jobs: list[_Job]) -> list[list[int]]:
-        temperature, top_p, _, _ = jobs[0].sampling
-        s = self._batched(jobs)
+    def _generate(self, jobs: list[_Job]) -> list[list[int]]:
+        """The replies of one step: Session.generate (transformers' generate on the memories' cache), on the one
+        session or on the jobs' sessions stacked into a batch."""
+        temperature, top_p, seed, stop = jobs[0].sampling
+        s = jobs[0].session if len(jobs) == 1 else self._batched(jobs)
         streams = [_Text(self.tok, j.on_text) if j.on_text is not None else None for j in jobs]
 
         def on_token(b: int, tok: int) -> None:
@@ -355,7 +315,8 @@ class Engine:
 
         out = s.generate([j.prompt for j in jobs], max_new_tokens=max(j.max_new_tokens for j in jobs),
                          do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
-                         top_p=top_p, eos_token_id=self.tok.eos_token_id, on_token=on_token)
+                         top_p=top_p, eos_token_id=self.tok.eos_token_id, on_token=on_token, seed=seed,
+                         stop_strings=list(stop) or None)
         # generate stops each row at its end token; a row asked for fewer tokens than the longest is cut to its own
         return [o[: j.max_new_tokens] + ([self.tok.eos_token_id] if len(o) < j.max_new_tokens else [])
                 for o, j in zip(out, jobs)]
