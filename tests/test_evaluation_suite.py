@@ -215,3 +215,23 @@ def test_frontier_points_at_every_budget(adapters, tmp_path, monkeypatch):
     assert {(r["t"], r["method"]) for r in res["references"]} == {(t, m) for t in (1, 2, 4) for m in ("none", "full")}
     paths = write_frontier(tmp_path, "frontier_tiny", res)
     assert all(p.stat().st_size > 0 for p in paths) and "| t | method | per_step |" in paths[1].read_text()
+
+
+@pytest.mark.parametrize("flag,want", [(None, "adapters/chitchat-stage1"), ("none", None), ("x/stage1", "x/stage1")])
+def test_eval_base_adapter_option(monkeypatch, flag, want):
+    """`ccmem eval --base-adapter`: the suite's stage-1 reference by default, the plain base model with 'none' (for
+    adapters trained without stage 1), or a given folder."""
+    from ccmem.cli import main
+    from ccmem.evaluation import runner
+
+    seen = {}
+
+    def capture(suite, cfg, **kw):
+        seen["cfg"] = cfg
+        raise KeyboardInterrupt  # stop before any model is scored
+
+    monkeypatch.setattr(runner, "evaluate", capture)
+    monkeypatch.setattr(runner, "build_suite", lambda *a: None)
+    with pytest.raises(KeyboardInterrupt):
+        main(["eval", "--suite", "chitchat", "--presses", "", *(["--base-adapter", flag] if flag else [])])
+    assert seen["cfg"].base_adapter == want

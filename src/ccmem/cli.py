@@ -80,6 +80,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_export(args: argparse.Namespace) -> int:
+    from .recipe import export_data, load_recipe
+
+    cfg = load_recipe(args.config, args.overrides)
+    out = export_data(cfg, args.output, args.epochs)
+    print(f"[ccmem] wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.epochs} epochs); train from it with "
+          f"data.source=episodes data.path={out}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .evaluation.runner import run_named
 
@@ -94,6 +104,8 @@ def _eval(args: argparse.Namespace) -> int:
     kw = {"presses": tuple(p for p in args.presses.split(",") if p),
           "training_free": tuple(p for p in args.training_free.split(",") if p),
           "mode": args.mode, "check": args.check, "batch_size": args.batch_size, "device": args.device}
+    if args.base_adapter is not None:
+        kw["base_adapter"] = None if args.base_adapter.lower() == "none" else args.base_adapter
     res, paths = run_named(args.suite, args.out, args.name, adapters, args.limit,
                            [int(t) for t in args.ts.split(",")] if args.ts else None, frontier=args.frontier, **kw)
     print(paths[1].read_text())
@@ -138,6 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("overrides", nargs="*", help="e.g. train.max_steps=100 compression.n_tok=4")
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     t.set_defaults(fn=_train)
+    da = sub.add_parser("data", help="training data as one file: `ccmem data export RECIPE -o FILE`")
+    da_sub = da.add_subparsers(dest="data_cmd", required=True)
+    dx = da_sub.add_parser("export", help="write a recipe's training episodes (N epochs) and validation episodes to "
+                                           "one .safetensors[.xz] file, for machines without the data sources")
+    dx.add_argument("config", help="recipe YAML")
+    dx.add_argument("overrides", nargs="*", help="e.g. train.seed=1")
+    dx.add_argument("-o", "--output", required=True, help="FILE.safetensors or FILE.safetensors.xz (compressed)")
+    dx.add_argument("--epochs", type=int, default=1, help="epochs of the data order to write (default 1)")
+    dx.set_defaults(fn=_data_export)
     e = sub.add_parser("eval", help="every method side by side per time step: tables, plots, results JSON")
     e.add_argument("--suite", default="chitchat", choices=["chitchat", "icl", "recall"])
     e.add_argument("--adapter", action="append", default=None,
@@ -150,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--ts", default=None, help="time steps, e.g. 1,2,4,8,16 (default: the suite's)")
     e.add_argument("--limit", type=int, default=None,
                    help="dialogs (chitchat, 100), items per task (icl, 100) or facts per distance (recall, 100)")
+    e.add_argument("--base-adapter", default=None,
+                   help="stage-1 adapter folded into the reference model of the baselines, or 'none' for the plain "
+                        "base model (default: the suite's; use 'none' for adapters trained without stage 1, such as "
+                        "the general one)")
     e.add_argument("--mode", default="auto", choices=["auto", "parallel", "online"])
     e.add_argument("--check", type=int, default=2, help="contexts per t scored both ways (parallel vs online)")
     e.add_argument("--batch-size", type=int, default=16)

@@ -159,6 +159,8 @@ def build_data(tok: Any, d: dict, seed: int):
         rows, report = load_lamp2(d["questions"], d.get("outputs"), strict=d.get("strict", False))
         eps, rep = lamp2_episodes(rows, tok, k=d.get("k", 16), seed=seed, max_length=d.get("max_length"))
         return _holdout(eps, d, seed, report + rep)
+    if source == "episodes":
+        return episode_file_data(tok, d)
     if source == "mix":
         parts, vals, report = [], [], Counter()
         for part in d.get("parts") or []:
@@ -172,7 +174,45 @@ def build_data(tok: Any, d: dict, seed: int):
     raise ConfigError(f"unknown data source {source!r}; known: {', '.join(SOURCES)}")
 
 
-SOURCES = ("chitchat", "recall", "text", "icl", "jsonl", "dailydialog", "soda", "metaicl", "lamp", "mix")
+SOURCES = ("chitchat", "recall", "text", "icl", "jsonl", "dailydialog", "soda", "metaicl", "lamp", "episodes", "mix")
+
+
+def episode_file_data(tok: Any, d: dict):
+    """``source: episodes``: a file written by ``ccmem data export`` (the episodes a recipe's live sources give, for
+    a fixed number of epochs), refused if it was tokenized by another tokenizer."""
+    from collections import Counter
+
+    from .data import EpisodeFile
+
+    _need(d, "path", "episodes")
+    f = EpisodeFile(d["path"])
+    if f.meta.get("vocab") not in (None, vocab_digest(tok)):
+        raise ConfigError(f"{d['path']} was tokenized with another vocabulary ({f.meta.get('tokenizer')}) than this "
+                          "model's: export it again with this model")
+    return f, f.val, Counter({"episodes per epoch": len(f), "epochs exported": f.epochs})
+
+
+def vocab_digest(tok: Any) -> str:
+    """A digest of the tokenizer's base vocabulary (tokens added later, such as <COMP>, are not part of it)."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(tok.convert_ids_to_tokens(list(range(tok.vocab_size)))).encode()).hexdigest()[:16]
+
+
+def export_data(cfg: dict[str, Any], path: str | Path, epochs: int) -> Path:
+    """Write the episodes a recipe trains on (``epochs`` epochs of its data order, and its validation episodes) to
+    one file that ``data.source: episodes`` reads on a machine without the sources (``ccmem data export``)."""
+    from .data import write_episodes
+    from .models import load_tokenizer
+
+    tok = load_tokenizer(cfg["model"])
+    from .training import TrainConfig
+
+    seed = TrainConfig(**cfg["train"]).seed
+    train, val, report = build_data(tok, cfg["data"], seed)
+    meta = {"data": cfg["data"], "seed": seed, "tokenizer": str(tok.name_or_path), "vocab": vocab_digest(tok),
+            "report": dict(report)}
+    return write_episodes(path, train, val, epochs, meta)
 
 
 def _need(d: dict, key: str, source: str) -> None:
@@ -257,6 +297,8 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
     if trainer.acc.is_main_process:
         ccm.save_pretrained(out)
         if cfg.get("base_adapter"):
+            if (out / "stage1").is_symlink():  # shipped adapters share one stage 1 by link: write a real copy instead
+                (out / "stage1").unlink()
             shutil.copytree(cfg["base_adapter"], out / "stage1", dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("stage1", "checkpoints", "*.pt", "*.jsonl"))
         if log.exists():

@@ -3,6 +3,7 @@
 from .collate import Collator, lm_loss
 from .dialog import Dialog, DialogEpisodes, DialogFormat, Mixture, split_dialogs
 from .episode import Episode
+from .episode_file import EpisodeFile, write_episodes
 from .hub import (
     LAMP2_LABELS,
     clean_text,
@@ -22,6 +23,7 @@ __all__ = [
     "DialogEpisodes",
     "DialogFormat",
     "Episode",
+    "EpisodeFile",
     "LAMP2_LABELS",
     "Mixture",
     "RowError",
@@ -38,4 +40,5 @@ __all__ = [
     "lm_loss",
     "metaicl_episodes",
     "split_dialogs",
+    "write_episodes",
 ]

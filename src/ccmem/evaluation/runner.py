@@ -400,7 +400,8 @@ def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str 
     wanted = dict(d["adapters"]) if adapters is None else dict(adapters)
     present = {k: v for k, v in wanted.items() if (Path(v) / "adapter.safetensors").exists()}
     notes = [f"{k}: adapter {v} not found, method skipped" for k, v in wanted.items() if k not in present]
-    cfg = EvalConfig(base_adapter=d["base_adapter"], adapters=present,
+    cfg_kw.setdefault("base_adapter", d["base_adapter"])
+    cfg = EvalConfig(adapters=present,
                      peers={k: v for k, v in d["peers"].items() if v in present}, **cfg_kw)
     tok = load_tokenizer(cfg.model)
     if frontier:

