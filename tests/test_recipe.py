@@ -164,4 +164,9 @@ def test_general_recipe_runs_and_resumes(tmp_path, tiny_folder):
     assert [c.name for c in ckpts] == ["step_000002"]  # keep_checkpoints: 1
     assert main(["train", "configs/general_concat.yaml", *common[:-4], "train.max_steps=3",
                  f"train.output_dir={tmp_path}/run", f"output={tmp_path}/adapter", "--device", "cpu"]) == 0
-    assert len((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()) == 3  # resumed at step 2
+    rows = [json.loads(r) for r in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert len(rows) == 3  # resumed at step 2
+    summary = json.loads((tmp_path / "adapter" / "train_summary.json").read_text())
+    assert summary["trained_samples"] == 3 and summary["trained_tokens"] == sum(r["tokens"] for r in rows) > 0
+    assert list(summary["hardware"]) == [rows[0]["hardware"]] and summary["hardware"][rows[0]["hardware"]]["steps"] == 3
+    assert "threads" in rows[0]["hardware"]

@@ -263,6 +263,24 @@ def _dialog_or_episode_file(tok: Any, d: dict, seed: int):
     return train, val, report
 
 
+def training_totals(history: list[dict]) -> dict[str, Any]:
+    """Samples, tokens and hours a run has seen, and on which hardware, from its log rows (rows written before the
+    log recorded them count tokens from tokens/s x seconds and say 'unrecorded')."""
+    from collections import Counter
+
+    hw: Counter = Counter()
+    hours: Counter = Counter()
+    samples = tokens = 0
+    for r in history:
+        where = r.get("hardware", "unrecorded")
+        hw[where] += 1
+        hours[where] += r.get("seconds", 0.0) / 3600
+        samples += r.get("samples", 0)
+        tokens += r.get("tokens", round(r.get("tokens_per_s", 0.0) * r.get("seconds", 0.0)))
+    return {"trained_samples": samples or None, "trained_tokens": tokens,
+            "hardware": {k: {"steps": hw[k], "hours": round(hours[k], 3)} for k in hw}}
+
+
 def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
     """Train the adapter a recipe describes; returns the adapter folder."""
     import torch
@@ -307,5 +325,6 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
         (out / "train_summary.json").write_text(json.dumps(
             {"steps": trainer.step, "final_train_loss": trainer.history[-1]["loss"] if trainer.history else None,
              "validation_ppl": final_ppl, "validation_dialogs": len(val), "train_dialogs": len(train),
-             "data_report": dict(report), "device": str(trainer.acc.device)}, indent=2) + "\n")
+             "data_report": dict(report), "device": str(trainer.acc.device), **training_totals(trainer.history)},
+            indent=2) + "\n")
     return out

@@ -156,6 +156,14 @@ class Trainer:
         mine = [m for j, m in enumerate(micro) if j % world == rank]
         return [[self.train.get(i, e) for i, e in m] for m in mine]
 
+    @functools.cached_property
+    def hardware(self) -> str:
+        """What the run trains on, for the log (a run may move between machines: each row says where it ran)."""
+        from .hardware import device_name
+
+        n, name = self.acc.num_processes, device_name(self.acc.device)
+        return f"{n} x {name}" if n > 1 else name
+
     def train_step(self) -> dict:
         self.model.train()
         t0 = time.perf_counter()
@@ -185,8 +193,11 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         dt = time.perf_counter() - t0
+        world = self.acc.num_processes
         return {"step": self.step, "loss": loss_all, "lr": self.sched.get_last_lr()[0],
-                "grad_norm": float(norm), "tokens_per_s": tokens * self.acc.num_processes / dt, "seconds": dt}
+                "grad_norm": float(norm), "tokens_per_s": tokens * world / dt, "seconds": dt,
+                "samples": self.cfg.batch_size * self.cfg.grad_accum * world, "tokens": tokens * world,
+                "hardware": self.hardware}
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_after: int | None = None) -> list[dict]:

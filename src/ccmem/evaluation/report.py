@@ -21,15 +21,10 @@ def environment(extra: dict[str, Any] | None = None) -> dict[str, Any]:
                              cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         rev = ""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     from .. import __version__
+    from ..hardware import cpu_name
+
+    cpu = cpu_name()
 
     env = {"git_rev": rev, "ccmem": __version__, "python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__, "accelerate": accelerate.__version__, "cpu": cpu,
