@@ -44,7 +44,7 @@ case "$mode" in
     export CCMEM_CACHE=/tmp/ccmem-cache
     TRAIN_MIN=${TRAIN_MIN:-5.5}
     RUN=${RUN:-checkpoints/general-concat}  # (RUN, DEVICE: for a dry run elsewhere)
-    timeout $(( ${TRAIN_MIN%.*} * 60 + 150 )) python3 -m ccmem train configs/general_concat.yaml \
+    timeout $(( ${TRAIN_MIN%.*} * 60 + 300 )) python3 -m ccmem train configs/general_concat.yaml \
       data.source=episodes data.path=.gpu/b/general.safetensors.xz \
       train.batch_size=8 train.grad_accum=1 train.pack=4096 train.mixed_precision=bf16 \
       train.save_every=100 train.max_minutes="$TRAIN_MIN" train.output_dir="$RUN" "$@" --device "${DEVICE:-cuda}" 2>&1 | tee "$OUT/gpu_train.log"

@@ -263,9 +263,10 @@ def _dialog_or_episode_file(tok: Any, d: dict, seed: int):
     return train, val, report
 
 
-def training_totals(history: list[dict]) -> dict[str, Any]:
-    """Samples, tokens and hours a run has seen, and on which hardware, from its log rows (rows written before the
-    log recorded them count tokens from tokens/s x seconds and say 'unrecorded')."""
+def training_totals(history: list[dict], per_step: int) -> dict[str, Any]:
+    """Samples, tokens and hours a run has seen, and on which hardware, from its log rows. Rows written before the
+    log recorded these count ``per_step`` samples (the recipe's global batch), tokens from tokens/s x seconds, and
+    hardware 'unrecorded'."""
     from collections import Counter
 
     hw: Counter = Counter()
@@ -275,9 +276,9 @@ def training_totals(history: list[dict]) -> dict[str, Any]:
         where = r.get("hardware", "unrecorded")
         hw[where] += 1
         hours[where] += r.get("seconds", 0.0) / 3600
-        samples += r.get("samples", 0)
+        samples += r.get("samples", per_step)
         tokens += r.get("tokens", round(r.get("tokens_per_s", 0.0) * r.get("seconds", 0.0)))
-    return {"trained_samples": samples or None, "trained_tokens": tokens,
+    return {"trained_samples": samples, "trained_tokens": tokens,
             "hardware": {k: {"steps": hw[k], "hours": round(hours[k], 3)} for k in hw}}
 
 
@@ -322,9 +323,10 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
         if log.exists():
             shutil.copy(log, out / "train_log.jsonl")
         (out / "recipe.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        per_step = tcfg.batch_size * tcfg.grad_accum * trainer.acc.num_processes
         (out / "train_summary.json").write_text(json.dumps(
             {"steps": trainer.step, "final_train_loss": trainer.history[-1]["loss"] if trainer.history else None,
              "validation_ppl": final_ppl, "validation_dialogs": len(val), "train_dialogs": len(train),
-             "data_report": dict(report), "device": str(trainer.acc.device), **training_totals(trainer.history)},
-            indent=2) + "\n")
+             "data_report": dict(report), "device": str(trainer.acc.device),
+             **training_totals(trainer.history, per_step)}, indent=2) + "\n")
     return out
