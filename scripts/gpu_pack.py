@@ -128,7 +128,8 @@ def land(args: argparse.Namespace) -> None:
     for name in ("adapter.safetensors", "adapter_config.json", "trainer_state.pt"):
         shutil.copy(src / name, tmp / name)
     for old in (RUN / "checkpoints").glob("step_*"):
-        shutil.rmtree(old)
+        if old != tmp:
+            shutil.rmtree(old)
     tmp.rename(dest)
     if (src / "train_log.jsonl").is_file():
         shutil.copy(src / "train_log.jsonl", RUN / "train_log.jsonl")

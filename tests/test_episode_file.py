@@ -113,3 +113,22 @@ def test_training_from_the_file_equals_training_from_the_sources(tmp_path, tiny_
 
     with pytest.raises(ConfigError, match="export it again with this model"):
         build_data(Tok(), {"source": "episodes", "path": str(out)}, 0)
+
+
+def test_resume_drops_log_rows_after_the_checkpoint(tmp_path, tiny_folder):
+    """A run killed after its last checkpoint has logged steps it will redo; the resumed run's log holds each step
+    once, from the checkpoint's history."""
+    rows = [{"id": f"d{i}", "turns": [f"hello {i}", f"hi {i}", f"how are you {i}", "fine"]} for i in range(8)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {"model": str(tiny_folder), "data": {"source": "jsonl", "path": str(tmp_path / "d.jsonl")},
+              "compression": {"variant": "concat_recur", "n_tok": 1},
+              "train": {"batch_size": 2, "mixed_precision": "no", "save_every": 2, "eval_batches": 1,
+                        "output_dir": str(tmp_path / "run")}, "output": str(tmp_path / "adapter")}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    log = tmp_path / "run" / "train_log.jsonl"
+    assert main(["train", str(tmp_path / "recipe.yaml"), "train.max_steps=2", "--device", "cpu"]) == 0
+    with log.open("a") as f:  # what a run killed during step 3, after logging it, leaves behind
+        f.write(json.dumps({"step": 3, "loss": -1.0}) + "\n")
+    assert main(["train", str(tmp_path / "recipe.yaml"), "train.max_steps=3", "--device", "cpu"]) == 0
+    got = [json.loads(r) for r in log.read_text().splitlines()]
+    assert [r["step"] for r in got] == [1, 2, 3] and got[-1]["loss"] > 0

@@ -309,6 +309,7 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
     trainer = Trainer(ccm, train, tcfg, eval_data=val, pad_id=tok.pad_token_id or 0, on_log=on_log)
     if trainer.resume():
         print(f"[ccmem] resumed at step {trainer.step}")
+        trainer.write_log(log)  # the checkpoint's history: rows of steps a killed run did after it are redone
     elif log.exists():
         log.unlink()
     trainer.fit()
