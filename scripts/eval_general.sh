@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 adapter=${1:-adapters/general-concat}
+[ -f "$adapter/adapter.safetensors" ] || {
+  echo "$adapter holds no adapter: train it (scripts/continue_general.sh) or name a checkpoint folder"; exit 2; }
 for suite in ${2:-chitchat recall icl}; do
   limit=40
   [ "$suite" = icl ] && limit=100

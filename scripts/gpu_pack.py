@@ -7,19 +7,24 @@ in two calls on one warm machine (it keeps ignored files between calls for about
   python scripts/gpu_pack.py pack     # here: .gpu/a (wheels + GGUF part 1), .gpu/b (GGUF part 2 + the recipe's
                                       # training episodes, `ccmem data export`, ~15 CPU minutes the first time)
   python scripts/gpu_pack.py hide     # here: adapters/ and checkpoints/ stop travelling (index + info/exclude)
-  run  bash scripts/gpu_train.sh bench    carry [.gpu/a]                                 (throughput, ~4 min)
-  run  bash scripts/gpu_train.sh train    carry [.gpu/b, checkpoints/general-concat]     (training, ~7 min)
+  run  bash scripts/gpu_train.sh bench    carry [.gpu/a]                                 (throughput, ~4 min;
+                                                                                         BENCH_S=0: none)
+  run  bash scripts/gpu_train.sh train    carry [.gpu/b, checkpoints/general-concat]     (training, ~8 min)
   python scripts/gpu_pack.py unhide   # here, always, right after (restores the index; nothing is lost)
   python scripts/gpu_pack.py land /work/.device/...   # the returned checkpoint replaces the committed one
 
+Issue the second call at once: an idle machine goes back after about 30 s, and .gpu/a with it. Stop any CPU run of
+the same checkpoint (scripts/continue_general.sh) before `hide`; it would write checkpoints/general-concat too.
 `hide` never touches files: it only removes adapters/ and checkpoints/ from git's index and ignores them;
-`unhide` puts the index back. Run `unhide` before committing anything else.
+`unhide` puts the index back. Commit nothing in between: `unhide` refuses if HEAD moved.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -60,19 +65,27 @@ def pack(args: argparse.Namespace) -> None:
     if not episodes.is_file() or args.force:
         subprocess.run([sys.executable, "-m", "ccmem", "data", "export", "configs/general_concat.yaml", "-o",
                         str(episodes), "--epochs", str(args.epochs)], cwd=ROOT, check=True,
-                       env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")})
+                       env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     for w in WHEELS:
-        name = w.split("==")[0]
-        if not list(a.glob(f"{name}-*.whl")):
+        name, version = w.split("==")
+        for stale in a.glob(f"{name}-*.whl"):
+            if not stale.name.startswith(f"{name}-{version}-"):
+                stale.unlink()
+        if not list(a.glob(f"{name}-{version}-*.whl")):
             subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                             "--python-version", "3.12", "--implementation", "cp", "--platform",
                             "manylinux_2_17_x86_64", "-d", str(a), w], check=True)
     gguf = (smollm2_gguf_folder() / GGUF_FILE).read_bytes()
     base = _tree_size() if _hidden() else _tree_size() - sum(_size(ROOT / h) for h in HIDDEN)
     room_a = LIMIT - 2 * 2**20 - base - sum(_size(w) for w in a.glob("*.whl"))
+    room_b = LIMIT - 2 * 2**20 - base - _size(episodes) - _size(RUN)
+    if min(room_a, room_b) < 0 or room_a + room_b < len(gguf):
+        sys.exit(f"the model does not fit in two calls: the tree without adapters/ and checkpoints/ is "
+                 f"{base / 2**20:.1f} MiB; move large files out of it (or ignore them) and pack again")
     cut = min(len(gguf) - 1, room_a)
     (a / "gguf.part").write_bytes(gguf[:cut])
     (b / "gguf.part").write_bytes(gguf[cut:])
+    (b / "gguf.sha256").write_text(f"{hashlib.sha256(gguf).hexdigest()}  {GGUF_FILE}\n")
     call_a = base + _size(a)
     call_b = base + _size(b) + _size(RUN)
     print(f"call a: {call_a / 2**20:.1f} MiB, call b: {call_b / 2**20:.1f} MiB (limit 64 MiB each; "
@@ -81,8 +94,12 @@ def pack(args: argparse.Namespace) -> None:
         sys.exit("too large for the device calls: export fewer epochs (--epochs) or shrink the tree")
 
 
+def _exclude() -> Path:
+    return ROOT / _sh("git", "rev-parse", "--git-path", "info/exclude").strip()
+
+
 def _hidden() -> bool:
-    ex = ROOT / ".git" / "info" / "exclude"
+    ex = _exclude()
     return ex.is_file() and MARK in ex.read_text()
 
 
@@ -92,21 +109,27 @@ def hide(_: argparse.Namespace) -> None:
         return
     if _sh("git", "status", "--porcelain", "--", *HIDDEN).strip():
         sys.exit("adapters/ or checkpoints/ have uncommitted changes: commit them first")
-    ex = ROOT / ".git" / "info" / "exclude"
+    ex = _exclude()
     ex.parent.mkdir(parents=True, exist_ok=True)
+    head = _sh("git", "rev-parse", "HEAD").strip()
     with ex.open("a") as f:
-        f.write(f"\n{MARK}\n" + "".join(f"/{h}/\n" for h in HIDDEN))
+        f.write(f"\n{MARK} {head}\n" + "".join(f"/{h}/\n" for h in HIDDEN) + f"{MARK} end\n")
     _sh("git", "rm", "-r", "-q", "--cached", *HIDDEN)
     print(f"hidden: adapters/ and checkpoints/ do not travel; tree now {_tree_size() / 2**20:.1f} MiB. "
           "Run `python scripts/gpu_pack.py unhide` after the device calls.")
 
 
 def unhide(_: argparse.Namespace) -> None:
-    ex = ROOT / ".git" / "info" / "exclude"
+    ex = _exclude()
     if _hidden():
         text = ex.read_text()
-        keep = text[: text.index(MARK)].rstrip("\n") + "\n"
-        ex.write_text(keep)
+        start = text.index(MARK)
+        head = text[start:].split("\n", 1)[0].split()[-1]
+        if head != _sh("git", "rev-parse", "HEAD").strip():
+            sys.exit(f"a commit was made while adapters/ and checkpoints/ were hidden: it records them as deleted. "
+                     f"Undo it with `git reset --soft {head}` (your changes stay staged), then run unhide again")
+        end = text.index(f"{MARK} end\n", start) + len(f"{MARK} end\n")
+        ex.write_text(text[:start].rstrip("\n") + "\n" + text[end:])
     _sh("git", "reset", "-q", "--", *HIDDEN)
     print("adapters/ and checkpoints/ are tracked again:")
     print(_sh("git", "status", "--short", "--", *HIDDEN) or "(unchanged)")
@@ -126,13 +149,13 @@ def land(args: argparse.Namespace) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name in ("adapter.safetensors", "adapter_config.json", "trainer_state.pt"):
-        shutil.copy(src / name, tmp / name)
+        shutil.copyfile(src / name, tmp / name)  # (the returned files are read-only; their modes are not wanted)
     for old in (RUN / "checkpoints").glob("step_*"):
         if old != tmp:
             shutil.rmtree(old)
     tmp.rename(dest)
     if (src / "train_log.jsonl").is_file():
-        shutil.copy(src / "train_log.jsonl", RUN / "train_log.jsonl")
+        shutil.copyfile(src / "train_log.jsonl", RUN / "train_log.jsonl")
     rows = (RUN / "train_log.jsonl").read_text().splitlines()
     print(f"landed step {step} in {dest}; log has {len(rows)} rows, last {json.loads(rows[-1])['step']}")
 

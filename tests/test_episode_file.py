@@ -112,7 +112,11 @@ def test_training_from_the_file_equals_training_from_the_sources(tmp_path, tiny_
             return ["a", "b", "c"][: len(ids)]
 
     with pytest.raises(ConfigError, match="export it again with this model"):
-        build_data(Tok(), {"source": "episodes", "path": str(out)}, 0)
+        build_data(Tok(), {"source": "episodes", "path": str(out)}, 42)
+    from transformers import AutoTokenizer
+
+    with pytest.raises(ConfigError, match="export again with train.seed=7"):  # other cuts than the live sources'
+        build_data(AutoTokenizer.from_pretrained(tiny_folder), {"source": "episodes", "path": str(out)}, 7)
 
 
 def test_resume_drops_log_rows_after_the_checkpoint(tmp_path, tiny_folder):

@@ -258,3 +258,32 @@ def test_compiled_forward_trains_like_eager(tmp_path):
         assert torch.allclose(a, b, atol=1e-5)
     with pytest.raises(ValueError, match="train.compile"):
         TrainConfig(compile="fast")
+
+
+@pytest.mark.parametrize("pack", [0, 64])
+def test_episode_mean_loss_batch_equals_accumulated_batches_of_one(tmp_path, pack):
+    """loss_per='episode': one micro-batch of 4 episodes (padded or packed) takes the same steps as 4 accumulated
+    micro-batches of 1 (the layout a CPU run uses), though the episodes' outputs differ in length; the token mean
+    does not."""
+    r = random.Random(3)
+    eps = [Episode([[r.randint(20, 90) for _ in range(r.randint(2, 5))] for _ in range(r.randint(1, 3))], [6],
+                   [r.randint(20, 90) for _ in range(r.randint(1, 6))]) for _ in range(16)]
+    common = dict(max_steps=3, lr=1e-2, warmup_ratio=0.0)
+
+    def run(name: str, **kw) -> Trainer:
+        tr = Trainer(make_toy_ccm(), eps, TrainConfig(output_dir=str(tmp_path / name), **common, **kw))
+        tr.fit()
+        return tr
+
+    ones = run("ones", batch_size=1, grad_accum=4)
+    four = run("four", batch_size=4, grad_accum=1, pack=pack, loss_per="episode")
+    tokens = run("tokens", batch_size=4, grad_accum=1, pack=pack)
+    assert [h["loss"] for h in four.history] == pytest.approx([h["loss"] for h in ones.history], abs=1e-5)
+    assert abs(tokens.history[0]["loss"] - ones.history[0]["loss"]) > 1e-3
+
+    def gap(a: Trainer, b: Trainer) -> float:
+        pairs = zip(a.ccm.trainable_parameters(), b.ccm.trainable_parameters())
+        return max(float((x - y).abs().max()) for x, y in pairs)
+
+    # Adam steps of 1e-2 turn float rounding of near-zero gradients into ~2e-5; the token mean moves 0.04 away
+    assert gap(ones, four) < 1e-4 < gap(ones, tokens) / 10

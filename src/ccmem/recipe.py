@@ -160,7 +160,7 @@ def build_data(tok: Any, d: dict, seed: int):
         eps, rep = lamp2_episodes(rows, tok, k=d.get("k", 16), seed=seed, max_length=d.get("max_length"))
         return _holdout(eps, d, seed, report + rep)
     if source == "episodes":
-        return episode_file_data(tok, d)
+        return episode_file_data(tok, d, seed)
     if source == "mix":
         parts, vals, report = [], [], Counter()
         for part in d.get("parts") or []:
@@ -177,9 +177,9 @@ def build_data(tok: Any, d: dict, seed: int):
 SOURCES = ("chitchat", "recall", "text", "icl", "jsonl", "dailydialog", "soda", "metaicl", "lamp", "episodes", "mix")
 
 
-def episode_file_data(tok: Any, d: dict):
+def episode_file_data(tok: Any, d: dict, seed: int):
     """``source: episodes``: a file written by ``ccmem data export`` (the episodes a recipe's live sources give, for
-    a fixed number of epochs), refused if it was tokenized by another tokenizer."""
+    a fixed number of epochs), refused if it was tokenized by another tokenizer or cut with another seed."""
     from collections import Counter
 
     from .data import EpisodeFile
@@ -189,6 +189,9 @@ def episode_file_data(tok: Any, d: dict):
     if f.meta.get("vocab") not in (None, vocab_digest(tok)):
         raise ConfigError(f"{d['path']} was tokenized with another vocabulary ({f.meta.get('tokenizer')}) than this "
                           "model's: export it again with this model")
+    if f.meta.get("seed") not in (None, seed):
+        raise ConfigError(f"{d['path']} holds the episodes of train.seed={f.meta['seed']}; this run has "
+                          f"train.seed={seed}: use that seed or export again with train.seed={seed}")
     return f, f.val, Counter({"episodes per epoch": len(f), "epochs exported": f.epochs})
 
 

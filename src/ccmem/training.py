@@ -49,6 +49,7 @@ class TrainConfig:
     compile: str = ""  # torch.compile backend for the model's forward ("inductor" on a GPU; "" = off)
     gradient_checkpointing: bool = False
     pack: int = 0  # pack each micro-batch's episodes into rows of at most this many tokens (0: pad each episode)
+    loss_per: str = "token"  # "episode": the mean of per-episode means (a batch of B == B batches of 1 accumulated)
     log_every: int = 1
     eval_every: int = 0
     save_every: int = 0
@@ -113,7 +114,7 @@ class Trainer:
         self.eval_data = list(eval_data or [])
         mode = "compress" if config.mode == "compress" else "full"
         self.collate = Collator(ccm.tokens, ccm.config.variant, mode=mode, pad_id=pad_id, max_length=config.max_length,
-                               raw_tail=ccm.config.raw_tail, pack=config.pack)
+                               raw_tail=ccm.config.raw_tail, pack=config.pack, loss_per=config.loss_per)
         self.on_log = on_log
         if config.gradient_checkpointing:
             ccm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -146,7 +147,8 @@ class Trainer:
         keep = loss_positions(labels)  # the LM head runs on target rows only
         with self.acc.autocast():
             logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=keep, **extra).logits
-        return lm_loss_at(logits, labels, keep, reduction), int((labels != -100).sum()), int(am.sum())
+        loss = lm_loss_at(logits, labels, keep, reduction, weights=batch.get("loss_weights"))
+        return loss, int((labels != -100).sum()), int(am.sum())
 
     def _micro_batches(self, step: int) -> list[list[Episode]]:
         world, rank, c = self.acc.num_processes, self.acc.process_index, self.cfg

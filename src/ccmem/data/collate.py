@@ -25,16 +25,21 @@ class Collator:
     dropped until the episode fits; an episode whose I + O alone do not fit is refused. ``raw_tail=k`` keeps the
     last k chunks uncompressed, read as text just before the input (``CompressionConfig.raw_tail``). ``pack=L``
     packs the episodes into rows of at most L tokens (with ``segments``) instead of padding each to the longest.
+    ``loss_per="episode"`` adds ``loss_weights`` (1 / the episode's target tokens on each of them), so the loss is
+    the mean over episodes of each episode's mean: a batch of B then trains exactly like B batches of 1
+    accumulated, whatever the layout (``"token"``, the default, weighs every target token alike).
     """
 
     def __init__(self, tokens: CompTokens | None, variant: str = "concat_recur", mode: str = "compress",
-                 pad_id: int = 0, max_length: int = 1024, raw_tail: int = 0, pack: int = 0):
+                 pad_id: int = 0, max_length: int = 1024, raw_tail: int = 0, pack: int = 0, loss_per: str = "token"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
+        if loss_per not in ("token", "episode"):
+            raise ValueError(f"loss_per must be 'token' or 'episode', got {loss_per!r}")
         if mode == "compress" and tokens is None:
             raise ValueError("compress mode needs the model's CompTokens")
         self.tokens, self.variant, self.mode, self.pad_id, self.max_length = tokens, variant, mode, pad_id, max_length
-        self.raw_tail, self.pack = raw_tail, pack
+        self.raw_tail, self.pack, self.loss_per = raw_tail, pack, loss_per
 
     def fit(self, ep: Episode) -> Episode:
         budget = self.max_length - len(ep.input) - len(ep.output)
@@ -62,13 +67,20 @@ class Collator:
         rows = [self.row(ep) for ep in episodes]
         if self.pack:
             ids, mask, seg, place = pack_rows([r[0] for r in rows], self.pack, self.pad_id)
-            labels = torch.full_like(ids, IGNORE)
-            for (b, start), (_, lab) in zip(place, rows):
-                labels[b, start:start + len(lab)] = torch.tensor(lab, dtype=torch.long)
-            return {"input_ids": ids, "attention_mask": mask, "labels": labels, "segments": seg}
-        ids, mask = pad_batch([r[0] for r in rows], self.pad_id, side="left")
-        labels, _ = pad_batch([r[1] for r in rows], IGNORE, side="left")
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+            out = {"input_ids": ids, "attention_mask": mask, "labels": torch.full_like(ids, IGNORE), "segments": seg}
+        else:
+            ids, mask = pad_batch([r[0] for r in rows], self.pad_id, side="left")
+            out = {"input_ids": ids, "attention_mask": mask, "labels": torch.full_like(ids, IGNORE)}
+            place = [(b, ids.shape[1] - len(r[0])) for b, r in enumerate(rows)]
+        if self.loss_per == "episode":
+            out["loss_weights"] = torch.zeros(ids.shape, dtype=torch.float32)
+        for (b, start), (_, lab) in zip(place, rows):
+            t = torch.tensor(lab, dtype=torch.long)
+            out["labels"][b, start:start + len(lab)] = t
+            if self.loss_per == "episode":
+                n = int((t != IGNORE).sum())
+                out["loss_weights"][b, start:start + len(lab)] = (t != IGNORE).float() / max(n, 1)
+        return out
 
 
 def split_tail(chunks: Sequence[Sequence[int]], tail: Sequence[int], raw_tail: int
@@ -99,9 +111,16 @@ def loss_positions(labels: torch.Tensor) -> torch.Tensor:
     return need.nonzero().squeeze(-1)
 
 
-def lm_loss_at(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor, reduction: str = "mean"):
-    """Next-token cross-entropy of logits kept at ``positions`` (see :func:`loss_positions`)."""
+def lm_loss_at(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor, reduction: str = "mean",
+               weights: torch.Tensor | None = None):
+    """Next-token cross-entropy of logits kept at ``positions`` (see :func:`loss_positions`); with ``weights`` (per
+    label position, e.g. the collator's ``loss_weights``) the mean is weighted by them."""
     target = labels[:, positions + 1]
+    if weights is not None and reduction == "mean":
+        w = weights[:, positions + 1].reshape(-1)
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                                               ignore_index=IGNORE, reduction="none")
+        return (ce * w).sum() / w.sum().clamp(min=1e-12)
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
                                              ignore_index=IGNORE, reduction="sum")
     count = (target != IGNORE).sum()

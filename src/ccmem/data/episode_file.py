@@ -93,22 +93,24 @@ class EpisodeFile:
             header = _header(blob)
         except (lzma.LZMAError, SafetensorError, ValueError, EOFError) as err:
             raise CorruptFileError(f"{self.path}: not a readable episode file ({err}); it may be truncated; export it "
-                             "again with `ccmem data export`") from err
+                                   "again with `ccmem data export`") from err
         if header.get("format") != FORMAT or int(header.get("version", 0)) > VERSION:
             raise InputError(f"{self.path}: not a ccmem episode file of version <= {VERSION} "
                              f"(format {header.get('format')!r}, version {header.get('version')!r})")
+        try:
+            train = _Table(arrays["tokens"], arrays["seg_len"], arrays["n_seg"])
+            val = _Table(arrays["val_tokens"], arrays["val_seg_len"], arrays["val_n_seg"])
+        except (KeyError, ValueError) as err:
+            raise CorruptFileError(f"{self.path}: its episode tables do not fit together ({err!r}); export it again "
+                                   "with `ccmem data export`") from err
         self.size, self.epochs = int(header["size"]), int(header["epochs"])
         self.meta: dict[str, Any] = json.loads(header.get("meta", "{}"))
-        self._train = _Table(arrays["tokens"], arrays["seg_len"], arrays["n_seg"])
+        self._train = train
         if len(self._train) != self.size * self.epochs:
             raise CorruptFileError(f"{self.path}: holds {len(self._train)} episodes, its header says "
                              f"{self.size} x {self.epochs} epochs; export it again")
-        self.val = [self._val_table(arrays).episode(j, f"val:{j}") for j in range(len(arrays["val_n_seg"]))]
+        self.val = [val.episode(j, f"val:{j}") for j in range(len(val))]
         self._warned = False
-
-    @staticmethod
-    def _val_table(arrays: dict) -> _Table:
-        return _Table(arrays["val_tokens"], arrays["val_seg_len"], arrays["val_n_seg"])
 
     def __len__(self) -> int:
         return self.size
