@@ -287,3 +287,15 @@ def test_episode_mean_loss_batch_equals_accumulated_batches_of_one(tmp_path, pac
 
     # Adam steps of 1e-2 turn float rounding of near-zero gradients into ~2e-5; the token mean moves 0.04 away
     assert gap(ones, four) < 1e-4 < gap(ones, tokens) / 10
+
+
+def test_evaluate_given_episodes_scores_all_of_them(tmp_path):
+    """Periodic evaluation caps at eval_batches batches; episodes passed in (the run's final validation) are all
+    scored, whatever the batch size."""
+    held = key_task(6, 1)
+    tr = Trainer(make_toy_ccm(), key_task(8, 0), TrainConfig(output_dir=str(tmp_path), batch_size=1, eval_batches=2),
+                 eval_data=held)
+    assert tr.evaluate() == pytest.approx(tr.evaluate(held[:2]))
+    one_by_one = [tr.evaluate([e]) for e in held]
+    assert min(one_by_one) < tr.evaluate(held) < max(one_by_one)
+    assert tr.evaluate(held) != pytest.approx(tr.evaluate())

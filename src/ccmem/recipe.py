@@ -316,7 +316,7 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
     elif log.exists():
         log.unlink()
     trainer.fit()
-    final_ppl = trainer.evaluate() if val else None
+    final_ppl = trainer.evaluate(val) if val else None  # every validation episode (periodic evals cap at eval_batches)
     if trainer.acc.is_main_process:
         ccm.save_pretrained(out)
         if cfg.get("base_adapter"):

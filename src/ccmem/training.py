@@ -230,13 +230,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, episodes: Sequence[Episode] | None = None) -> float:
-        """Token-pooled perplexity of the outputs (EOS excluded) under the parallel formulation."""
+        """Token-pooled perplexity of the outputs (EOS excluded) under the parallel formulation: of all ``episodes``
+        when given, else of the first ``eval_batches`` batches of the run's validation episodes."""
         self.model.eval()
-        episodes = list(episodes if episodes is not None else self.eval_data)
+        bs = self.cfg.batch_size
+        episodes = list(episodes) if episodes is not None else self.eval_data[: bs * self.cfg.eval_batches]
         eos = getattr(self.ccm.tokenizer, "eos_token_id", None)
         nll, count = 0.0, 0
-        bs = self.cfg.batch_size
-        for i in range(0, min(len(episodes), bs * self.cfg.eval_batches), bs):
+        for i in range(0, len(episodes), bs):
             eps = [strip_eos(e, eos) for e in episodes[i:i + bs]]
             (s, c), _, _ = self._forward_loss(self.collate(eps), reduction="sum")
             nll += float(s)
