@@ -59,3 +59,17 @@ def tiny_ccm(arch: str = "llama", variant: str = "concat_recur", attn: str = "sd
 @pytest.fixture
 def make_ccm():
     return tiny_ccm
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A tiny random Llama saved with SmolLM2's tokenizer: recipes run end to end on real data in seconds."""
+    from ccmem.models import load_model
+
+    _, tok = load_model()
+    folder = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

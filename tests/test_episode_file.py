@@ -8,12 +8,10 @@ import json
 import pytest
 import torch
 import yaml
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from ccmem.cli import main
 from ccmem.data import Episode, EpisodeFile, write_episodes
 from ccmem.errors import ConfigError, CorruptFileError, InputError
-from ccmem.models import load_model
 
 
 class _Source:
@@ -66,16 +64,6 @@ def test_bad_files_are_refused(tmp_path):
     with pytest.raises(InputError, match="not a ccmem episode file"):
         EpisodeFile(other)
 
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    _, tok = load_model()
-    folder = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def test_training_from_the_file_equals_training_from_the_sources(tmp_path, tiny_folder):

@@ -7,23 +7,11 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from ccmem import CompressedModel
 from ccmem.cli import main
 from ccmem.lora import merge_and_remove_lora
 from ccmem.models import load_model
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    _, tok = load_model()
-    folder = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def test_two_stage_recipe_through_the_cli(tmp_path, tiny_folder):
