@@ -138,6 +138,52 @@ def test_kvpress_full_budget_equals_full_context(tmp_path, monkeypatch):
         assert ps[p][4] != ref
 
 
+SINK_PROBE = """
+import json, sys
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+sys.path.insert(0, sys.argv[1])
+from kvpress_worker import make_press
+
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2)
+model = LlamaForCausalLM(cfg).eval()
+ids = torch.randint(0, 128, (1, 40))
+full, cache = DynamicCache(), DynamicCache()
+with torch.no_grad():
+    model(input_ids=ids, past_key_values=full, use_cache=True)
+    with make_press("snapkv", int(sys.argv[2]), 40)(model):
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+kept = []
+for layer in range(cfg.num_hidden_layers):
+    k_full, k = full.layers[layer].keys[0], cache.layers[layer].keys[0]
+    kept += [bool((k[h] - k_full[h, 0]).abs().amax(-1).min() < 1e-6) for h in range(k.shape[0])]
+print(json.dumps({"sink_kept": kept, "length": cache.get_seq_length()}))
+"""
+
+
+@pytest.mark.skipif(default_kvpress_python() is None, reason="needs the kvpress environment (make kvpress-env)")
+@pytest.mark.parametrize("budget", [2, 4])
+def test_kvpress_snapkv_keeps_the_sink_at_tiny_budgets(tmp_path, budget):
+    """SnapKV's pooling lends the first token's attention to its neighbours, so at 2-4 slots it evicted the attention
+    sink (chit-chat ppl 645 at 2 slots); the worker's SnapKV keeps the first token in every layer and head."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    import ccmem.evaluation.runner as runner
+
+    script = tmp_path / "probe.py"
+    script.write_text(SINK_PROBE)
+    worker_dir = str(Path(runner.__file__).parent)
+    r = subprocess.run([default_kvpress_python(), str(script), worker_dir, str(budget)], capture_output=True,
+                       text=True, check=True)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["length"] == budget
+    assert all(out["sink_kept"]), out
+
+
 def word_tokenizer():
     """A word-level tokenizer whose ids fit the tiny models' 128-token vocabulary (KVzip tokenizes a prompt)."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -28,8 +28,10 @@ def make_press(name: str, budget: int, length: int):
     ratio = max(0.0, 1.0 - (budget + 0.5) / length)
     if name == "snapkv":
         # half the budget for the observation window: with window = budget - 1 a single slot is chosen by attention,
-        # the attention sink is evicted and perplexity explodes (2361 vs 9.5 at B = 24 on a 182-token probe)
-        return kvpress.SnapKVPress(compression_ratio=ratio, window_size=max(1, min(64, budget // 2)))
+        # the attention sink is evicted and perplexity explodes (2361 vs 9.5 at B = 24 on a 182-token probe).
+        # The first token is always kept: SnapKV's pooling (kernel 5) lends the sink's attention to tokens 1-2, so at
+        # 2-4 slots one of them was kept in its place and perplexity exploded again (645 at B = 2 on chit-chat).
+        return _sink_kept(kvpress.SnapKVPress)(compression_ratio=ratio, window_size=max(1, min(64, budget // 2)))
     if name == "streamingllm":
         return kvpress.StreamingLLMPress(compression_ratio=ratio, n_sink=max(1, min(4, budget - 1)))
     if name == "knorm":
@@ -45,6 +47,29 @@ def make_press(name: str, budget: int, length: int):
         # L*H*(length - budget) down by one, so on average exactly `budget` pairs per layer and head stay.
         return kvpress.KVzipPress(compression_ratio=(length - budget) / length + 1e-9, n_sink=min(4, budget))
     raise ValueError(f"unknown press {name!r}; known: snapkv, streamingllm, knorm, tova, expected_attention, kvzip")
+
+
+_SINK_KEPT: dict = {}
+
+
+def _sink_kept(press_cls: type) -> type:
+    """``press_cls`` whose scores rank the first ``n_sink`` tokens (the attention sink) above every other token, so a
+    scorer press keeps them whatever its pooling did to their score (StreamingLLM and KVzip keep sinks the same way)."""
+    if press_cls not in _SINK_KEPT:
+        import dataclasses
+
+        @dataclasses.dataclass
+        class SinkKept(press_cls):
+            n_sink: int = 1
+
+            def score(self, *args, **kwargs):
+                scores = super().score(*args, **kwargs)
+                scores[..., :self.n_sink] = scores.max() + 1
+                return scores
+
+        SinkKept.__name__ = SinkKept.__qualname__ = f"SinkKept{press_cls.__name__}"
+        _SINK_KEPT[press_cls] = SinkKept
+    return _SINK_KEPT[press_cls]
 
 
 def _layers(model) -> list:
