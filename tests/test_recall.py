@@ -145,3 +145,26 @@ def test_exact_match_reads_the_reply(tok):
 
     assert suite.generate(Canned(f" You were born in {value}."), None, groups[:1], 0) == [True]
     assert suite.generate(Canned(" I do not remember."), None, groups[:1], 0) == [False]
+
+
+def test_episodes_in_the_chat_template(splits, tok):
+    """``data.format: template``: a recall episode is the rendered conversation with the question as the user's
+    message and the answer as the assistant's; the options are the assistant replies without the end-of-turn."""
+    from ccmem.chat_template import generation_prompt_ids, render_ids
+    from ccmem.data.dialog import TemplateFormat
+
+    fmt = TemplateFormat(tok)
+    for it in (eval_items(splits["test"], n=2)[d][1] for d in (1, 4)):
+        ep = item_episode(it, fmt)
+        k = it.question_turn + 2
+        turns = [*it.dialog.turns[:it.question_turn], it.question, it.answers[it.answer]]
+        roles = ["assistant" if (k - 1 - i) % 2 == 0 else "user" for i in range(k)]
+        convo = [{"role": r, "content": t.strip()} for r, t in zip(roles, turns)]
+        assert roles[-2:] == ["user", "assistant"] and len(ep.chunks) == it.question_turn
+        flat, rendered = sum(ep.chunks, []) + ep.input + ep.output, render_ids(tok, convo)
+        assert rendered[:len(flat)] == flat and tok.decode(rendered[len(flat):]).strip() == ""  # ends at <|im_end|>
+        assert ep.input[-len(generation_prompt_ids(tok)):] == generation_prompt_ids(tok)
+        assert ep.output[-1] == tok.eos_token_id and it.value in tok.decode(ep.output)
+        assert ep.options[ep.answer] == ep.output[:-1] and len(set(map(tuple, ep.options))) == 4
+    train = RecallEpisodes(splits["train"], fmt, seed=0).get(3, epoch=1)
+    assert train.meta["value"] in tok.decode(train.output) and "<|im_start|>user" in tok.decode(train.input)

@@ -131,9 +131,6 @@ def build_data(tok: Any, d: dict, seed: int):
     if source == "recall":
         from .data.recall import RecallEpisodes
 
-        if d.get("format", "plain") != "plain":
-            raise ConfigError("the recall source renders its question and answers as plain 'A: / B:' lines; "
-                              "data.format: template is not supported for it yet (leave format out)")
         splits, fmt, report = chitchat_splits(tok, d)
         train = RecallEpisodes(splits["train"], fmt, seed=seed, max_distance=d.get("max_distance", 16))
         val_src = RecallEpisodes(splits["validation"], fmt, seed=seed + 1, max_distance=d.get("max_distance", 16))

@@ -33,22 +33,24 @@ class DialogFormat:
             self._cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
         return list(self._cache[text])
 
-    def turn(self, i: int, text: str) -> list[int]:
-        """``A: text\\n`` for turn i (0-based)."""
+    def turn(self, i: int, text: str, k: int | None = None) -> list[int]:
+        """``A: text\\n`` for turn i (0-based) of a dialog cut to ``k`` turns (plain lines ignore ``k``)."""
         return self._enc(f"{self.speakers[i % 2]}: {text.strip()}\n")
 
     def prompt(self, i: int) -> list[int]:
+        """What opens turn ``i`` before its text: the replying speaker's ``B:``."""
         return self._enc(f"{self.speakers[i % 2]}:")
 
     def reply(self, text: str, eos: bool = True) -> list[int]:
+        """The text of a target turn after :meth:`prompt`, ending with EOS when ``eos``."""
         return self._enc(f" {text.strip()}\n") + (self.eos if eos else [])
 
     def episode(self, dialog: Dialog, k: int, eos: bool = True) -> Episode:
         """Episode over the first ``k`` turns (k >= 2): turns 1..k-2 compressed, k-1 input, k the target."""
         if not 2 <= k <= len(dialog.turns):
             raise ValueError(f"k={k} must lie in [2, {len(dialog.turns)}] for dialog {dialog.id}")
-        chunks = [self.turn(i, t) for i, t in enumerate(dialog.turns[: k - 2])]
-        inp = self.turn(k - 2, dialog.turns[k - 2]) + self.prompt(k - 1)
+        chunks = [self.turn(i, t, k) for i, t in enumerate(dialog.turns[: k - 2])]
+        inp = self.turn(k - 2, dialog.turns[k - 2], k) + self.prompt(k - 1)
         return Episode(chunks, inp, self.reply(dialog.turns[k - 1], eos), id=f"{dialog.id}:{k}")
 
 
@@ -77,12 +79,13 @@ class TemplateFormat(DialogFormat):
         role = "assistant" if ((k if k is not None else i + 1) - 1 - i) % 2 == 0 else "user"
         return self._message(text, role, first=i == 0)
 
-    def episode(self, dialog: Dialog, k: int, eos: bool = True) -> Episode:
-        if not 2 <= k <= len(dialog.turns):
-            raise ValueError(f"k={k} must lie in [2, {len(dialog.turns)}] for dialog {dialog.id}")
-        chunks = [self.turn(i, t, k) for i, t in enumerate(dialog.turns[: k - 2])]
-        inp = self.turn(k - 2, dialog.turns[k - 2], k) + self.gen
-        full = self._message(dialog.turns[k - 1], "assistant", first=False)
+    def prompt(self, i: int) -> list[int]:
+        """The assistant's generation prompt (the target turn is always the assistant's)."""
+        return list(self.gen)
+
+    def reply(self, text: str, eos: bool = True) -> list[int]:
+        """The assistant message after its generation prompt, ending at the end-of-turn token when ``eos``."""
+        full = self._message(text, "assistant", first=False)
         if full[: len(self.gen)] != self.gen:
             raise ValueError("the chat template's assistant message does not start with its generation prompt")
         out = full[len(self.gen):]
@@ -90,7 +93,7 @@ class TemplateFormat(DialogFormat):
             out = out[: out.index(self.eos[0]) + 1]
         if not eos and out and self.eos and out[-1] == self.eos[0]:
             out = out[:-1]
-        return Episode(chunks, inp, out, id=f"{dialog.id}:{k}")
+        return out
 
 
 FORMATS = {"plain": DialogFormat, "template": TemplateFormat}

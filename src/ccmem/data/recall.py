@@ -129,8 +129,9 @@ def item_episode(item: RecallItem, fmt: DialogFormat, eos: bool = True) -> Episo
     """Chunks: turns before the question (one per step); input: the question turn and the answerer's prompt;
     output: the true answer; options: every answer sentence."""
     q = item.question_turn
-    chunks = [fmt.turn(i, t) for i, t in enumerate(item.dialog.turns[:q])]
-    inp = fmt.turn(q, item.question) + fmt.prompt(q + 1)
+    k = q + 2  # the dialog cut after the answer: in a chat template the answer is the assistant's
+    chunks = [fmt.turn(i, t, k) for i, t in enumerate(item.dialog.turns[:q])]
+    inp = fmt.turn(q, item.question, k) + fmt.prompt(q + 1)
     options = [fmt.reply(a, eos=False) for a in item.answers]
     return Episode(chunks, inp, fmt.reply(item.answers[item.answer], eos), options, item.answer,
                    id=f"{item.dialog.id}:{item.fact_type}:{q}",
