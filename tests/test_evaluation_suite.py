@@ -281,3 +281,59 @@ def test_eval_base_adapter_option(monkeypatch, flag, want):
     with pytest.raises(KeyboardInterrupt):
         main(["eval", "--suite", "chitchat", "--presses", "", *(["--base-adapter", flag] if flag else [])])
     assert seen["cfg"].base_adapter == want
+
+
+def _adapter_with_recipe(folder, formats):
+    import yaml
+
+    folder.mkdir(parents=True)
+    (folder / "adapter.safetensors").write_bytes(b"")
+    parts = [{"source": "chitchat", **({"format": f} if f else {})} for f in formats] + [{"source": "icl"}]
+    (folder / "recipe.yaml").write_text(yaml.safe_dump({"data": {"source": "mix", "parts": parts}}))
+    return folder
+
+
+@pytest.mark.parametrize("formats,flag,want", [(["template"], None, "template"), ([None], None, "plain"),
+                                               (["template"], "plain", "plain"), ([], None, "plain")])
+def test_eval_format_follows_the_adapter_recipe(tmp_path, monkeypatch, formats, flag, want):
+    """`ccmem eval --format auto` scores the dialog suites in the format the adapter was trained on (its recipe.yaml);
+    an explicit --format wins; adapters of two formats in one run are refused."""
+    from ccmem.cli import main
+    from ccmem.evaluation import runner
+
+    seen = {}
+
+    def capture(*args):
+        seen["format"] = args[4]
+        raise KeyboardInterrupt  # stop before any model is loaded
+
+    monkeypatch.setattr(runner, "build_suite", capture)
+    ad = _adapter_with_recipe(tmp_path / "a", formats) if formats else tmp_path
+    if not formats:
+        (tmp_path / "adapter.safetensors").write_bytes(b"")  # an adapter folder without a recipe
+    with pytest.raises(KeyboardInterrupt):
+        main(["eval", "--suite", "recall", "--presses", "", "--adapter", f"ccm_concat={ad}",
+              *(["--format", flag] if flag else [])])
+    assert seen["format"] == want
+    other = _adapter_with_recipe(tmp_path / "b", [None])
+    if formats == ["template"] and flag is None:
+        with pytest.raises(ValueError, match="different dialog formats"):
+            main(["eval", "--suite", "recall", "--presses", "", "--adapter", f"ccm_concat={ad}",
+                  "--adapter", f"ccm_merge={other}"])
+
+
+def test_chitchat_suite_in_the_chat_template():
+    """The chit-chat suite in template format reads the same dialogs as plain, each turn a chat message."""
+    from ccmem.data.dialog import TemplateFormat
+    from ccmem.evaluation.suites import ChitchatSuite
+    from ccmem.models import load_tokenizer
+
+    tok = load_tokenizer()
+    plain, tmpl = ChitchatSuite(tok, dialogs=3, ts=(2,)), ChitchatSuite(tok, dialogs=3, ts=(2,), format="template")
+    assert [d.id for d in plain.dialogs] == [d.id for d in tmpl.dialogs]
+    fmt = TemplateFormat(tok)
+    for d, g in zip(tmpl.dialogs, tmpl.groups(2)):
+        ep = fmt.episode(d, 4)
+        assert g.chunks == ep.chunks and g.queries[0].input == ep.input
+        assert g.queries[0].targets == [ep.output[:-1]]  # EOS (the end-of-turn) excluded, as in plain
+    assert tmpl.describe()["format"] == "template" and plain.describe()["format"] == "plain"

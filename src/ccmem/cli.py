@@ -107,7 +107,8 @@ def _eval(args: argparse.Namespace) -> int:
     if args.base_adapter is not None:
         kw["base_adapter"] = None if args.base_adapter.lower() == "none" else args.base_adapter
     res, paths = run_named(args.suite, args.out, args.name, adapters, args.limit,
-                           [int(t) for t in args.ts.split(",")] if args.ts else None, frontier=args.frontier, **kw)
+                           [int(t) for t in args.ts.split(",")] if args.ts else None, frontier=args.frontier,
+                           format=args.format, **kw)
     print(paths[1].read_text())
     print(f"[ccmem] wrote {', '.join(map(str, paths))}")
     return 0
@@ -175,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="stage-1 adapter folded into the reference model of the baselines, or 'none' for the plain "
                         "base model (default: the suite's; use 'none' for adapters trained without stage 1, such as "
                         "the general one)")
+    e.add_argument("--format", default="auto", choices=["auto", "plain", "template"],
+                   help="how the chit-chat and recall suites render turns: 'A: / B:' lines (plain) or the tokenizer's "
+                        "chat template; auto (default) takes the format the adapters' recipes were trained on")
     e.add_argument("--mode", default="auto", choices=["auto", "parallel", "online"])
     e.add_argument("--check", type=int, default=2, help="contexts per t scored both ways (parallel vs online)")
     e.add_argument("--batch-size", type=int, default=16)

@@ -370,16 +370,32 @@ SUITES: dict[str, dict[str, Any]] = {
 FRONTIER_TS = {"chitchat": (8, 12), "icl": (8, 16), "recall": (8, 16)}
 
 
-def build_suite(suite: str, tok: Any, limit: int | None, ts: list[int] | None) -> Suite:
-    """A named suite on ``tok`` (``limit``: dialogs, items per task or facts per distance)."""
+def adapter_dialog_format(path: str | Path) -> str | None:
+    """The dialog format an adapter was trained on, from the ``recipe.yaml`` beside its weights: ``template`` when
+    every dialog part (chit-chat, recall) of its data used the chat template, ``plain`` when any used ``A: / B:``
+    lines, None when the folder holds no recipe or no dialog data."""
+    import yaml
+
+    f = Path(path) / "recipe.yaml"
+    if not f.is_file():
+        return None
+    data = (yaml.safe_load(f.read_text()) or {}).get("data") or {}
+    parts = data.get("parts") or [data]
+    found = {p.get("format", "plain") for p in parts if p.get("source") in ("chitchat", "recall")}
+    return None if not found else "template" if found == {"template"} else "plain"
+
+
+def build_suite(suite: str, tok: Any, limit: int | None, ts: list[int] | None, format: str = "plain") -> Suite:
+    """A named suite on ``tok`` (``limit``: dialogs, items per task or facts per distance; ``format``: how the
+    dialog suites render turns, ``plain`` or ``template``)."""
     if suite == "chitchat":
         from .suites import ChitchatSuite
 
-        return ChitchatSuite(tok, dialogs=limit or 100, **({"ts": ts} if ts else {}))
+        return ChitchatSuite(tok, dialogs=limit or 100, format=format, **({"ts": ts} if ts else {}))
     if suite == "recall":
         from .suites import RecallSuite
 
-        return RecallSuite(tok, items=limit or 100, **({"ts": ts} if ts else {}))
+        return RecallSuite(tok, items=limit or 100, format=format, **({"ts": ts} if ts else {}))
     from .suites import IclSuite
 
     return IclSuite(tok, items=limit or 100, **({"ts": ts} if ts else {}))
@@ -387,11 +403,13 @@ def build_suite(suite: str, tok: Any, limit: int | None, ts: list[int] | None) -
 
 def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str | None = None,
               adapters: dict[str, str] | None = None, limit: int | None = None, ts: list[int] | None = None,
-              command: str | None = None, frontier: bool = False, **cfg_kw: Any
+              command: str | None = None, frontier: bool = False, format: str = "auto", **cfg_kw: Any
               ) -> tuple[dict[str, Any], list[Path]]:
     """``ccmem eval``: build a named suite on the default model, run every method whose adapter exists, write the
     JSON / markdown / PNG reports. Missing adapters are listed in the report's notes, never silently dropped.
-    ``frontier``: every method at several KV budgets instead (:mod:`.frontier`), at the suite's frontier steps."""
+    ``frontier``: every method at several KV budgets instead (:mod:`.frontier`), at the suite's frontier steps.
+    ``format``: how the dialog suites render turns; ``auto`` takes the format the adapters were trained on
+    (:func:`adapter_dialog_format`; ``plain`` when none says), so an adapter is scored on the text it was made for."""
     from ..models import load_tokenizer
 
     if suite not in SUITES:
@@ -404,17 +422,25 @@ def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str 
     cfg = EvalConfig(adapters=present,
                      peers={k: v for k, v in d["peers"].items() if v in present}, **cfg_kw)
     tok = load_tokenizer(cfg.model)
+    if format == "auto":
+        found = {k: f for k, f in ((k, adapter_dialog_format(v)) for k, v in present.items()) if f}
+        if len(set(found.values())) > 1:
+            raise ValueError(f"the adapters were trained on different dialog formats ({found}); score them in "
+                             "separate runs, or pick one with --format plain|template")
+        format = next(iter(found.values()), "plain")
+    if format not in ("plain", "template"):
+        raise ValueError(f"format must be auto, plain or template, got {format!r}")
     if frontier:
         from .frontier import frontier as run_frontier
         from .frontier import write as write_frontier
 
-        s = build_suite(suite, tok, limit, ts or list(FRONTIER_TS[suite]))
+        s = build_suite(suite, tok, limit, ts or list(FRONTIER_TS[suite]), format)
         res = run_frontier(s, cfg, tokenizer=tok)
         res["notes"] = notes + res["notes"]
         res["command"] = command or main_command()
         res["environment"] = _environment_with_kvpress(cfg)
         return res, write_frontier(Path(out_dir), name or f"frontier_{suite}", res)
-    s = build_suite(suite, tok, limit, ts)
+    s = build_suite(suite, tok, limit, ts, format)
     res = evaluate(s, cfg, tokenizer=tok)
     res["notes"] = notes + res["notes"]
     res["title"] = d["title"]

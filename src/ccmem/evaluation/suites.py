@@ -64,11 +64,13 @@ class ChitchatSuite(Suite):
 
     name, metric, higher_is_better = "chitchat", "ppl", False
 
-    def __init__(self, tokenizer: Any, dialogs: int = 100, ts: Sequence[int] = (1, 2, 4, 8, 12), split_seed: int = 0):
+    def __init__(self, tokenizer: Any, dialogs: int = 100, ts: Sequence[int] = (1, 2, 4, 8, 12), split_seed: int = 0,
+                 format: str = "plain"):
         from ..recipe import chitchat_splits
 
-        self.ts, self.eos = tuple(ts), tokenizer.eos_token_id
-        splits, self.fmt, _ = chitchat_splits(tokenizer, {"split_seed": split_seed, "max_turn_tokens": 128})
+        self.ts, self.eos, self.format = tuple(ts), tokenizer.eos_token_id, format
+        splits, self.fmt, _ = chitchat_splits(tokenizer, {"split_seed": split_seed, "max_turn_tokens": 128,
+                                                          "format": format})
         need = max(self.ts) + 2
         pool = [d for d in splits["test"] + splits["validation"] if len(d.turns) >= need]
         self.dialogs, self.split_seed = pool[:dialogs], split_seed
@@ -87,7 +89,7 @@ class ChitchatSuite(Suite):
         return {"ppl": math.exp(-ll / max(n, 1)), "tokens": n}
 
     def describe(self):
-        return {"suite": "chitchat", "dialogs": len(self.dialogs), "ts": list(self.ts),
+        return {"suite": "chitchat", "dialogs": len(self.dialogs), "ts": list(self.ts), "format": self.format,
                 "split": f"chit-chat test + validation (split seed {self.split_seed}), dialogs with >= "
                          f"{max(self.ts) + 2} turns, first {len(self.dialogs)}", "eos_excluded": True}
 
@@ -152,12 +154,14 @@ class RecallSuite(Suite):
     name, metric, higher_is_better = "recall", "acc_norm", True
 
     def __init__(self, tokenizer: Any, items: int = 100, ts: Sequence[int] = (1, 2, 4, 8, 16), split_seed: int = 0,
-                 fact_turn: int = 1, seed: int = 0, split: str = "test"):
+                 fact_turn: int = 1, seed: int = 0, split: str = "test", format: str = "plain"):
         from ..data.recall import eval_items
         from ..recipe import chitchat_splits
 
         self.ts, self.fact_turn, self.split, self.split_seed = tuple(ts), fact_turn, split, split_seed
-        splits, self.fmt, _ = chitchat_splits(tokenizer, {"split_seed": split_seed, "max_turn_tokens": 128})
+        self.format = format
+        splits, self.fmt, _ = chitchat_splits(tokenizer, {"split_seed": split_seed, "max_turn_tokens": 128,
+                                                          "format": format})
         self.items = eval_items(splits[split], self.ts, items, fact_turn, seed)
         self._values: dict[str, str] = {}  # group id -> the fact's value (exact match), filled by groups()
 
@@ -197,6 +201,6 @@ class RecallSuite(Suite):
     def describe(self):
         from ..data.recall import describe
 
-        return {"suite": "recall", "items": len(self.items[self.ts[0]]), "ts": list(self.ts),
+        return {"suite": "recall", "items": len(self.items[self.ts[0]]), "ts": list(self.ts), "format": self.format,
                 "fact_turn": self.fact_turn, "split": f"chit-chat {self.split} split (split seed {self.split_seed})",
                 "distance": "t = turns between the fact and the question", **describe()}
