@@ -158,3 +158,38 @@ def test_general_recipe_runs_and_resumes(tmp_path, tiny_folder):
     assert summary["trained_samples"] == 3 and summary["trained_tokens"] == sum(r["tokens"] for r in rows) > 0
     assert list(summary["hardware"]) == [rows[0]["hardware"]] and summary["hardware"][rows[0]["hardware"]]["steps"] == 3
     assert "threads" in rows[0]["hardware"]
+
+
+def test_chat_general_recipe_warm_starts_from_an_adapter(tmp_path, tiny_folder):
+    """configs/general_chat.yaml: its four-part mix (template chit-chat and recall, ICL, KJV text) trains, and
+    `init_adapter` starts the run from another adapter's weights (0 steps: the output is that adapter exactly); an
+    adapter of another compression config is refused before any data is built; a resumed run ignores init_adapter."""
+    from safetensors.torch import load_file
+
+    from ccmem import CompressionConfig
+    from ccmem.errors import IncompatibleError
+    from ccmem.recipe import load_recipe
+
+    comp = CompressionConfig(**load_recipe("configs/general_chat.yaml")["compression"])
+    start = CompressedModel.attach(load_model(str(tiny_folder))[0], comp)
+    with torch.no_grad():
+        for p in start.trainable_parameters():
+            p.normal_(0, 0.02)
+    start.save_pretrained(tmp_path / "start")
+    common = [f"model={tiny_folder}", "train.grad_accum=1", "train.save_every=1", f"output={tmp_path}/chat"]
+    with pytest.raises(IncompatibleError, match="n_tok"):
+        main(["train", "configs/general_chat.yaml", *common, "train.max_steps=0", "compression.n_tok=1",
+              f"train.output_dir={tmp_path}/c1", f"init_adapter={tmp_path}/start", "--device", "cpu"])
+    assert not (tmp_path / "chat").exists()
+    # one Adam step moves each weight by about its lr (1e-3; the gates 1e-2): the run starts from the given weights,
+    # not a fresh init (LoRA B = 0, about 0.08 away from these at the largest); then a resume whose init_adapter
+    # no longer exists
+    assert main(["train", "configs/general_chat.yaml", *common, "train.max_steps=1", "train.warmup_ratio=0",
+                 f"train.output_dir={tmp_path}/c0", f"init_adapter={tmp_path}/start", "--device", "cpu"]) == 0
+    a, b = load_file(tmp_path / "start" / "adapter.safetensors"), load_file(tmp_path / "chat" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    moved = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert 0 < moved < 0.015, moved
+    assert main(["train", "configs/general_chat.yaml", *common, "train.max_steps=2", "train.warmup_ratio=0",
+                 f"train.output_dir={tmp_path}/c0", f"init_adapter={tmp_path}/gone", "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "chat" / "train_summary.json").read_text())["steps"] == 2

@@ -17,6 +17,7 @@ from .errors import ConfigError
 DEFAULTS: dict[str, Any] = {
     "model": "smollm2",
     "base_adapter": None,  # a stage-1 (full-context) adapter folder merged into the base weights first
+    "init_adapter": None,  # an adapter folder whose weights start the run (warm start, fresh optimizer); not on resume
     "data": {"source": "chitchat", "split_seed": 0, "max_turn_tokens": 128, "eval_dialogs": 64},
     "compression": {},
     "train": {},
@@ -287,7 +288,7 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
     import torch
 
     from .model import CompressedModel
-    from .training import TrainConfig, Trainer
+    from .training import TrainConfig, Trainer, latest_checkpoint
 
     tcfg = TrainConfig(**cfg["train"])
     comp = CompressionConfig(**cfg["compression"])
@@ -297,6 +298,10 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
     model, tok = prepare_model(cfg["model"], cfg.get("base_adapter"),
                                device=device or ("cuda" if torch.cuda.is_available() else None))
     ccm = CompressedModel.attach(model, comp, tokenizer=tok)
+    if cfg.get("init_adapter") and latest_checkpoint(tcfg.output_dir) is None:
+        # a warm start (same compression config, weights of an earlier run; a resumed run reads its checkpoint)
+        ccm.load_adapter(cfg["init_adapter"])
+        print(f"[ccmem] starting from the weights of {cfg['init_adapter']}")
     train, val, report = build_data(tok, cfg["data"], tcfg.seed)
     out = Path(cfg.get("output") or Path(tcfg.output_dir) / "adapter")
     log = Path(tcfg.output_dir) / "train_log.jsonl"

@@ -250,8 +250,7 @@ class Trainer:
         return self.out / "checkpoints" / f"step_{step:06d}"
 
     def latest_checkpoint(self) -> Path | None:
-        found = sorted((self.out / "checkpoints").glob("step_*/trainer_state.pt"))
-        return found[-1].parent if found else None
+        return latest_checkpoint(self.out)
 
     def save_checkpoint(self) -> Path:
         self.acc.wait_for_everyone()
@@ -288,6 +287,12 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
         return path
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run (a folder under ``output_dir/checkpoints`` with its trainer state)."""
+    found = sorted((Path(output_dir) / "checkpoints").glob("step_*/trainer_state.pt"))
+    return found[-1].parent if found else None
 
 
 class _null:
