@@ -9,12 +9,12 @@ in two calls on one warm machine (it keeps ignored files between calls for about
   python scripts/gpu_pack.py hide     # here: adapters/ and checkpoints/ stop travelling (index + info/exclude)
   run  bash scripts/gpu_train.sh bench    carry [.gpu/a]                                 (throughput, ~4 min;
                                                                                          BENCH_S=0: none)
-  run  bash scripts/gpu_train.sh train    carry [.gpu/b, checkpoints/general-concat]     (training, ~8 min)
+  run  bash scripts/gpu_train.sh train    carry [.gpu/b, checkpoints/general-chat]       (training, ~8 min)
   python scripts/gpu_pack.py unhide   # here, always, right after (restores the index; nothing is lost)
   python scripts/gpu_pack.py land /work/.device/...   # the returned checkpoint replaces the committed one
 
 Issue the second call at once: an idle machine goes back after about 30 s, and .gpu/a with it. Stop any CPU run of
-the same checkpoint (scripts/continue_general.sh) before `hide`; it would write checkpoints/general-concat too.
+the same checkpoint (scripts/continue_general.sh) before `hide`; it would write checkpoints/general-chat too.
 `hide` never touches files: it only removes adapters/ and checkpoints/ from git's index and ignores them;
 `unhide` puts the index back. Commit nothing in between: `unhide` refuses if HEAD moved.
 """
@@ -32,7 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU = ROOT / ".gpu"
-RUN = ROOT / "checkpoints" / "general-concat"
+RECIPE = "configs/general_chat.yaml"  # the general adapter in the chat template (warm-started from general_concat)
+RUN = ROOT / "checkpoints" / "general-chat"
 HIDDEN = ("adapters", "checkpoints")
 MARK = "# gpu_pack hide"
 LIMIT = 64 * 2**20
@@ -61,9 +62,12 @@ def pack(args: argparse.Namespace) -> None:
     a, b = GPU / "a", GPU / "b"
     a.mkdir(parents=True, exist_ok=True)
     b.mkdir(parents=True, exist_ok=True)
-    episodes = b / "general.safetensors.xz"
+    episodes = b / "general_chat.safetensors.xz"
+    if not list((RUN / "checkpoints").glob("step_*/trainer_state.pt")):
+        sys.exit(f"{RUN} holds no checkpoint: the GPU run resumes one (its init_adapter does not travel); train a "
+                 "few steps here first (scripts/continue_general.sh train.max_steps=N) and commit the checkpoint")
     if not episodes.is_file() or args.force:
-        subprocess.run([sys.executable, "-m", "ccmem", "data", "export", "configs/general_concat.yaml", "-o",
+        subprocess.run([sys.executable, "-m", "ccmem", "data", "export", RECIPE, "-o",
                         str(episodes), "--epochs", str(args.epochs)], cwd=ROOT, check=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     for w in WHEELS:
