@@ -45,7 +45,10 @@ def make_press(name: str, budget: int, length: int):
         # evicts the lowest across all layers and heads (head-wise, so the cache keeps its length and the evicted
         # keys are masked). It prunes int(L*H*length*ratio) pairs: the 1e-9 keeps float error from rounding
         # L*H*(length - budget) down by one, so on average exactly `budget` pairs per layer and head stay.
-        return kvpress.KVzipPress(compression_ratio=(length - budget) / length + 1e-9, n_sink=min(4, budget))
+        # Its n_sink first tokens are always kept: a quarter of the budget at most (up to its default 4), so small
+        # budgets are still chosen by score (n_sink = budget = 4 kept exactly the first 4 tokens: recall at d = 1 0.2).
+        return kvpress.KVzipPress(compression_ratio=(length - budget) / length + 1e-9,
+                                  n_sink=max(1, min(4, budget // 4)))
     raise ValueError(f"unknown press {name!r}; known: snapkv, streamingllm, knorm, tova, expected_attention, kvzip")
 
 
