@@ -5,8 +5,8 @@ shipped adapters 41 MiB, and that machine has neither the data sources nor our t
 in two calls on one warm machine (it keeps ignored files between calls for about 30 s of idleness):
 
   python scripts/gpu_pack.py pack     # here: .gpu/a (wheels + GGUF part 1), .gpu/b (GGUF part 2 + the recipe's
-                                      # training episodes, `ccmem data export`, ~15 CPU minutes the first time)
-  python scripts/gpu_pack.py hide     # here: adapters/ and checkpoints/ stop travelling (index + info/exclude)
+                                      # training episodes, `ccmem data export`, ~4 CPU minutes the first time)
+  python scripts/gpu_pack.py hide     # here: adapters/, checkpoints/, benchmarks/results/ stop travelling
   run  bash scripts/gpu_train.sh bench    carry [.gpu/a]                                 (throughput, ~4 min;
                                                                                          BENCH_S=0: none)
   run  bash scripts/gpu_train.sh train    carry [.gpu/b, checkpoints/general-chat]       (training, ~8 min)
@@ -15,7 +15,7 @@ in two calls on one warm machine (it keeps ignored files between calls for about
 
 Issue the second call at once: an idle machine goes back after about 30 s, and .gpu/a with it. Stop any CPU run of
 the same checkpoint (scripts/continue_general.sh) before `hide`; it would write checkpoints/general-chat too.
-`hide` never touches files: it only removes adapters/ and checkpoints/ from git's index and ignores them;
+`hide` never touches files: it only removes those folders from git's index and ignores them;
 `unhide` puts the index back. Commit nothing in between: `unhide` refuses if HEAD moved.
 """
 
@@ -34,11 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 GPU = ROOT / ".gpu"
 RECIPE = "configs/general_chat.yaml"  # the general adapter in the chat template (warm-started from general_concat)
 RUN = ROOT / "checkpoints" / "general-chat"
-HIDDEN = ("adapters", "checkpoints")
+HIDDEN = ("adapters", "checkpoints", "benchmarks/results")  # none is read on the GPU (its benchmark writes anew)
 MARK = "# gpu_pack hide"
 LIMIT = 64 * 2**20
 WHEELS = ("transformers==5.24.0", "gguf==0.19.0")
-EPOCHS = 5
+EPOCHS = 2  # general_chat: 9,588 episodes an epoch, 2.39 MB xz for 2; a third would not fit call b beside the model
 
 
 def _sh(*cmd: str) -> str:
@@ -84,7 +84,7 @@ def pack(args: argparse.Namespace) -> None:
     room_a = LIMIT - 2 * 2**20 - base - sum(_size(w) for w in a.glob("*.whl"))
     room_b = LIMIT - 2 * 2**20 - base - _size(episodes) - _size(RUN)
     if min(room_a, room_b) < 0 or room_a + room_b < len(gguf):
-        sys.exit(f"the model does not fit in two calls: the tree without adapters/ and checkpoints/ is "
+        sys.exit(f"the model does not fit in two calls: the tree without {', '.join(HIDDEN)} is "
                  f"{base / 2**20:.1f} MiB; move large files out of it (or ignore them) and pack again")
     cut = min(len(gguf) - 1, room_a)
     (a / "gguf.part").write_bytes(gguf[:cut])
@@ -93,7 +93,7 @@ def pack(args: argparse.Namespace) -> None:
     call_a = base + _size(a)
     call_b = base + _size(b) + _size(RUN)
     print(f"call a: {call_a / 2**20:.1f} MiB, call b: {call_b / 2**20:.1f} MiB (limit 64 MiB each; "
-          f"the tree without adapters/ and checkpoints/ is {base / 2**20:.1f} MiB)")
+          f"the tree without {', '.join(HIDDEN)} is {base / 2**20:.1f} MiB)")
     if max(call_a, call_b) > LIMIT:
         sys.exit("too large for the device calls: export fewer epochs (--epochs) or shrink the tree")
 
@@ -112,14 +112,14 @@ def hide(_: argparse.Namespace) -> None:
         print("already hidden")
         return
     if _sh("git", "status", "--porcelain", "--", *HIDDEN).strip():
-        sys.exit("adapters/ or checkpoints/ have uncommitted changes: commit them first")
+        sys.exit(f"{', '.join(HIDDEN)} have uncommitted changes: commit them first")
     ex = _exclude()
     ex.parent.mkdir(parents=True, exist_ok=True)
     head = _sh("git", "rev-parse", "HEAD").strip()
     with ex.open("a") as f:
         f.write(f"\n{MARK} {head}\n" + "".join(f"/{h}/\n" for h in HIDDEN) + f"{MARK} end\n")
     _sh("git", "rm", "-r", "-q", "--cached", *HIDDEN)
-    print(f"hidden: adapters/ and checkpoints/ do not travel; tree now {_tree_size() / 2**20:.1f} MiB. "
+    print(f"hidden: {', '.join(HIDDEN)} do not travel; tree now {_tree_size() / 2**20:.1f} MiB. "
           "Run `python scripts/gpu_pack.py unhide` after the device calls.")
 
 
@@ -130,12 +130,12 @@ def unhide(_: argparse.Namespace) -> None:
         start = text.index(MARK)
         head = text[start:].split("\n", 1)[0].split()[-1]
         if head != _sh("git", "rev-parse", "HEAD").strip():
-            sys.exit(f"a commit was made while adapters/ and checkpoints/ were hidden: it records them as deleted. "
+            sys.exit(f"a commit was made while {', '.join(HIDDEN)} were hidden: it records them as deleted. "
                      f"Undo it with `git reset --soft {head}` (your changes stay staged), then run unhide again")
         end = text.index(f"{MARK} end\n", start) + len(f"{MARK} end\n")
         ex.write_text(text[:start].rstrip("\n") + "\n" + text[end:])
     _sh("git", "reset", "-q", "--", *HIDDEN)
-    print("adapters/ and checkpoints/ are tracked again:")
+    print(f"{', '.join(HIDDEN)} are tracked again:")
     print(_sh("git", "status", "--short", "--", *HIDDEN) or "(unchanged)")
 
 
