@@ -58,12 +58,13 @@ def _tree_size() -> int:
 def pack(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT / "src"))
     from ccmem.models import GGUF_FILE, smollm2_gguf_folder
+    from ccmem.training import latest_checkpoint
 
     a, b = GPU / "a", GPU / "b"
     a.mkdir(parents=True, exist_ok=True)
     b.mkdir(parents=True, exist_ok=True)
     episodes = b / "general_chat.safetensors.xz"
-    if not list((RUN / "checkpoints").glob("step_*/trainer_state.pt")):
+    if latest_checkpoint(RUN) is None:
         sys.exit(f"{RUN} holds no checkpoint: the GPU run resumes one (its init_adapter does not travel); train a "
                  "few steps here first (scripts/continue_general.sh train.max_steps=N) and commit the checkpoint")
     if not episodes.is_file() or args.force:

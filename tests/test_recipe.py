@@ -162,8 +162,8 @@ def test_general_recipe_runs_and_resumes(tmp_path, tiny_folder):
 
 def test_chat_general_recipe_warm_starts_from_an_adapter(tmp_path, tiny_folder):
     """configs/general_chat.yaml: its four-part mix (template chit-chat and recall, ICL, KJV text) trains, and
-    `init_adapter` starts the run from another adapter's weights (0 steps: the output is that adapter exactly); an
-    adapter of another compression config is refused before any data is built; a resumed run ignores init_adapter."""
+    `init_adapter` starts the run from another adapter's weights; an adapter of another compression config is refused
+    before any data is built; a resumed run ignores init_adapter."""
     from safetensors.torch import load_file
 
     from ccmem import CompressionConfig
@@ -177,9 +177,13 @@ def test_chat_general_recipe_warm_starts_from_an_adapter(tmp_path, tiny_folder):
             p.normal_(0, 0.02)
     start.save_pretrained(tmp_path / "start")
     common = [f"model={tiny_folder}", "train.grad_accum=1", "train.save_every=1", f"output={tmp_path}/chat"]
-    with pytest.raises(IncompatibleError, match="n_tok"):
-        main(["train", "configs/general_chat.yaml", *common, "train.max_steps=0", "compression.n_tok=1",
-              f"train.output_dir={tmp_path}/c1", f"init_adapter={tmp_path}/start", "--device", "cpu"])
+    import ccmem.recipe
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ccmem.recipe, "build_data", lambda *a: pytest.fail("data built before the refusal"))
+        with pytest.raises(IncompatibleError, match="n_tok"):
+            main(["train", "configs/general_chat.yaml", *common, "train.max_steps=0", "compression.n_tok=1",
+                  f"train.output_dir={tmp_path}/c1", f"init_adapter={tmp_path}/start", "--device", "cpu"])
     assert not (tmp_path / "chat").exists()
     # one Adam step moves each weight by about its lr (1e-3; the gates 1e-2): the run starts from the given weights,
     # not a fresh init (LoRA B = 0, about 0.08 away from these at the largest); then a resume whose init_adapter

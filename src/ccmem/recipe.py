@@ -72,6 +72,19 @@ def dialog_format(tok: Any, data_cfg: dict) -> Any:
     return FORMATS[name](tok)
 
 
+def adapter_dialog_format(path: str | Path) -> str | None:
+    """The dialog format an adapter was trained on, from the ``recipe.yaml`` beside its weights: ``template`` when
+    every dialog part (chit-chat, recall) of its data used the chat template, ``plain`` when any used ``A: / B:``
+    lines, None when the folder holds no recipe or no dialog data."""
+    f = Path(path) / "recipe.yaml"
+    if not f.is_file():
+        return None
+    data = (yaml.safe_load(f.read_text()) or {}).get("data") or {}
+    parts = data.get("parts") or [data]
+    found = {p.get("format", "plain") for p in parts if p.get("source") in ("chitchat", "recall")}
+    return None if not found else "template" if found == {"template"} else "plain"
+
+
 def chitchat_splits(tok: Any, data_cfg: dict) -> tuple[dict, Any]:
     from .data import DialogFormat, load_chitchat, split_dialogs
 

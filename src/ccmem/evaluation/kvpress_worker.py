@@ -16,6 +16,8 @@ every query + target is read on top of the compressed cache with positions conti
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import json
 import sys
 
@@ -52,27 +54,22 @@ def make_press(name: str, budget: int, length: int):
     raise ValueError(f"unknown press {name!r}; known: snapkv, streamingllm, knorm, tova, expected_attention, kvzip")
 
 
-_SINK_KEPT: dict = {}
-
-
+@functools.cache
 def _sink_kept(press_cls: type) -> type:
     """``press_cls`` whose scores rank the first ``n_sink`` tokens (the attention sink) above every other token, so a
     scorer press keeps them whatever its pooling did to their score (StreamingLLM and KVzip keep sinks the same way)."""
-    if press_cls not in _SINK_KEPT:
-        import dataclasses
 
-        @dataclasses.dataclass
-        class SinkKept(press_cls):
-            n_sink: int = 1
+    @dataclasses.dataclass
+    class SinkKept(press_cls):
+        n_sink: int = 1
 
-            def score(self, *args, **kwargs):
-                scores = super().score(*args, **kwargs)
-                scores[..., :self.n_sink] = scores.max() + 1
-                return scores
+        def score(self, *args, **kwargs):
+            scores = super().score(*args, **kwargs)
+            scores[..., :self.n_sink] = scores.max() + 1
+            return scores
 
-        SinkKept.__name__ = SinkKept.__qualname__ = f"SinkKept{press_cls.__name__}"
-        _SINK_KEPT[press_cls] = SinkKept
-    return _SINK_KEPT[press_cls]
+    SinkKept.__name__ = SinkKept.__qualname__ = f"SinkKept{press_cls.__name__}"
+    return SinkKept
 
 
 def _layers(model) -> list:

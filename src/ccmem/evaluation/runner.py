@@ -370,21 +370,6 @@ SUITES: dict[str, dict[str, Any]] = {
 FRONTIER_TS = {"chitchat": (8, 12), "icl": (8, 16), "recall": (8, 16)}
 
 
-def adapter_dialog_format(path: str | Path) -> str | None:
-    """The dialog format an adapter was trained on, from the ``recipe.yaml`` beside its weights: ``template`` when
-    every dialog part (chit-chat, recall) of its data used the chat template, ``plain`` when any used ``A: / B:``
-    lines, None when the folder holds no recipe or no dialog data."""
-    import yaml
-
-    f = Path(path) / "recipe.yaml"
-    if not f.is_file():
-        return None
-    data = (yaml.safe_load(f.read_text()) or {}).get("data") or {}
-    parts = data.get("parts") or [data]
-    found = {p.get("format", "plain") for p in parts if p.get("source") in ("chitchat", "recall")}
-    return None if not found else "template" if found == {"template"} else "plain"
-
-
 def build_suite(suite: str, tok: Any, limit: int | None, ts: list[int] | None, format: str = "plain") -> Suite:
     """A named suite on ``tok`` (``limit``: dialogs, items per task or facts per distance; ``format``: how the
     dialog suites render turns, ``plain`` or ``template``)."""
@@ -409,8 +394,9 @@ def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str 
     JSON / markdown / PNG reports. Missing adapters are listed in the report's notes, never silently dropped.
     ``frontier``: every method at several KV budgets instead (:mod:`.frontier`), at the suite's frontier steps.
     ``format``: how the dialog suites render turns; ``auto`` takes the format the adapters were trained on
-    (:func:`adapter_dialog_format`; ``plain`` when none says), so an adapter is scored on the text it was made for."""
+    (:func:`ccmem.recipe.adapter_dialog_format`; ``plain`` when none says), so an adapter is scored on its own text."""
     from ..models import load_tokenizer
+    from ..recipe import adapter_dialog_format
 
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; known: {sorted(SUITES)}")
