@@ -184,6 +184,24 @@ def test_kvpress_snapkv_keeps_the_sink_at_tiny_budgets(tmp_path, budget):
     assert all(out["sink_kept"]), out
 
 
+@pytest.mark.skipif(default_kvpress_python() is None, reason="needs the kvpress environment (make kvpress-env)")
+def test_kvzip_sinks_leave_most_of_a_small_budget_to_its_scores():
+    """KVzip always keeps its n_sink first tokens; with n_sink = min(4, budget) a 4-slot budget kept exactly the first
+    4 tokens of the context (recall at d = 1: 0.2, below no context). At most a quarter of the budget is sinks now."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    import ccmem.evaluation.runner as runner
+
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from kvpress_worker import make_press; "
+            "print(json.dumps({b: make_press('kvzip', b, 100).n_sink for b in (1, 2, 4, 8, 16, 64)}))")
+    r = subprocess.run([default_kvpress_python(), "-c", code, str(Path(runner.__file__).parent)],
+                       capture_output=True, text=True, check=True)
+    sinks = {int(b): n for b, n in json.loads(r.stdout.strip().splitlines()[-1]).items()}
+    assert sinks == {1: 1, 2: 1, 4: 1, 8: 2, 16: 4, 64: 4}
+
+
 def word_tokenizer():
     """A word-level tokenizer whose ids fit the tiny models' 128-token vocabulary (KVzip tokenizes a prompt)."""
     from tokenizers import Tokenizer, models, pre_tokenizers

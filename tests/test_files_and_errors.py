@@ -218,6 +218,28 @@ def test_from_pretrained_twice_folds_stage1_once(tmp_path):
     assert all(torch.equal(w, w3[k]) for k, w in w2.items())
 
 
+def test_stage2_that_does_not_fit_is_refused_before_stage1_is_folded(tmp_path):
+    """The stage-1 fold changes the caller's model for good, so a stage-2 file whose tensors do not fit (well formed,
+    checksummed, one tensor missing) is refused before it: the base weights stay as loaded, nothing stays attached."""
+    from ccmem.model import ADAPTER_FILE
+
+    ad = two_stage_adapter(tmp_path / "a", seed=5)
+    tensors, header = io.load_checked(ad / ADAPTER_FILE)
+    dropped = sorted(tensors)[0]
+    io.save_checked(ad / ADAPTER_FILE, {k: v for k, v in tensors.items() if k != dropped}, header)
+    model = tiny_model("llama")
+    before = base_weights(model)
+    with pytest.raises(IncompatibleError, match="missing"):
+        CompressedModel.from_pretrained(ad, model)
+    after = base_weights(model)
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not hasattr(model.config, "ccmem_stage1")
+    io.save_checked(ad / ADAPTER_FILE, tensors, header)  # mended, the same model takes it: fold and attach
+    CompressedModel.from_pretrained(ad, model)
+    assert not torch.equal(base_weights(model)["model.layers.0.self_attn.q_proj.weight"],
+                           before["model.layers.0.self_attn.q_proj.weight"])
+
+
 def test_adapter_with_other_config_is_refused(tmp_path):
     tiny_ccm("llama", n_tok=2).save_pretrained(tmp_path)
     other = tiny_ccm("llama", n_tok=3)

@@ -333,6 +333,11 @@ class CompressedModel:
         check_fingerprint(model_fingerprint(model), header["base"], f"adapter {path_or_id}")
         stage1 = cls._stage1(path_or_id, revision)
         if stage1 is not None:  # two-stage recipe: fold the full-context LoRA into the base weights first
+            probe = cls.attach(model, config)  # but only once the stage-2 tensors are known to fit: the fold is
+            try:  # for good, and a refusal after it would leave the caller's model changed
+                probe._check_tensors(tensors, str(path_or_id))
+            finally:
+                probe.detach(remove_weights=True)
             fold_stage1(model, stage1)
         self = cls.attach(model, config, tokenizer, attn_implementation)
         try:
@@ -351,6 +356,12 @@ class CompressedModel:
 
     @torch.no_grad()
     def _load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        params = self._check_tensors(tensors, where)
+        for k, p in params.items():
+            p.copy_(tensors[k].to(p.dtype))
+
+    def _check_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> dict[str, nn.Parameter]:
+        """The trainable parameters, once ``tensors`` are known to hold each of them in its shape (else refused)."""
         params = self.trainable_named_parameters()
         missing, unexpected = set(params) - set(tensors), set(tensors) - set(params)
         if missing or unexpected:
@@ -363,8 +374,7 @@ class CompressedModel:
                 raise IncompatibleError(
                     f"adapter {where}: {k} has shape {tuple(tensors[k].shape)}, model needs {tuple(p.shape)}"
                 )
-        for k, p in params.items():
-            p.copy_(tensors[k].to(p.dtype))
+        return params
 
     def session(self, batch_size: int = 1, grad: bool = False):
         """A fresh online :class:`~ccmem.session.Session` (empty memory) on this model."""
