@@ -263,13 +263,21 @@ def test_raw_context_refused_by_a_merge_memory():
 
 
 def test_frontier_points_at_every_budget(adapters, tmp_path, monkeypatch):
+    import ccmem.evaluation.runner as runner
     from ccmem.evaluation.frontier import frontier
     from ccmem.evaluation.frontier import write as write_frontier
 
     monkeypatch.setenv("CCMEM_CACHE", str(tmp_path / "cache"))
     cfg = EvalConfig(adapters={"ccm_concat": adapters["ccm_concat"], "ccm_merge": adapters["ccm_merge"]},
                      presses=(), check=0, batch_size=4, bootstrap=50)
+    scored = []  # (method, contexts) per scoring call: no and full context, which no budget changes, are scored once
+    for fn in ("score_online", "score_parallel"):
+        real = getattr(runner, fn)
+        monkeypatch.setattr(runner, fn, lambda m, ccm, g, *a, _real=real, **kw: (
+            scored.append((m.name, len(g[0].chunks))), _real(m, ccm, g, *a, **kw))[1])
     res = frontier(TinySuite(), cfg, per_step=(1, 3), load_model=lambda: tiny_model(seed=0), progress=False)
+    assert sorted(c for m, c in scored if m == "full") == [1, 2, 4]
+    assert sorted(c for m, c in scored if m == "window") == [1, 1, 2, 2, 4, 4]
     by = {(p["t"], p["method"], p["per_step"]): p for p in res["points"]}
     for t in (1, 2, 4):
         for k in (1, 3):  # the training-free methods at k slots per step

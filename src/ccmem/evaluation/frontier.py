@@ -25,8 +25,9 @@ def frontier(suite: Suite, cfg: EvalConfig, per_step: tuple[int, ...] = (1, 2, 4
     if cfg.adapters:
         runs.append((None, replace(cfg, training_free=(), presses=())))
     notes: list[str] = []
+    memo: dict = {}  # no context and full context do not depend on the budget: scored in the first run only
     for k, c in runs:
-        res = evaluate(suite, c, load_model=load_model, progress=progress, tokenizer=tokenizer)
+        res = evaluate(suite, c, load_model=load_model, progress=progress, tokenizer=tokenizer, reference_memo=memo)
         notes += res["notes"]
         for r in res["rows"]:
             if r["method"] in ("none", "full"):
