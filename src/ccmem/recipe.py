@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -98,19 +99,34 @@ def chitchat_splits(tok: Any, data_cfg: dict) -> tuple[dict, Any]:
 
 
 def text_data(tok: Any, d: dict, seed: int):
-    """Streaming-adapter data: episodes cut from a long text (``path``: a PG-19-style file/folder, or ``kjv:old``)."""
+    """Streaming-adapter data: episodes cut from long text. ``path``: one text or a list of them, each a name
+    (``kjv:old``, ``devil``, ``pydocs``, ``chitchat:train``: :data:`ccmem.data.text.TEXTS`) or a PG-19-style
+    file/folder. A list splits the episodes evenly over its texts, so a short text weighs as much as a long one; the
+    last 2 % of every text is held out for validation."""
     from collections import Counter
 
-    from .data.text import kjv_text, read_books, stream_episodes
+    from .data.text import named_text, stream_episodes
 
-    path = d.get("path", "kjv:old")
-    text = kjv_text(path.split(":", 1)[1]) if path.startswith("kjv") else "\n".join(read_books(path))
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    cut = int(len(ids) * 0.98)  # the last 2% of the training text is held out for validation
+    paths = d.get("path", "kjv:old")
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    if not paths:
+        raise ValueError("data.path names no text: give a text name or file, or a list of them")
     kw = {k: d[k] for k in ("steps", "chunk", "window", "target") if k in d}
-    train = stream_episodes(ids[:cut], d.get("train_episodes", 20000), seed=seed, **kw)
-    val = stream_episodes(ids[cut:], d.get("eval_episodes", 32), seed=seed + 1, **kw)
-    return train, val, Counter({"text tokens": len(ids)})
+    n_train, n_val = d.get("train_episodes", 20000), d.get("eval_episodes", 32)
+    train, val, report = [], [], Counter()
+    for i, path in enumerate(paths):
+        ids = tok(named_text(path), add_special_tokens=False)["input_ids"]
+        cut = int(len(ids) * 0.98)
+        share_train = n_train // len(paths) + (i < n_train % len(paths))
+        share_val = n_val // len(paths) + (i < n_val % len(paths))
+        train += stream_episodes(ids[:cut], share_train, seed=seed + 2 * i, **kw)
+        val += stream_episodes(ids[cut:], share_val, seed=seed + 2 * i + 1, **kw)
+        report["text tokens"] += len(ids)
+        if len(paths) > 1:
+            report[f"text tokens {path}"] = len(ids)
+    if len(paths) > 1:
+        random.Random(seed).shuffle(train)
+    return train, val, report
 
 
 def icl_data(tok: Any, d: dict, seed: int):

@@ -229,12 +229,11 @@ def stream_all(ccm, tokens: Sequence[int], config: StreamConfig | None = None, p
 
 
 def load_stream_tokens(tok, text: str = "kjv:new", start: int = 9000, length: int = 16000) -> list[int]:
-    """Tokens [start, start + length) of a text (``kjv:all|old|new`` or a PG-19-style file/folder)."""
-    from .data.text import kjv_text, read_books
+    """Tokens [start, start + length) of a text (a name such as ``kjv:new`` or ``devil``, see
+    :func:`ccmem.data.text.named_text`, or a PG-19-style file/folder)."""
+    from .data.text import named_text
 
-    body = kjv_text(text.split(":", 1)[1] if ":" in text else "all") if text.startswith("kjv") else \
-        "\n".join(read_books(text))
-    ids = tok(body, add_special_tokens=False)["input_ids"]
+    ids = tok(named_text(text), add_special_tokens=False)["input_ids"]
     if len(ids) < start + length:
         start = max(0, len(ids) - length)
     return ids[start:start + length]
