@@ -14,6 +14,6 @@ name=${3:-general}
 for suite in ${2:-chitchat recall icl}; do
   limit=40
   [ "$suite" = icl ] && limit=100
-  $PY -m ccmem eval --suite "$suite" --adapter ccm_concat="$adapter" --base-adapter none --limit $limit \
+  $PY -m ccmem eval --suite "$suite" --adapter ccm_concat="$adapter" --base-adapter none --limit $limit --control \
     --name "eval_${suite}_${name}"
 done

@@ -98,6 +98,46 @@ def test_every_method_runs_and_modes_agree(adapters, mode, tmp_path, monkeypatch
     assert rerender(paths[0])[1].read_text() == md
 
 
+def test_other_context_rotates_contexts_of_equal_length():
+    from ccmem.evaluation.runner import other_context
+
+    groups = [Group(f"g{i}", [[i]] * n, [Query([i], [[1]], 0)]) for i, n in enumerate([2, 3, 2, 2, 1])]
+    rot = other_context(groups)
+    assert [g.id for g in rot] == [g.id for g in groups] and [g.queries for g in rot] == [g.queries for g in groups]
+    assert [g.chunks for g in rot] == [[[2]] * 2, [[1]] * 3, [[3]] * 2, [[0]] * 2, [[4]]]  # 0->2->3->0; alone: own
+
+
+def test_control_scores_the_adapter_on_another_context(adapters, tmp_path, monkeypatch):
+    """--control: each CCM adapter once more on the memory of another context; a row of its own, kind control,
+    never a competitor in the margins, and exactly the adapter scored on the rotated groups."""
+    import ccmem.evaluation.runner as runner
+    from ccmem import CompressedModel
+    from ccmem.evaluation.methods import trained
+    from ccmem.evaluation.runner import other_context
+
+    monkeypatch.setenv("CCMEM_CACHE", str(tmp_path / "cache"))
+    cfg = EvalConfig(adapters={"ccm_concat": adapters["ccm_concat"]}, presses=(), check=0, batch_size=4,
+                     bootstrap=0, control=True, mode="online")
+    read = {}  # (method, t) -> the contexts it was scored on
+    real = runner.score_online
+    monkeypatch.setattr(runner, "score_online", lambda m, ccm, g, *a, **kw: (
+        read.setdefault((m.name, len(g[0].chunks)), [x.chunks for x in g]), real(m, ccm, g, *a, **kw))[1])
+    res = evaluate(TinySuite(), cfg, load_model=lambda: tiny_model(seed=0), progress=False)
+    for t in (1, 2, 4):
+        assert read[("ccm_concat_other", t)] == [x.chunks for x in other_context(TinySuite().groups(t))]
+        assert read[("ccm_concat_other", t)] != read[("ccm_concat", t)] == [x.chunks for x in TinySuite().groups(t)]
+    kinds = {m["name"]: m["kind"] for m in res["methods"]}
+    assert kinds["ccm_concat_other"] == "control"
+    assert all(m["best_other"] != "ccm_concat_other" for m in res["margins"])
+    by = {(r["t"], r["method"]): r for r in res["rows"]}
+    ccm = CompressedModel.from_pretrained(adapters["ccm_concat"], tiny_model(seed=0))
+    g = TinySuite().groups(4)
+    want = TinySuite().aggregate(g, score_online(trained("ccm_concat", adapters["ccm_concat"]), ccm,
+                                                 other_context(g), 8), None)
+    assert by[(4, "ccm_concat_other")]["acc_norm"] == pytest.approx(want["acc_norm"])
+    assert by[(4, "ccm_concat_other")]["kv_slots"] == by[(4, "ccm_concat")]["kv_slots"]
+
+
 def test_gisting_online_differs_from_gisting(adapters):
     """Same adapter, two layouts: the whole history in one group vs each chunk alone."""
     from ccmem import CompressedModel

@@ -21,9 +21,9 @@ def frontier(suite: Suite, cfg: EvalConfig, per_step: tuple[int, ...] = (1, 2, 4
              load_model: Any = None, progress: bool = True) -> dict[str, Any]:
     points: list[dict[str, Any]] = []
     refs: list[dict[str, Any]] = []
-    runs = [(k, replace(cfg, n_tok=k, adapters={}, peers={})) for k in per_step]
+    runs = [(k, replace(cfg, n_tok=k, adapters={}, peers={}, control=False)) for k in per_step]
     if cfg.adapters:
-        runs.append((None, replace(cfg, training_free=(), presses=())))
+        runs.append((None, replace(cfg, training_free=(), presses=(), control=False)))
     notes: list[str] = []
     memo: dict = {}  # no context and full context do not depend on the budget: scored in the first run only
     for k, c in runs:

@@ -42,8 +42,8 @@ def variant_view(ccm: Any, variant: str | None) -> Iterator[Any]:
 
 @dataclass
 class Method:
-    """One row of the comparison. ``kind``: reference (no/full context), trained (needs an adapter) or
-    training-free (a KV budget policy)."""
+    """One row of the comparison. ``kind``: reference (no/full context), trained (needs an adapter),
+    training-free (a KV budget policy) or control (a trained adapter on another context; ``peer`` names it)."""
 
     name: str
     label: str
@@ -198,6 +198,15 @@ def trained(name: str, adapter: str, peer: str = "ccm_concat") -> Method:
     tail = CompressedModel.read_adapter(adapter)[1]["compression"].get("raw_tail", 0)
     return Compressed(name, label, "trained", adapter, peer, variant="concat" if base == "gist_online" else None,
                       raw_tail=tail)
+
+
+def control(m: Method) -> Method:
+    """The control row of a trained compressor: the same adapter and layout, scored with the memory of another
+    context (``runner.other_context``), so what its memory holds of the right context shows apart from its prior."""
+    if not isinstance(m, Compressed):
+        raise ValueError(f"no control for {m.name!r}: only a compressor read chunk by chunk has one")
+    return Compressed(f"{m.name}_other", f"{m.label} on another context (control)", "control", m.adapter, m.name,
+                      variant=m.variant, raw_tail=m.raw_tail)
 
 
 def press(name: str) -> Method:

@@ -113,7 +113,7 @@ def plot(path: Path, rows: list[dict], methods: list[dict], metric: str, ts: lis
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(14, 5.5))
-    styles = {"reference": ":", "trained": "-", "training-free": "--"}
+    styles = {"reference": ":", "trained": "-", "training-free": "--", "control": "-."}
     colors = plt.get_cmap("tab20").colors
     for i, m in enumerate(methods):  # one colour per method, the same in both panels
         mr = sorted((r for r in rows if r["method"] == m["name"] and r.get(metric) is not None),

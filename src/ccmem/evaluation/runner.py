@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..data.episode import Episode
 from .core import bytes_per_slot, option_logliks
-from .methods import Method, NoContext, Press, flat, variant_view
+from .methods import Method, NoContext, Press, control, flat, variant_view
 from .suites import Group, Scores, Suite
 
 
@@ -45,6 +45,7 @@ class EvalConfig:
     generate: bool = True  # suites that can (recall) also score greedy replies by exact match
     bootstrap: int = 1000  # paired bootstrap replicates for the 95 % intervals (0: none)
     bootstrap_seed: int = 0
+    control: bool = False  # also score each CCM adapter with another context's memory (see other_context)
 
 
 def methods_for(cfg: EvalConfig) -> list[Method]:
@@ -170,12 +171,15 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
         return prepare_model(cfg.model, cfg.base_adapter if stage1 else None, device=cfg.device)[0]
 
     methods = methods_for(cfg)
+    if cfg.control:  # every CCM adapter once more, on another context's memory (other_context)
+        methods += [control(m) for m in list(methods) if m.kind == "trained" and m.name.startswith("ccm_")]
     for name, path in cfg.adapters.items():
         if name == "ccm_concat":  # the training-free budget follows CCM-concat's n_tok
             _, header = CompressedModel.read_adapter(path)
             cfg.n_tok = header["compression"]["n_tok"]
     ts = list(suite.ts)
     groups = {t: suite.groups(t) for t in ts}
+    other = {t: other_context(groups[t]) for t in ts} if cfg.control else {}
     budgets = {t: cfg.n_tok * suite.steps(t) for t in ts}
     mode = cfg.mode if cfg.mode != "auto" else (
         "parallel" if all(len(g.queries) == 1 for g in groups[ts[0]]) else "online")
@@ -186,7 +190,7 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
 
     def run_method(m: Method, ccm: Any) -> None:
         for t in tqdm(ts, desc=m.name, disable=not progress):
-            g, b = groups[t], budgets[t]
+            g, b = (other[t] if m.kind == "control" else groups[t]), budgets[t]
             if reference_memo is not None and m.kind == "reference" and (m.name, t) in reference_memo:
                 scores[(m.name, t)], hits = reference_memo[(m.name, t)]
                 if hits is not None:
@@ -246,6 +250,9 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
             continue
         ccm = CompressedModel.from_pretrained(m.adapter, fresh(stage1=False))
         run_method(m, ccm)
+        for c in methods:
+            if c.kind == "control" and c.adapter == m.adapter and c.peer == m.name:
+                run_method(c, ccm)
         del ccm
 
     # rows
@@ -275,6 +282,21 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
             "methods": [{"name": m.name, "label": m.label, "kind": m.kind, "adapter": m.adapter,
                          "peer": m.peer if m.kind == "trained" else None} for m in methods],
             "bytes_per_slot": per_slot, "config": {**asdict(cfg), **suite.describe(), "ts": ts}}
+
+
+def other_context(groups: list[Group]) -> list[Group]:
+    """The control's groups: each keeps its queries but reads the context of the next group with as many chunks
+    (rotated in a fixed order). A trained memory can help a query two ways: by what it holds of this context, or by
+    a prior it learned (the reply's format, the domain) that any context gives; scored on another context, only the
+    prior is left, so the adapter's own row minus this one is what its memory of the context is worth."""
+    by_len: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_len.setdefault(len(g.chunks), []).append(i)
+    source = list(range(len(groups)))
+    for idx in by_len.values():
+        for a, b in zip(idx, idx[1:] + idx[:1]):
+            source[a] = b
+    return [Group(g.id, groups[j].chunks, g.queries, g.calibration) for g, j in zip(groups, source)]
 
 
 def _same_queries(a: list[Group], b: list[Group]) -> bool:
@@ -310,8 +332,8 @@ def _margins(rows: list[dict], methods: list[Method], metric: str, higher: bool)
             pr = by[(t, p)]
             best = None
             for m in methods:
-                if m.name in peers or m.name == "full":
-                    continue
+                if m.name in peers or m.name == "full" or m.kind == "control":
+                    continue  # a control is no competitor: it is the adapter itself on another context
                 if m.kind == "trained" and m.peer != p:
                     continue
                 if m.kind != "trained" and p != "ccm_concat" and "ccm_concat" in peers:
