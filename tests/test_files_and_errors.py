@@ -376,3 +376,15 @@ def test_shipped_adapters_are_found_or_named(tmp_path, monkeypatch):
     assert (default_adapter("concat") / "adapter.safetensors").is_file()  # from the checkout
     monkeypatch.setenv("CCMEM_ADAPTERS", str(tmp_path))
     assert adapters_dir() == tmp_path and default_adapter("merge") == tmp_path / "chitchat-merge"
+
+
+def test_chat_prefers_the_general_adapter(tmp_path, monkeypatch):
+    """chat and serve load the general adapter (trained in the chat template) for concat once it exists; the
+    chit-chat one before that and for merge."""
+    from ccmem.demo import chat_adapter
+
+    monkeypatch.setenv("CCMEM_ADAPTERS", str(tmp_path))
+    assert chat_adapter("concat") == tmp_path / "chitchat-concat"
+    tiny_ccm("llama").save_pretrained(tmp_path / "general-chat")
+    assert chat_adapter("concat") == tmp_path / "general-chat" and chat_adapter() == tmp_path / "general-chat"
+    assert chat_adapter("merge") == tmp_path / "chitchat-merge"

@@ -86,19 +86,25 @@ def test_chat_in_a_real_terminal(tmp_path):
     pexpect = pytest.importorskip("pexpect")
     p = pexpect.spawn(sys.executable, ["-m", "ccmem", "chat"], encoding="utf-8", timeout=180, cwd=str(tmp_path),
                       dimensions=(40, 200))
+    from ccmem import CompressedModel
+    from ccmem.demo import chat_adapter
+
+    comp = CompressedModel.read_adapter(chat_adapter())[1]["compression"]  # the default: 2 turns of n_tok + a sink
+    n = 2 * comp["n_tok"] + int(comp.get("sink", False))
     p.expect("you> ")
     p.sendline("Hi! I just got back from a hiking trip in Colorado.")
-    p.expect(r"bot> (.*)\r\n\[compress 2 turns, (\d+) tokens -> 4 slots \(memory key/value size = 4, 180 KiB\)\]")
+    p.expect(rf"bot> (.*)\r\n\[compress 2 turns, (\d+) tokens -> {n} slots "
+             rf"\(memory key/value size = {n}, {45 * n} KiB\)\]")
     p.expect("you> ")
     p.sendline("/stats")
-    p.expect(r"2 turns compressed \((\d+) tokens\) into 4 slots")
+    p.expect(rf"2 turns compressed \((\d+) tokens\) into {n} slots")
     p.expect("you> ")
     p.sendline("/save mem.safetensors")
-    p.expect("saved 4 slots")
+    p.expect(f"saved {n} slots")
     p.sendline("/reset")
     p.expect("memory cleared")
     p.sendline("/load mem.safetensors")
-    p.expect("loaded 4 slots")
+    p.expect(f"loaded {n} slots")
     p.sendline("/load missing.safetensors")
     p.expect("could not load missing.safetensors")
     p.sendline("/variant merge")
@@ -112,6 +118,6 @@ def test_chat_in_a_real_terminal(tmp_path):
                       cwd=str(tmp_path), dimensions=(40, 200))
     p.expect(r"ready \(concat, A: / B: lines\)")
     p.sendline("Hi! I just got back from a hiking trip in Colorado.")
-    p.expect(r"bot> (.*)\r\n\[compress (\d+) -> 2, (\d+) -> 2 tokens \(memory key/value size = 4, 180 KiB\)\]")
+    p.expect(rf"bot> (.*)\r\n\[compress (\d+) -> 2, (\d+) -> 2 tokens \(memory key/value size = {n}, {45 * n} KiB\)\]")
     p.sendline("/quit")
     p.expect(pexpect.EOF)

@@ -1,8 +1,7 @@
 """``ccmem chat``: talk to the default model with compressed memory. Each turn (yours and the model's) is
 compressed into n slots after it is answered; commands start with a slash (/help). Turns are rendered with the
-tokenizer's chat template (ChatML for SmolLM2; measured on 24 chit-chat validation dialogs at t = 6, the shipped
-chit-chat adapter recovers 55 % of the no -> full context perplexity gap with the template and 46 % with the
-``A: / B:`` lines it was trained on); ``--plain`` uses the ``A: / B:`` lines."""
+tokenizer's chat template (ChatML for SmolLM2), the format the default adapter (``adapters/general-chat``,
+:func:`ccmem.demo.chat_adapter`) was trained on; ``--plain`` uses ``A: / B:`` lines."""
 
 from __future__ import annotations
 
@@ -20,12 +19,12 @@ HELP = """commands:
 class Chat:
     def __init__(self, variant: str = "concat", adapter: str | None = None, device: str | None = None,
                  max_new_tokens: int = 48, template: bool = True):
-        from .demo import default_adapter, stop_ids
+        from .demo import chat_adapter, stop_ids
         from .memory import bytes_per_slot
         from .model import CompressedModel
         from .models import load_model
 
-        self._load = lambda v: CompressedModel.from_pretrained(adapter or default_adapter(v),
+        self._load = lambda v: CompressedModel.from_pretrained(adapter or chat_adapter(v),
                                                                *load_model(device=device))
         self.models: dict = {}
         self.variant = variant

@@ -32,7 +32,18 @@ def adapters_dir() -> Path:
 
 
 def default_adapter(variant: str) -> Path:
+    """The shipped chit-chat adapter of a variant (the demo's, trained on plain ``A: / B:`` dialog lines)."""
     return adapters_dir() / f"chitchat-{variant}"
+
+
+def chat_adapter(variant: str = "concat") -> Path:
+    """What ``ccmem chat`` and ``ccmem serve`` load by default: for concat the general adapter, trained in the chat
+    template they render (``adapters/general-chat``; see the README for its measurements), where it exists; the
+    chit-chat adapter otherwise and for merge, which has no general adapter yet."""
+    general = adapters_dir() / "general-chat"
+    if variant == "concat" and (general / "adapter.safetensors").is_file():
+        return general
+    return default_adapter(variant)
 
 
 def stop_ids(tok: Any) -> list[int]:

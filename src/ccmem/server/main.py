@@ -18,7 +18,7 @@ def api_keys(path: str | None) -> set[str]:
 
 
 def build(args: argparse.Namespace):
-    from ..demo import default_adapter
+    from ..demo import chat_adapter
     from ..model import CompressedModel
     from ..models import cache_dir, load_model
     from .app import ServerConfig, create_app
@@ -26,7 +26,7 @@ def build(args: argparse.Namespace):
     from .store import SessionStore
 
     model, tok = load_model(args.model, device=args.device)
-    adapter = args.adapter or str(default_adapter("concat"))
+    adapter = args.adapter or str(chat_adapter("concat"))
     ccm = CompressedModel.from_pretrained(adapter, model, tokenizer=tok)
     store = SessionStore(args.data_dir or cache_dir() / "server")
     limits = Limits(max_messages=args.max_messages, max_message_tokens=args.max_message_tokens,
@@ -42,7 +42,7 @@ def build(args: argparse.Namespace):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local folder or a hub id")
-    p.add_argument("--adapter", default=None, help="adapter folder (default: the shipped chit-chat CCM-concat)")
+    p.add_argument("--adapter", default=None, help="adapter folder (default: adapters/general-chat)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--data-dir", default=None, help="session store (default: ~/.cache/ccmem/server)")
