@@ -17,20 +17,16 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, markdown_table, write_results  # noqa: E402
 
+from ccmem.recipe import adapter_data  # noqa: E402
 from ccmem.streaming import StreamConfig, Streamer, load_stream_tokens  # noqa: E402
 
 
 def trained_on(adapter: str) -> list[str]:
-    """The texts an adapter's recipe trained it on (its recipe.yaml's data.path)."""
-    recipe = Path(adapter) / "recipe.yaml"
-    if not recipe.is_file():
-        return []
-    path = (yaml.safe_load(recipe.read_text()).get("data") or {}).get("path", [])
+    """The texts an adapter's recipe trained it on (its recipe's data.path)."""
+    path = adapter_data(adapter).get("path", [])
     return [path] if isinstance(path, str) else list(path)
 
 

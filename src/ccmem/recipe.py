@@ -73,14 +73,20 @@ def dialog_format(tok: Any, data_cfg: dict) -> Any:
     return FORMATS[name](tok)
 
 
-def adapter_dialog_format(path: str | Path) -> str | None:
-    """The dialog format an adapter was trained on, from the ``recipe.yaml`` beside its weights: ``template`` when
-    every dialog part (chit-chat, recall) of its data used the chat template, ``plain`` when any used ``A: / B:``
-    lines, None when the folder holds no recipe or no dialog data."""
+def adapter_data(path: str | Path) -> dict:
+    """The ``data`` section of the recipe that trained an adapter (the ``recipe.yaml`` written beside its weights),
+    empty when the folder holds no recipe."""
     f = Path(path) / "recipe.yaml"
     if not f.is_file():
-        return None
-    data = (yaml.safe_load(f.read_text()) or {}).get("data") or {}
+        return {}
+    return (yaml.safe_load(f.read_text()) or {}).get("data") or {}
+
+
+def adapter_dialog_format(path: str | Path) -> str | None:
+    """The dialog format an adapter was trained on, from its recipe: ``template`` when every dialog part (chit-chat,
+    recall) of its data used the chat template, ``plain`` when any used ``A: / B:`` lines, None when the folder holds
+    no recipe or no dialog data."""
+    data = adapter_data(path)
     parts = data.get("parts") or [data]
     found = {p.get("format", "plain") for p in parts if p.get("source") in ("chitchat", "recall")}
     return None if not found else "template" if found == {"template"} else "plain"
