@@ -325,8 +325,43 @@ def test_frontier_points_at_every_budget(adapters, tmp_path, monkeypatch):
         assert by[(t, "ccm_concat", None)]["kv_slots"] == 2 * t and by[(t, "ccm_merge", None)]["kv_slots"] == 2
         assert by[(t, "window", 3)]["acc_norm_ci"][0] <= by[(t, "window", 3)]["acc_norm_ci"][1]
     assert {(r["t"], r["method"]) for r in res["references"]} == {(t, m) for t in (1, 2, 4) for m in ("none", "full")}
+    assert [m["t"] for m in res["margins"]] == [1, 2, 4] and all(m["margin_ci"] for m in res["margins"])
+    assert res["headline"]["value"] == pytest.approx(min(m["margin"] for m in res["margins"]), abs=1e-4)
     paths = write_frontier(tmp_path, "frontier_tiny", res)
-    assert all(p.stat().st_size > 0 for p in paths) and "| t | method | per_step |" in paths[1].read_text()
+    text = paths[1].read_text()
+    assert all(p.stat().st_size > 0 for p in paths) and "| t | method | per_step |" in text and "Headline:" in text
+
+
+def test_frontier_headline_and_kv_to_match_hand_case():
+    """The frontier's margin takes the best point of any other method at any budget holding at most the trained
+    method's KV (controls and ccm_concat siblings are no competitors), with a paired interval from the replicates;
+    the KV a method needs to match is read off its frontier, log-linear between the bracketing budgets."""
+    import math
+
+    from ccmem.evaluation.frontier import headline, kv_to_match, margins
+
+    def pt(method, kind, k, kv, acc):
+        return {"t": 8, "method": method, "kind": kind, "per_step": k, "kv_kib": kv, "acc_norm": acc}
+
+    points = [pt("ccm_concat", "trained", None, 10, 0.7), pt("ccm_concat_other", "control", None, 10, 0.3),
+              pt("ccm_concat_cpu", "trained", None, 10, 0.95),
+              *(pt("window", "training_free", k, 5 * k, a) for k, a in ((1, 0.4), (2, 0.6), (4, 0.8), (8, 0.9))),
+              *(pt("kvzip", "press", k, 5 * k, a) for k, a in ((1, 0.75), (2, 0.9), (4, 0.95), (8, 0.96))),
+              *(pt("streamingllm", "training_free", k, 5 * k, a) for k, a in ((1, 0.1), (2, 0.2), (4, 0.3), (8, 0.5)))]
+    res = {"points": points, "ts": [8], "metric": "acc_norm", "higher_is_better": True}
+    reps = {("ccm_concat", None, 8): [0.7, 0.6, 0.8], ("kvzip", 2, 8): [0.9, 0.95, 0.85]}
+    (m,) = margins(res, reps)
+    assert (m["best_other"], m["other_per_step"]) == ("kvzip", 2) and m["margin"] == pytest.approx(-0.2)
+    assert m["margin_ci"] == pytest.approx([-0.35 + 0.15 * 0.05, -0.2 + 0.15 * 0.95])
+    need = {r["method"]: r for r in kv_to_match(res)}
+    assert set(need) == {"window", "kvzip", "streamingllm"}
+    assert need["window"]["ratio"] == pytest.approx(math.sqrt(200) / 10) and not need["window"]["at_smallest_budget"]
+    assert need["kvzip"]["ratio"] == pytest.approx(0.5) and need["kvzip"]["at_smallest_budget"]
+    assert need["streamingllm"]["ratio"] is None and need["streamingllm"]["max_ratio"] == pytest.approx(4.0)
+    res["margins"], res["kv_to_match"] = [m], list(need.values())
+    h = headline(res)
+    assert h["value"] == pytest.approx(-0.2) and h["interval_95"][1] < 0 and "kvzip 0.5x" in h["meaning"]
+    assert "streamingllm > 4x" in h["meaning"]
 
 
 @pytest.mark.parametrize("flag,want", [(None, "adapters/chitchat-stage1"), ("none", None), ("x/stage1", "x/stage1")])
@@ -347,6 +382,25 @@ def test_eval_base_adapter_option(monkeypatch, flag, want):
     with pytest.raises(KeyboardInterrupt):
         main(["eval", "--suite", "chitchat", "--presses", "", *(["--base-adapter", flag] if flag else [])])
     assert seen["cfg"].base_adapter == want
+
+
+@pytest.mark.parametrize("flags,want", [([], True), (["--no-generate"], False)])
+def test_eval_no_generate_option(monkeypatch, flags, want):
+    """`ccmem eval --no-generate`: the recall suite by multiple choice only (its greedy replies take most of its time)."""
+    from ccmem.cli import main
+    from ccmem.evaluation import runner
+
+    seen = {}
+
+    def capture(suite, cfg, **kw):
+        seen["cfg"] = cfg
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "evaluate", capture)
+    monkeypatch.setattr(runner, "build_suite", lambda *a: None)
+    with pytest.raises(KeyboardInterrupt):
+        main(["eval", "--suite", "recall", "--presses", "", *flags])
+    assert seen["cfg"].generate is want
 
 
 def _adapter_with_recipe(folder, formats):

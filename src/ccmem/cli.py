@@ -104,7 +104,7 @@ def _eval(args: argparse.Namespace) -> int:
     kw = {"presses": tuple(p for p in args.presses.split(",") if p),
           "training_free": tuple(p for p in args.training_free.split(",") if p),
           "mode": args.mode, "check": args.check, "batch_size": args.batch_size, "device": args.device,
-          "control": args.control}
+          "control": args.control, "generate": not args.no_generate}
     if args.base_adapter is not None:
         kw["base_adapter"] = None if args.base_adapter.lower() == "none" else args.base_adapter
     res, paths = run_named(args.suite, args.out, args.name, adapters, args.limit,
@@ -190,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--control", action="store_true",
                    help="also score each CCM adapter on another context's memory (<name>_other): what its memory of "
                         "the right context adds beyond what the adapter gives any context")
+    e.add_argument("--no-generate", action="store_true",
+                   help="score the recall suite by multiple choice only, without greedy replies (exact match): "
+                        "most of its time goes to generating")
     e.add_argument("--frontier", action="store_true",
                    help="every method at 1, 2, 4, 8 KV slots per context step (t = 8, 12 for chitchat; 8, 16 for "
                         "icl / recall) -> frontier_<suite>.{json,md,png}")

@@ -9,6 +9,7 @@ interval. ``ccmem eval --suite S --frontier`` writes ``frontier_<suite>.{json,md
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,12 @@ def frontier(suite: Suite, cfg: EvalConfig, per_step: tuple[int, ...] = (1, 2, 4
         runs.append((None, replace(cfg, training_free=(), presses=(), control=False)))
     notes: list[str] = []
     memo: dict = {}  # no context and full context do not depend on the budget: scored in the first run only
+    reps: dict[tuple[str, int | None, int], list[float]] = {}  # (method, per_step, t) -> paired replicates
     for k, c in runs:
-        res = evaluate(suite, c, load_model=load_model, progress=progress, tokenizer=tokenizer, reference_memo=memo)
+        got: dict = {}
+        res = evaluate(suite, c, load_model=load_model, progress=progress, tokenizer=tokenizer, reference_memo=memo,
+                       replicates_out=got)
+        reps.update({(m, k, t): v for (m, t), v in got.items()})
         notes += res["notes"]
         for r in res["rows"]:
             if r["method"] in ("none", "full"):
@@ -35,9 +40,107 @@ def frontier(suite: Suite, cfg: EvalConfig, per_step: tuple[int, ...] = (1, 2, 4
                     refs.append(r)
                 continue
             points.append({**r, "per_step": k})
-    return {"points": points, "references": refs, "per_step": list(per_step), "ts": list(suite.ts),
-            "metric": suite.metric, "higher_is_better": suite.higher_is_better, "notes": sorted(set(notes)),
-            "config": {**vars(cfg), **suite.describe()}}
+    out = {"points": points, "references": refs, "per_step": list(per_step), "ts": list(suite.ts),
+           "metric": suite.metric, "higher_is_better": suite.higher_is_better, "notes": sorted(set(notes)),
+           "config": {**vars(cfg), **suite.describe()}}
+    out["margins"], out["kv_to_match"] = margins(out, reps), kv_to_match(out)
+    out["headline"] = headline(out)
+    return out
+
+
+def _main_method(points: list[dict[str, Any]]) -> str | None:
+    """The trained method the frontier is about: CCM-concat if present, else the first trained one."""
+    trained = sorted({p["method"] for p in points if p["kind"] == "trained"})
+    return "ccm_concat" if "ccm_concat" in trained else (trained[0] if trained else None)
+
+
+def _competitor(p: dict[str, Any], main: str) -> bool:
+    """Every other method is a competitor, except controls (the adapter itself on another context) and the main
+    method's siblings trained at another budget (``ccm_concat_*``)."""
+    return p["method"] != main and p["kind"] != "control" and not p["method"].startswith("ccm_concat")
+
+
+def margins(res: dict[str, Any], reps: dict[tuple[str, int | None, int], list[float]]) -> list[dict[str, Any]]:
+    """Per t: the main trained method's margin over the best point of any other method holding at most its KV
+    (positive = the trained method better), with a paired 95 % bootstrap interval where replicates exist."""
+    from .intervals import interval
+
+    metric, higher, points = res["metric"], res["higher_is_better"], res["points"]
+    main = _main_method(points)
+    out = []
+    for t in res["ts"]:
+        mine = [p for p in points if p["t"] == t and p["method"] == main]
+        if not mine:
+            continue
+        p = mine[0]
+        best = None
+        for q in points:
+            if q["t"] != t or not _competitor(q, main) or q["kv_kib"] > p["kv_kib"] * (1 + 1e-9):
+                continue
+            m = (p[metric] - q[metric]) if higher else (q[metric] - p[metric])
+            if best is None or m < best[0]:
+                best = (m, q)
+        if best is None:
+            continue
+        m, q = best
+        row = {"t": t, "ccm": main, "ccm_value": p[metric], "kv_kib": p["kv_kib"], "best_other": q["method"],
+               "other_per_step": q["per_step"], "other_kv_kib": q["kv_kib"], "other_value": q[metric], "margin": m}
+        a, b = reps.get((main, p["per_step"], t)), reps.get((q["method"], q["per_step"], t))
+        if a and b:
+            row["margin_ci"] = interval([(x - y) if higher else (y - x) for x, y in zip(a, b)])
+        out.append(row)
+    return out
+
+
+def kv_to_match(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per t and per other budgeted method: the KV it needs to reach the main trained method's metric, read off its
+    frontier (log-linear between the two budgets that bracket it), as a multiple of the trained method's KV. ``None``
+    when no tested budget reaches it (then it needs more than ``max_ratio``)."""
+    metric, higher, points = res["metric"], res["higher_is_better"], res["points"]
+    main = _main_method(points)
+    better = (lambda a, b: a >= b) if higher else (lambda a, b: a <= b)
+    out = []
+    for t in res["ts"]:
+        mine = [p for p in points if p["t"] == t and p["method"] == main]
+        if not mine:
+            continue
+        p = mine[0]
+        for name in sorted({q["method"] for q in points if q["t"] == t and q["per_step"] is not None}):
+            ps = sorted((q for q in points if q["t"] == t and q["method"] == name), key=lambda q: q["kv_kib"])
+            if not _competitor(ps[0], main):
+                continue
+            kv = None
+            for i, q in enumerate(ps):
+                if better(q[metric], p[metric]):
+                    if i == 0 or q[metric] == ps[i - 1][metric]:
+                        kv = q["kv_kib"]
+                    else:
+                        lo, f = ps[i - 1], (p[metric] - ps[i - 1][metric]) / (q[metric] - ps[i - 1][metric])
+                        kv = math.exp(math.log(max(lo["kv_kib"], 1e-9)) + f * (
+                            math.log(max(q["kv_kib"], 1e-9)) - math.log(max(lo["kv_kib"], 1e-9))))
+                    break
+            out.append({"t": t, "method": name, "kv_kib": kv, "ratio": None if kv is None else kv / p["kv_kib"],
+                        "max_ratio": ps[-1]["kv_kib"] / p["kv_kib"], "at_smallest_budget": kv == ps[0]["kv_kib"]})
+    return out
+
+
+def headline(res: dict[str, Any]) -> dict[str, Any] | None:
+    """The frontier's one number: the main trained method's worst margin over t against the best other method at
+    most its KV, on every budget tested (the eval's headline compares at one budget per t only)."""
+    ms = res["margins"]
+    if not ms:
+        return None
+    worst = min(ms, key=lambda m: m["margin"])
+    need = [r for r in res["kv_to_match"] if r["t"] == worst["t"]]
+    return {"metric": "ccm_margin_over_best_at_most_its_kv_worst_t", "value": round(worst["margin"], 4),
+            "target": 0.0, "higher_is_better": True, "unit": res["metric"],
+            **({"interval_95": [round(x, 4) for x in worst["margin_ci"]]} if worst.get("margin_ci") else {}),
+            "meaning": f"min over t in {res['ts']} of {worst['ccm']}'s {res['metric']} margin over the best point of "
+                       f"any other method at any tested budget holding at most its KV (positive = {worst['ccm']} "
+                       f"better); worst at t={worst['t']} against {worst['best_other']} at {worst['other_per_step']} "
+                       f"slot(s) per step; KV the others need to match it there, as a multiple of its own: "
+                       + ", ".join(f"{r['method']} " + (f"{r['ratio']:.2g}x" if r["ratio"] is not None else
+                                                         f"> {r['max_ratio']:.2g}x") for r in need)}
 
 
 def write(out_dir: Path, name: str, res: dict[str, Any]) -> list[Path]:
@@ -50,11 +153,27 @@ def write(out_dir: Path, name: str, res: dict[str, Any]) -> list[Path]:
     table = [{**r, f"{metric}_ci": "[{:.4g}, {:.4g}]".format(*r[f"{metric}_ci"]) if r.get(f"{metric}_ci") else None}
              for r in rows]
     md = [f"# Quality vs memory frontier: {res['config'].get('suite')}", "",
-          f"Command: `{res.get('command', '')}`", "",
-          f"Training-free methods at {res['per_step']} KV slots per context step; trained adapters at their own "
-          f"n_tok. {metric} ({'higher' if res['higher_is_better'] else 'lower'} is better), 95 % bootstrap "
-          "intervals.", "", markdown_table(table, cols), "", "## References", "",
-          markdown_table(res["references"], ["t", "method", metric]), ""]
+          f"Command: `{res.get('command', '')}`"
+          + (f" ({res['wall_s'] / 60:.1f} min wall)" if res.get("wall_s") else ""), ""]
+    h = res.get("headline")
+    if h:
+        ci = " [{:.4g}, {:.4g}]".format(*h["interval_95"]) if h.get("interval_95") else ""
+        md += [f"Headline: {h['metric']} = {h['value']:.4g}{ci} (target > {h['target']:g}); {h['meaning']}", ""]
+    if res.get("margins"):
+        mt = [{**m, "margin_ci": "[{:.4g}, {:.4g}]".format(*m["margin_ci"]) if m.get("margin_ci") else None}
+              for m in res["margins"]]
+        md += ["## Margin over the best other method at most the trained method's KV", "",
+               markdown_table(mt, ["t", "ccm", "ccm_value", "kv_kib", "best_other", "other_per_step", "other_kv_kib",
+                                   "other_value", "margin", "margin_ci"]), ""]
+    if res.get("kv_to_match"):
+        kt = [{**r, "ratio": f"{r['ratio']:.3g}x" if r["ratio"] is not None else f"> {r['max_ratio']:.3g}x"}
+              for r in res["kv_to_match"]]
+        md += ["## KV each budgeted method needs to match the trained method (multiple of its KV)", "",
+               markdown_table(kt, ["t", "method", "kv_kib", "ratio", "at_smallest_budget"]), ""]
+    md += [f"Training-free methods at {res['per_step']} KV slots per context step; trained adapters at their own "
+           f"n_tok. {metric} ({'higher' if res['higher_is_better'] else 'lower'} is better), 95 % bootstrap "
+           "intervals.", "", "## Every point", "", markdown_table(table, cols), "", "## References", "",
+           markdown_table(res["references"], ["t", "method", metric]), ""]
     if res["notes"]:
         md += ["## Notes", ""] + [f"- {n}" for n in res["notes"]] + [""]
     paths = [out_dir / f"{name}.json", out_dir / f"{name}.md", out_dir / f"{name}.png"]

@@ -68,7 +68,8 @@ def write(out_dir: Path, name: str, result: dict[str, Any], methods: list[dict],
           f"{h['target']}"
           + (f"; 95 % interval [{h['interval_95'][0]}, {h['interval_95'][1]}]" if h.get("interval_95") else "")
           + f"): {h['meaning']}\n",
-          f"Command: `{result['command']}`\n",
+          f"Command: `{result['command']}`"
+          + (f" ({result['wall_s'] / 60:.1f} min wall)" if result.get("wall_s") else "") + "\n",
           "Methods: " + "; ".join(f"`{m['name']}` = {m['label']} ({m['kind']}"
                                   + (f", adapter {m['adapter']}" if m.get("adapter") else "") + ")" for m in methods)
           + "\n",

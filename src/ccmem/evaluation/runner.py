@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -156,11 +157,13 @@ def run_kvpress(python: str, model_dir: Path, presses: list[str], jobs: list[tup
 
 # ------------------------------------------------------------------------------------------------ run
 def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None = None,
-             progress: bool = True, tokenizer: Any = None, reference_memo: dict | None = None) -> dict[str, Any]:
+             progress: bool = True, tokenizer: Any = None, reference_memo: dict | None = None,
+             replicates_out: dict | None = None) -> dict[str, Any]:
     """Run every method of ``cfg`` on ``suite``; returns the result dict (rows, margins, headline, agreement).
     ``tokenizer``: the model's, needed by the KVzip press. ``reference_memo``: a dict kept across runs of the same
     suite and base model (the frontier's budgets), so no context and full context, which no budget changes, are
-    scored once."""
+    scored once. ``replicates_out``: filled with the bootstrap replicates by (method, t); replicate r draws the same
+    units in every run with the same seed, so margins between runs (the frontier's budgets) stay paired."""
     from ..config import CompressionConfig
     from ..model import CompressedModel
     from ..recipe import prepare_model
@@ -278,6 +281,8 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
         reps = {(m.name, t): replicates(suite, groups[t], scores[(m.name, t)], calib, suite.metric, cfg.bootstrap,
                                         cfg.bootstrap_seed) for m in methods for t in ts}
         add_intervals(rows, margins, reps, suite.metric, suite.higher_is_better)
+        if replicates_out is not None:
+            replicates_out.update(reps)
     return {"rows": rows, "margins": margins, "agreement": agreement, "mode": mode, "notes": notes,
             "methods": [{"name": m.name, "label": m.label, "kind": m.kind, "adapter": m.adapter,
                          "peer": m.peer if m.kind == "trained" else None} for m in methods],
@@ -431,6 +436,7 @@ def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str 
     from ..models import load_tokenizer
     from ..recipe import adapter_dialog_format
 
+    t0 = time.perf_counter()
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; known: {sorted(SUITES)}")
     d = SUITES[suite]
@@ -456,11 +462,15 @@ def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str 
         s = build_suite(suite, tok, limit, ts or list(FRONTIER_TS[suite]), format)
         res = run_frontier(s, cfg, tokenizer=tok)
         res["notes"] = notes + res["notes"]
+        res["name"] = name or f"frontier_{suite}"
         res["command"] = command or main_command()
         res["environment"] = _environment_with_kvpress(cfg)
-        return res, write_frontier(Path(out_dir), name or f"frontier_{suite}", res)
+        res["wall_s"] = round(time.perf_counter() - t0, 1)
+        res = {**{k: res.pop(k) for k in ("name", "command", "headline", "environment", "config")}, **res}
+        return res, write_frontier(Path(out_dir), res["name"], res)
     s = build_suite(suite, tok, limit, ts, format)
     res = evaluate(s, cfg, tokenizer=tok)
+    res["wall_s"] = round(time.perf_counter() - t0, 1)
     res["notes"] = notes + res["notes"]
     res["title"] = d["title"]
     res["command"] = command or main_command()
