@@ -160,6 +160,32 @@ def test_attach_twice_is_refused_and_model_left_untouched():
     assert again.detach(remove_weights=True).config._attn_implementation == "sdpa"
 
 
+def test_attach_detach_attach_with_the_same_tokenizer(tiny_folder):
+    """Detach cannot take added tokens back out of a tokenizer, so a second attach accepts the ⟨COMP⟩ tokens the first
+    one registered (ids unchanged, text tokenized as before), refuses when they outnumber the new adapter's, and still
+    refuses a tokenizer with any other token past the embedding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_folder)
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    text = tok("Hello there, how are you?")["input_ids"]
+    CompressedModel.attach(model, CompressionConfig(n_tok=2), tokenizer=tok).detach(remove_weights=True)
+    again = CompressedModel.attach(model, CompressionConfig(n_tok=4), tokenizer=tok)
+    assert again.tokens.comp_ids == list(range(vocab, vocab + 4))
+    assert tok.convert_tokens_to_ids([f"<COMP{k}>" for k in range(4)]) == again.tokens.comp_ids
+    assert tok("Hello there, how are you?")["input_ids"] == text
+    again.detach(remove_weights=True)
+    with pytest.raises(IncompatibleError, match="4 ⟨COMP⟩ tokens from an earlier attach.*afresh"):
+        CompressedModel.attach(model, CompressionConfig(n_tok=2), tokenizer=tok)
+    other = AutoTokenizer.from_pretrained(tiny_folder)
+    other.add_tokens(["<my_token>"])
+    with pytest.raises(IncompatibleError, match="embeds only"):
+        CompressedModel.attach(model, CompressionConfig(n_tok=2), tokenizer=other)
+    # the refusals left nothing attached (else AlreadyAttachedError): a fresh tokenizer attaches
+    CompressedModel.attach(model, CompressionConfig(n_tok=2), tokenizer=AutoTokenizer.from_pretrained(tiny_folder))
+
+
 def test_inputs_embeds_without_ids_is_refused_and_no_state_leaks():
     ccm = tiny_ccm("llama")
     base = tiny_model("llama")  # the same weights without ccmem

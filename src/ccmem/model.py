@@ -94,12 +94,9 @@ class CompressedModel:
             config = replace(config, target_modules=fused)
         vocab = model.get_input_embeddings().weight.shape[0]
         base = vocab
-        if tokenizer is not None and len(tokenizer) > vocab:
-            raise IncompatibleError(
-                f"the tokenizer has {len(tokenizer)} tokens but the model embeds only {vocab}; pass the model's own "
-                "tokenizer"
-            )
         tokens = CompTokens.for_config(base, config)
+        if tokenizer is not None and len(tokenizer) > vocab:
+            _check_earlier_comp_tokens(tokenizer, vocab, tokens)
         if tokenizer is not None:
             _pad_tokenizer_to(tokenizer, vocab)
             register_with_tokenizer(tokenizer, tokens)
@@ -467,6 +464,25 @@ def _check_architecture(model: nn.Module) -> None:
         raise UnsupportedModelError(
             f"model type {c.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
             "(decoders with RoPE and q/k/v/o projections)"
+        )
+
+
+def _check_earlier_comp_tokens(tokenizer: Any, vocab: int, tokens: CompTokens) -> None:
+    """A tokenizer larger than the embedding is accepted only when what lies past it is the ⟨COMP⟩ tokens an earlier
+    attach to this model registered (detach cannot take added tokens back out of a tokenizer), and no more of them
+    than this config uses: then attach, detach, attach again works with the same tokenizer object."""
+    extra = {i: t for t, i in tokenizer.get_vocab().items() if i >= vocab}
+    earlier = [f"<COMP{k}>" for k in range(len(extra))]
+    if [extra.get(vocab + k) for k in range(len(extra))] != earlier:
+        raise IncompatibleError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model embeds only {vocab}; pass the model's own "
+            "tokenizer"
+        )
+    if len(extra) > tokens.n_special:
+        raise IncompatibleError(
+            f"the tokenizer still holds {len(extra)} ⟨COMP⟩ tokens from an earlier attach, more than this adapter's "
+            f"{tokens.n_special}; its extra ones would map to ids the model does not embed. Load the tokenizer afresh "
+            "(AutoTokenizer.from_pretrained) for this adapter"
         )
 
 
