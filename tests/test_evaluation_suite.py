@@ -386,7 +386,7 @@ def test_eval_base_adapter_option(monkeypatch, flag, want):
 
 @pytest.mark.parametrize("flags,want", [([], True), (["--no-generate"], False)])
 def test_eval_no_generate_option(monkeypatch, flags, want):
-    """`ccmem eval --no-generate`: the recall suite by multiple choice only (its greedy replies take most of its time)."""
+    """`ccmem eval --no-generate`: recall by multiple choice only (its greedy replies take most of its time)."""
     from ccmem.cli import main
     from ccmem.evaluation import runner
 
