@@ -87,12 +87,15 @@ def test_every_method_runs_and_modes_agree(adapters, mode, tmp_path, monkeypatch
     assert all(by[(t, "full")]["gap_recovered_ci"] in ([1.0, 1.0], None) for t in (1, 2, 4))
     for m in res["margins"]:
         assert m["margin_ci"][0] <= m["margin_ci"][1]
+    # by peak KV, the one-shot presses and Gisting (which read the whole history) are no competitors
+    assert {m["t"] for m in res["peak_margins"]} == {1, 2, 4} and all(m["margin_ci"] for m in res["peak_margins"])
+    assert not any(m["best_other"].startswith(("kvpress_", "gist")) for m in res["peak_margins"])
     res.update(title="tiny", command="pytest", headline=headline(res, "acc_norm", "acc", min_t=2))
     assert len(res["headline"]["interval_95"]) == 2
     paths = write(tmp_path, "tiny", res, res["methods"], "acc_norm", True)
     assert all(p.stat().st_size > 0 for p in paths)
     md = paths[1].read_text()
-    assert "| t |" in md and "bootstrap intervals" in md and "margin_ci" in md
+    assert "| t |" in md and "bootstrap intervals" in md and "margin_ci" in md and "smaller peak KV" in md
     res["config"]["suite"] = "icl"  # re-rendering from the JSON alone gives the same table
     paths[0].write_text(__import__("json").dumps(res))
     assert rerender(paths[0])[1].read_text() == md

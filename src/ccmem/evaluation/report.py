@@ -93,7 +93,12 @@ def write(out_dir: Path, name: str, result: dict[str, Any], methods: list[dict],
             if any(r.get("gap_recovered_ci") for r in rows) else []),
           "\n## CCM-concat against the best other method at equal or smaller KV\n",
           markdown_table(_ci_text(result["margins"], "margin_ci"),
-                         ["t", "ccm", "best_other", "ccm_value", "other_value", "margin", "margin_ci"])]
+                         ["t", "ccm", "best_other", "ccm_value", "other_value", "margin", "margin_ci"]),
+          *(["\n## CCM-concat against the best other method at equal or smaller peak KV (what an online session "
+             "must bound; one-shot presses prefill the whole history first)\n",
+             markdown_table(_ci_text(result["peak_margins"], "margin_ci"),
+                            ["t", "ccm", "best_other", "ccm_value", "other_value", "margin", "margin_ci"])]
+            if result.get("peak_margins") else [])]
     if result.get("agreement"):
         md.append("\n## Parallel forward vs online loop (max |difference| of option log-likelihoods)\n")
         md.append(markdown_table([{"method": k, "max_abs_diff": v} for k, v in result["agreement"].items()],
