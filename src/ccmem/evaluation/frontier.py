@@ -60,19 +60,21 @@ def _competitor(p: dict[str, Any], main: str) -> bool:
     return p["method"] != main and p["kind"] != "control" and not p["method"].startswith("ccm_concat")
 
 
+def _main_points(points: list[dict[str, Any]], ts: list[int]) -> list[tuple[int, str, dict[str, Any]]]:
+    """(t, main method, its point at t) for every t where the main trained method has a point."""
+    main = _main_method(points)
+    by_t = {p["t"]: p for p in points if p["method"] == main}
+    return [(t, main, by_t[t]) for t in ts if t in by_t]
+
+
 def margins(res: dict[str, Any], reps: dict[tuple[str, int | None, int], list[float]]) -> list[dict[str, Any]]:
     """Per t: the main trained method's margin over the best point of any other method holding at most its KV
     (positive = the trained method better), with a paired 95 % bootstrap interval where replicates exist."""
     from .intervals import interval
 
     metric, higher, points = res["metric"], res["higher_is_better"], res["points"]
-    main = _main_method(points)
     out = []
-    for t in res["ts"]:
-        mine = [p for p in points if p["t"] == t and p["method"] == main]
-        if not mine:
-            continue
-        p = mine[0]
+    for t, main, p in _main_points(points, res["ts"]):
         best = None
         for q in points:
             if q["t"] != t or not _competitor(q, main) or q["kv_kib"] > p["kv_kib"] * (1 + 1e-9):
@@ -97,14 +99,9 @@ def kv_to_match(res: dict[str, Any]) -> list[dict[str, Any]]:
     frontier (log-linear between the two budgets that bracket it), as a multiple of the trained method's KV. ``None``
     when no tested budget reaches it (then it needs more than ``max_ratio``)."""
     metric, higher, points = res["metric"], res["higher_is_better"], res["points"]
-    main = _main_method(points)
     better = (lambda a, b: a >= b) if higher else (lambda a, b: a <= b)
     out = []
-    for t in res["ts"]:
-        mine = [p for p in points if p["t"] == t and p["method"] == main]
-        if not mine:
-            continue
-        p = mine[0]
+    for t, main, p in _main_points(points, res["ts"]):
         for name in sorted({q["method"] for q in points if q["t"] == t and q["per_step"] is not None}):
             ps = sorted((q for q in points if q["t"] == t and q["method"] == name), key=lambda q: q["kv_kib"])
             if not _competitor(ps[0], main):
