@@ -63,10 +63,11 @@ def run_demo(conversations: int = 3, turns: int = 10, out: str | Path = "demo_ou
     embedded SmolLM2 and the shipped chit-chat adapters."""
     import torch
 
-    from .evaluation import bytes_per_slot, perplexity
+    from .memory import bytes_per_slot
     from .model import CompressedModel
     from .models import load_model
     from .recipe import chitchat_splits
+    from .scoring import perplexity
 
     torch.manual_seed(0)
     out = Path(out)
