@@ -139,6 +139,28 @@ def test_books_and_stream_episodes(tmp_path):
         stream_episodes(toks[:10], 1, chunk=8)
 
 
+def test_stream_episodes_with_ranges_cover_the_cache_shapes():
+    """``steps`` / ``window`` as [lo, hi] ranges: every value in the range occurs, episodes stay contiguous text,
+    the draw is seeded, and a malformed range is refused with the field named."""
+    from ccmem.data.text import stream_episodes
+
+    toks = list(range(5000))
+    eps = stream_episodes(toks, 400, steps=[1, 4], chunk=8, window=[5, 9], target=4, seed=1)
+    assert {len(e.chunks) for e in eps} == {1, 2, 3, 4} and {len(e.input) for e in eps} == {5, 6, 7, 8, 9}
+    for e in eps:
+        flat = [t for c in e.chunks for t in c] + e.input + e.output
+        assert flat == toks[flat[0]:flat[0] + len(flat)] and len(e.output) == 4
+        assert all(len(c) == 8 for c in e.chunks)
+    again = stream_episodes(toks, 400, steps=[1, 4], chunk=8, window=[5, 9], target=4, seed=1)
+    assert [(e.id, len(e.chunks), len(e.input)) for e in eps] == [(e.id, len(e.chunks), len(e.input)) for e in again]
+    # a fixed value draws nothing extra: the same episodes as before ranges existed
+    assert [e.id for e in stream_episodes(toks, 5, 2, 8, [6, 6], 4, seed=3)] == \
+        [e.id for e in stream_episodes(toks, 5, 2, 8, 6, 4, seed=3)]
+    for bad in ([4, 1], [0, 2], [1, 2, 3], "2"):
+        with pytest.raises(ValueError, match="data.steps must be"):
+            stream_episodes(toks, 1, steps=bad, chunk=8)
+
+
 def test_stream_cli_on_the_real_model(capsys):
     from ccmem.cli import main
 

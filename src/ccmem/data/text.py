@@ -12,6 +12,7 @@ import random
 import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from .episode import Episode
@@ -144,19 +145,37 @@ def named_text(spec: str) -> str:
     return "\n".join(read_books(spec))
 
 
-def stream_episodes(tokens: list[int], n: int, steps: int = 2, chunk: int = 64, window: int = 96,
-                    target: int = 32, seed: int = 0) -> list[Episode]:
+def stream_episodes(tokens: list[int], n: int, steps: int | Sequence[int] = 2, chunk: int = 64,
+                    window: int | Sequence[int] = 96, target: int = 32, seed: int = 0) -> list[Episode]:
     """Training episodes that look like the streaming cache: ``steps`` chunks of ``chunk`` tokens to compress, then
-    ``window`` raw tokens (the input) and ``target`` tokens to predict. Offsets are drawn with a seeded RNG."""
-    span = steps * chunk + window + target
-    if len(tokens) < span:
-        raise ValueError(f"the text has {len(tokens)} tokens, fewer than one episode ({span})")
+    ``window`` raw tokens (the input) and ``target`` tokens to predict. Offsets are drawn with a seeded RNG.
+
+    ``steps`` and ``window`` may be ranges ``[lo, hi]`` (inclusive), drawn per episode: the streaming cache holds 1 to
+    ``mem_slots / n_tok`` compressed chunks and predicts after 96 to 160 raw tokens, so fixed values train one corner
+    of what it meets."""
+    lo_steps, hi_steps = _span_range("steps", steps, 1)
+    lo_win, hi_win = _span_range("window", window, 0)
+    longest = hi_steps * chunk + hi_win + target
+    if len(tokens) < longest:
+        raise ValueError(f"the text has {len(tokens)} tokens, fewer than one episode ({longest})")
     r = random.Random(seed)
     out = []
     for _ in range(n):
+        s = r.randint(lo_steps, hi_steps) if lo_steps != hi_steps else lo_steps
+        w = r.randint(lo_win, hi_win) if lo_win != hi_win else lo_win
+        span = s * chunk + w + target
         o = r.randrange(0, len(tokens) - span + 1)
         x = tokens[o:o + span]
-        chunks = [x[i * chunk:(i + 1) * chunk] for i in range(steps)]
-        rest = x[steps * chunk:]
-        out.append(Episode(chunks, rest[:window], rest[window:], id=f"offset-{o}"))
+        chunks = [x[i * chunk:(i + 1) * chunk] for i in range(s)]
+        rest = x[s * chunk:]
+        out.append(Episode(chunks, rest[:w], rest[w:], id=f"offset-{o}"))
     return out
+
+
+def _span_range(name: str, value: int | Sequence[int], least: int) -> tuple[int, int]:
+    """``value`` as an inclusive range: an int is ``[value, value]``; a range must be two ints ``least <= lo <= hi``."""
+    lo, hi = (value, value) if isinstance(value, int) else tuple(value) if len(value) == 2 else (None, None)
+    if not (isinstance(lo, int) and isinstance(hi, int)) or not least <= lo <= hi:
+        raise ValueError(f"data.{name} must be an int >= {least} or a range [lo, hi] with {least} <= lo <= hi, "
+                         f"got {value!r}")
+    return lo, hi
