@@ -113,6 +113,8 @@ def test_recall_suite_through_the_runner(tok):
     by = {(r["t"], r["method"]): r for r in res["rows"]}
     assert by[(4, "window")]["budget_slots"] == 10 and by[(1, "window")]["budget_slots"] == 4
     assert {r["method"] for r in res["rows"]} == {"none", "full", "window", "streamingllm"}
+    kinds = {it.fact_type for it in suite.items[4]}
+    assert all(f"acc_norm_{k}" in by[(4, m)] for k in kinds for m in ("none", "full", "window"))
     assert max(res["agreement"].values()) < 1e-4
     # exact match is the suite's own generate() on the method's memory, reproduced here for full context at d = 1
     from ccmem import CompressedModel, CompressionConfig
@@ -121,6 +123,26 @@ def test_recall_suite_through_the_runner(tok):
     ref = CompressedModel.attach(tiny_model(vocab_size=49152), CompressionConfig(n_tok=2))
     hits = suite.generate(FullContext("full", "", "reference"), ref, suite.groups(1), 4)
     assert by[(1, "full")]["exact_match"] == sum(hits) / len(hits)
+
+
+def test_recall_accuracy_per_fact_type(tok):
+    """acc_norm per held-out fact type beside the overall one: a scorer right on one type only scores 1 there, 0 on
+    the others, and the overall accuracy is that type's share."""
+    from ccmem.evaluation import RecallSuite
+
+    suite = RecallSuite(tok, items=12, ts=(2,))
+    groups = suite.groups(2)
+    types = [it.fact_type for it in suite.items[2]]
+    right = types[0]
+
+    def scored(g, kind):
+        return [[[0.0 if (i == g.queries[0].answer) == (kind == right) else -5.0, 3]
+                 for i in range(len(g.queries[0].targets))]]
+
+    res = suite.aggregate(groups, [scored(g, k) for g, k in zip(groups, types)], None)
+    assert res[f"acc_norm_{right}"] == 1.0 and len(set(types)) > 1
+    assert all(res[f"acc_norm_{k}"] == 0.0 for k in set(types) - {right})
+    assert res["acc_norm"] == types.count(right) / len(types)
 
 
 def test_exact_match_reads_the_reply(tok):

@@ -99,6 +99,12 @@ def write(out_dir: Path, name: str, result: dict[str, Any], methods: list[dict],
              markdown_table(_ci_text(result["peak_margins"], "margin_ci"),
                             ["t", "ccm", "best_other", "ccm_value", "other_value", "margin", "margin_ci"])]
             if result.get("peak_margins") else [])]
+    parts = sorted({k for r in rows for k in r if k.startswith(f"{metric}_") and not k.endswith("_ci")})
+    if parts:  # the metric per kind of unit (recall: per fact type), at the largest t
+        last = max(ts)
+        md.append(f"\n## {metric} by {', '.join(k[len(metric) + 1:] for k in parts)} at t = {last}\n")
+        md.append(markdown_table([{"method": r["method"], **{k: r.get(k) for k in parts}} for r in rows
+                                  if r["t"] == last], ["method", *parts]))
     if result.get("agreement"):
         md.append("\n## Parallel forward vs online loop (max |difference| of option log-likelihoods)\n")
         md.append(markdown_table([{"method": k, "max_abs_diff": v} for k, v in result["agreement"].items()],

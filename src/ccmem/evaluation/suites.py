@@ -164,6 +164,7 @@ class RecallSuite(Suite):
                                                           "format": format})
         self.items = eval_items(splits[split], self.ts, items, fact_turn, seed)
         self._values: dict[str, str] = {}  # group id -> the fact's value (exact match), filled by groups()
+        self._types: dict[str, str] = {}  # group id -> the fact's type (acc_norm per type), filled by groups()
 
     def steps(self, t: int) -> int:
         return self.fact_turn + t
@@ -176,6 +177,7 @@ class RecallSuite(Suite):
             ep = item_episode(it, self.fmt)
             out.append(Group(ep.id, ep.chunks, [Query(ep.input, list(ep.options), ep.answer)]))
             self._values[ep.id] = it.value
+            self._types[ep.id] = it.fact_type
         return out
 
     def generate(self, method: Any, ccm: Any, groups: list[Group], budget: int, max_new_tokens: int = 12
@@ -196,6 +198,10 @@ class RecallSuite(Suite):
         lens = [[s[1] for s in g[0]] for g in scores]
         res = multiple_choice(ll, lens, [g.queries[0].answer for g in groups])
         res.pop("acc_base", None)
+        for kind in sorted({self._types[g.id] for g in groups if g.id in self._types}):
+            idx = [i for i, g in enumerate(groups) if self._types.get(g.id) == kind]
+            res[f"acc_norm_{kind}"] = multiple_choice([ll[i] for i in idx], [lens[i] for i in idx],
+                                                      [groups[i].queries[0].answer for i in idx])["acc_norm"]
         return res
 
     def describe(self):
