@@ -335,6 +335,22 @@ def test_frontier_points_at_every_budget(adapters, tmp_path, monkeypatch):
     assert all(p.stat().st_size > 0 for p in paths) and "| t | method | per_step |" in text and "Headline:" in text
 
 
+def test_margins_by_peak_kv_hand_case(adapters):
+    """By held KV a one-shot press at CCM's budget is the best other; by peak KV (it prefilled the whole history) it
+    is no competitor and the window is."""
+    from ccmem.evaluation.methods import REFERENCE, TRAINING_FREE, press, trained
+    from ccmem.evaluation.runner import _margins
+
+    methods = [REFERENCE["full"](), trained("ccm_concat", adapters["ccm_concat"]), TRAINING_FREE["window"](),
+               press("kvzip")]
+    rows = [{"t": 4, "method": n, "acc_norm": a, "kv_kib": kv, "peak_kv_kib": peak} for n, a, kv, peak in (
+        ("full", 0.9, 100, 100), ("ccm_concat", 0.7, 8, 8), ("window", 0.5, 8, 8), ("kvpress_kvzip", 0.85, 8, 100))]
+    (held,) = _margins(rows, methods, "acc_norm", True)
+    (peak,) = _margins(rows, methods, "acc_norm", True, kv="peak_kv_kib")
+    assert (held["best_other"], held["margin"]) == ("kvpress_kvzip", pytest.approx(-0.15))
+    assert (peak["best_other"], peak["margin"]) == ("window", pytest.approx(0.2))
+
+
 def test_frontier_headline_and_kv_to_match_hand_case():
     """The frontier's margin takes the best point of any other method at any budget holding at most the trained
     method's KV (controls and ccm_concat siblings are no competitors), with a paired interval from the replicates;

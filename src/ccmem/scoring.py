@@ -4,7 +4,6 @@ demo's per-turn quality); the evaluation suites build on it, never the other way
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,6 +11,7 @@ import torch
 
 from .data.collate import Collator, keep_for_loss, lm_loss
 from .data.episode import Episode, strip_eos
+from .metrics import perplexity as pooled_perplexity
 
 
 @dataclass
@@ -21,7 +21,7 @@ class PPL:
 
     @property
     def ppl(self) -> float:
-        return math.exp(self.nll / max(self.tokens, 1))
+        return pooled_perplexity(self.nll, self.tokens)
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
-"""Evaluation under the parallel formulation (method.md §8): token perplexity of outputs (EOS excluded) for the
-compressed, full-context and no-context layouts, and the KV memory each layout holds for its context."""
+"""Evaluation under the parallel formulation (method.md §8): option log-likelihoods for the compressed, full-context
+and no-context layouts, the KV memory each layout holds for its context, and budgeted episodes; the pooled
+perplexity lives in the core (:mod:`ccmem.scoring`) and is re-exported here."""
 
 from __future__ import annotations
 
