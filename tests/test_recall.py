@@ -190,3 +190,35 @@ def test_episodes_in_the_chat_template(splits, tok):
         assert ep.options[ep.answer] == ep.output[:-1] and len(set(map(tuple, ep.options))) == 4
     train = RecallEpisodes(splits["train"], fmt, seed=0).get(3, epoch=1)
     assert train.meta["value"] in tok.decode(train.output) and "<|im_start|>user" in tok.decode(train.input)
+
+
+def test_numeric_training_type_is_apart_from_the_test_numbers(splits, tok):
+    """Training may copy digits (``code``, four of them) without ever seeing the held-out ``number`` type (three)."""
+    pools = value_pools()
+    assert "code" in TRAIN_TYPES and "number" in TEST_TYPES
+    assert set(pools["code"]).isdisjoint(pools["number"])
+    assert all(v.isdigit() and len(v) == 4 for v in pools["code"])
+    assert all(v.isdigit() and len(v) == 3 for v in pools["number"])
+    test_sentences = {s.split("{v}")[0] for t in TEST_TYPES for s in vars(FACT_TYPES[t]).values() if "{v}" in s}
+    code_sentences = {s.split("{v}")[0] for s in vars(FACT_TYPES["code"]).values() if "{v}" in s}
+    assert test_sentences.isdisjoint(code_sentences)
+    train = RecallEpisodes(splits["train"], DialogFormat(tok), seed=0, types=("code",))
+    for i in range(0, 40, 4):
+        ep = train.get(i)
+        assert ep.meta["fact_type"] == "code" and ep.meta["value"] in tok.decode(ep.output)
+
+
+def test_recall_recipe_types_refuse_test_types(tok):
+    from ccmem.errors import ConfigError
+    from ccmem.recipe import build_data, recall_types
+
+    assert recall_types({}) == TRAIN_TYPES
+    assert recall_types({"types": ["city", "code"]}) == ("city", "code")
+    with pytest.raises(ConfigError, match="held out"):
+        recall_types({"types": ["city", "number"]})
+    with pytest.raises(ConfigError, match="unknown"):
+        recall_types({"types": ["pets"]})
+    train, val, _ = build_data(tok, {"source": "recall", "split_seed": 0, "max_turn_tokens": 128, "eval_episodes": 6,
+                                     "types": ["food"]}, seed=0)
+    assert {train.get(i).meta["fact_type"] for i in range(0, 30, 3)} == {"food"}
+    assert {e.meta["fact_type"] for e in val} == {"food"}

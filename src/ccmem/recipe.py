@@ -151,6 +151,19 @@ def icl_data(tok: Any, d: dict, seed: int):
     return train, list(val_src), Counter({f"task {n}": len(t.examples) for n, t in train_tasks.items()})
 
 
+def recall_types(d: dict) -> tuple[str, ...]:
+    """The fact types of a recall data part (``types:``, all training types by default); a held-out test type or an
+    unknown one is refused, since training on it would make the recall suite's numbers meaningless."""
+    from .data.recall import FACT_TYPES, TEST_TYPES, TRAIN_TYPES
+
+    types = tuple(d.get("types") or TRAIN_TYPES)
+    bad = [t for t in types if t not in TRAIN_TYPES]
+    if bad:
+        why = "held out for the recall suite" if set(bad) <= set(TEST_TYPES) else f"unknown (of {sorted(FACT_TYPES)})"
+        raise ConfigError(f"recall data types {bad} are {why}; use training types only: {list(TRAIN_TYPES)}")
+    return types
+
+
 def build_data(tok: Any, d: dict, seed: int):
     """(train source, validation episodes, data report) of a recipe's ``data`` section. ``source: mix`` takes
     ``parts``, a list of data sections, and mixes them in the ratio of their sizes."""
@@ -168,8 +181,9 @@ def build_data(tok: Any, d: dict, seed: int):
         from .data.recall import RecallEpisodes
 
         splits, fmt, report = chitchat_splits(tok, d)
-        train = RecallEpisodes(splits["train"], fmt, seed=seed, max_distance=d.get("max_distance", 16))
-        val_src = RecallEpisodes(splits["validation"], fmt, seed=seed + 1, max_distance=d.get("max_distance", 16))
+        kw = {"max_distance": d.get("max_distance", 16), "types": recall_types(d)}
+        train = RecallEpisodes(splits["train"], fmt, seed=seed, **kw)
+        val_src = RecallEpisodes(splits["validation"], fmt, seed=seed + 1, **kw)
         val = [val_src.get(i) for i in range(min(len(val_src), d.get("eval_episodes", 32)))]
         return train, val, report
     if source == "text":

