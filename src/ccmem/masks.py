@@ -150,6 +150,25 @@ def memory_mask_function(
     return and_masks(visible, _key(tokens.is_special(input_ids)), other)
 
 
+def raw_context_mask_function(
+    input_ids: torch.Tensor,
+    tokens: CompTokens,
+    attention_mask: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
+) -> Rule:
+    """Every token reads the raw tokens before it in its episode and never a ⟨COMP⟩/SUM key (a special query reads
+    only itself, so no row is empty): with skip position ids this is the model on the uncompressed past, on the very
+    rows of the compressed forward, which makes it the teacher of distillation (``TrainConfig.distill``)."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if segments is None:
+        segments = default_segments(attention_mask)
+    raw = _key(~tokens.is_special(input_ids))
+    itself = lambda b, h, q, kv: q == kv  # noqa: E731
+    return and_masks(or_masks(raw, itself), _same(segments), causal_mask_function,
+                     padding_mask_function(attention_mask.bool()))
+
+
 def dense_mask(rule: Rule, batch: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Evaluate a rule on the whole (B, 1, N, N) grid at once (broadcast indices, no vmap)."""
     b = torch.arange(batch, device=device)[:, None, None, None]

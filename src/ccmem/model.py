@@ -26,7 +26,14 @@ from .gate import ATTR as GATE_ATTR
 from .gate import attach_gate, gate_parameters, memory_kwargs_hook, remove_gate
 from .lora import ATTR as LORA_ATTR
 from .lora import attach_lora, lora_linears, lora_modules, merge_and_remove_lora
-from .masks import comp_mask_function, default_segments, dense_mask, memory_mask_function, to_additive
+from .masks import (
+    comp_mask_function,
+    default_segments,
+    dense_mask,
+    memory_mask_function,
+    raw_context_mask_function,
+    to_additive,
+)
 from .merging import merge_plan
 from .positions import skip_position_ids
 from .state import ForwardState
@@ -183,16 +190,20 @@ class CompressedModel:
     # ------------------------------------------------------------------ parallel formulation
     def parallel_inputs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, full_context: bool = False,
-        segments: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None, raw_context: bool = False,
     ) -> dict[str, Any]:
         """The 4D additive mask, skip position ids and merge plan that make one forward equal the online loop.
 
         ``segments`` (B, N) numbers the episodes packed into each row (see :func:`ccmem.sequence.pack_rows`): they
-        never see each other and each starts at position 0."""
+        never see each other and each starts at position 0. ``full_context``: plain causal attention (stage 1);
+        ``raw_context``: every token reads the raw past and no ⟨COMP⟩ key, i.e. the uncompressed model on the same
+        rows (the distillation teacher)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         special = self.tokens.is_special(input_ids)
-        if full_context:
+        if raw_context:
+            rule = raw_context_mask_function(input_ids, self.tokens, attention_mask, segments)
+        elif full_context:
             rule = and_masks(causal_mask_function, padding_mask_function(attention_mask.bool()),
                              _same_segment(segments if segments is not None else default_segments(attention_mask)))
         else:
@@ -213,10 +224,11 @@ class CompressedModel:
         else:
             mask = to_additive(dense_mask(rule, b, n, device=input_ids.device), dtype)
         out = {"attention_mask": mask, "position_ids": pos}
-        plan = None if full_context else merge_plan(input_ids, self.tokens, segments)
+        # raw context: SUM rows still get their (unread) merge; no query reads memory, so no gate
+        plan = None if full_context and not raw_context else merge_plan(input_ids, self.tokens, segments)
         if plan is not None:
             out["ccmem_merge"] = plan
-        if self.gated and not full_context:
+        if self.gated and not (full_context or raw_context):
             memory = memory_mask_function(input_ids, self.tokens, self.config.variant, attention_mask,
                                           self.config.sink, segments)
             out["ccmem_memory"] = dense_mask(memory, *input_ids.shape, device=input_ids.device)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .data.collate import Collator, lm_loss_at, loss_positions
+from .data.collate import Collator, kl_at, lm_loss_at, loss_positions
 from .data.episode import Episode, strip_eos
 from .errors import CCMError, ConfigError
 
@@ -50,6 +50,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     pack: int = 0  # pack each micro-batch's episodes into rows of at most this many tokens (0: pad each episode)
     loss_per: str = "token"  # "episode": the mean of per-episode means (a batch of B == B batches of 1 accumulated)
+    # weight of distillation: the loss is (1 - distill) * cross-entropy + distill * KL(teacher || student), where the
+    # teacher is the same model reading the raw past instead of the memory (one extra forward without gradient)
+    distill: float = 0.0
     log_every: int = 1
     eval_every: int = 0
     save_every: int = 0
@@ -66,6 +69,11 @@ class TrainConfig:
         if self.compile and self.compile not in ("inductor", "eager", "aot_eager", "cudagraphs"):
             raise ValueError(f"train.compile must be '' or a torch.compile backend (inductor, aot_eager, eager, "
                              f"cudagraphs), got {self.compile!r}")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ValueError(f"train.distill is the weight of the KL term, in [0, 1]; got {self.distill!r}")
+        if self.distill and self.mode != "compress":
+            raise ValueError("train.distill needs train.mode 'compress': in stage 1 the model already reads the raw "
+                             "past, so there is nothing to distill")
 
 
 class Source:
@@ -139,15 +147,21 @@ class Trainer:
         self.out = Path(config.output_dir)
 
     # ------------------------------------------------------------------ one step
-    def _forward_loss(self, batch: dict[str, torch.Tensor], reduction: str = "mean"):
+    def _forward_loss(self, batch: dict[str, torch.Tensor], reduction: str = "mean", distill: float = 0.0):
         batch = {k: v.to(self.acc.device) for k, v in batch.items()}
         ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        extra = self.ccm.parallel_inputs(ids, am, full_context=self.cfg.mode != "compress",
-                                         segments=batch.get("segments"))
+        seg, w = batch.get("segments"), batch.get("loss_weights")
+        extra = self.ccm.parallel_inputs(ids, am, full_context=self.cfg.mode != "compress", segments=seg)
         keep = loss_positions(labels)  # the LM head runs on target rows only
         with self.acc.autocast():
             logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=keep, **extra).logits
-        loss = lm_loss_at(logits, labels, keep, reduction, weights=batch.get("loss_weights"))
+        loss = lm_loss_at(logits, labels, keep, reduction, weights=w)
+        if distill:
+            with torch.no_grad(), self.acc.autocast():
+                teacher = self.model(input_ids=ids, use_cache=False, logits_to_keep=keep,
+                                     **self.ccm.parallel_inputs(ids, am, segments=seg, raw_context=True)).logits
+            self._ce = float(loss.detach())  # the log keeps the cross-entropy beside the mixed loss
+            loss = (1 - distill) * loss + distill * kl_at(logits, teacher, labels, keep, weights=w)
         return loss, int((labels != -100).sum()), int(am.sum())
 
     def _micro_batches(self, step: int) -> list[list[Episode]]:
@@ -170,15 +184,16 @@ class Trainer:
         self.model.train()
         t0 = time.perf_counter()
         micro = self._micro_batches(self.step)
-        total, tokens = 0.0, 0
+        total, tokens, ce = 0.0, 0, 0.0
         for a, eps in enumerate(micro):
             sync = a == len(micro) - 1
             ctx = self.acc.no_sync(self.model) if not sync and self.acc.num_processes > 1 else _null()
             with ctx:
-                loss, _, ntok = self._forward_loss(self.collate(eps))
+                loss, _, ntok = self._forward_loss(self.collate(eps), distill=self.cfg.distill)
                 if loss.requires_grad:  # a micro-batch with no ⟨COMP⟩ row (e.g. all chunks in the raw tail) adds 0
                     self.acc.backward(loss / len(micro))
             total += float(loss.detach()) / len(micro)
+            ce += getattr(self, "_ce", 0.0) / len(micro)
             tokens += ntok
         loss_t = torch.tensor([total], device=self.acc.device)
         loss_all = float(self.acc.reduce(loss_t, reduction="mean")) if self.acc.num_processes > 1 else total
@@ -199,7 +214,7 @@ class Trainer:
         return {"step": self.step, "loss": loss_all, "lr": self.sched.get_last_lr()[0],
                 "grad_norm": float(norm), "tokens_per_s": tokens * world / dt, "seconds": dt,
                 "samples": self.cfg.batch_size * self.cfg.grad_accum * world, "tokens": tokens * world,
-                "hardware": self.hardware}
+                "hardware": self.hardware, **({"ce": ce} if self.cfg.distill else {})}
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_after: int | None = None) -> list[dict]:

@@ -127,3 +127,19 @@ def lm_loss_at(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tens
     if reduction == "sum":
         return loss, count
     return loss / count.clamp(min=1)
+
+
+def kl_at(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor,
+          weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean KL(teacher || student) of the next-token distributions at the labelled rows of ``positions`` (logits as
+    kept by :func:`loss_positions`), weighted like :func:`lm_loss_at`: the whole distribution of the model that read
+    the raw past is the target, a denser signal per token than the one sampled next token."""
+    target = labels[:, positions + 1].reshape(-1)
+    rows = target != IGNORE
+    log_s = torch.log_softmax(student.reshape(-1, student.shape[-1])[rows].float(), -1)
+    log_t = torch.log_softmax(teacher.reshape(-1, teacher.shape[-1])[rows].float(), -1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)
+    if weights is None:
+        return kl.mean() if kl.numel() else kl.sum()
+    w = weights[:, positions + 1].reshape(-1)[rows]
+    return (kl * w).sum() / w.sum().clamp(min=1e-12)
