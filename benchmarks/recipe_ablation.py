@@ -71,6 +71,8 @@ KNOBS: dict[str, tuple[str, dict[str, Any]]] = {
                                                                "train.gate_lr": 5.0e-2}),
     "sink_gate": ("attention sink on + memory gate from -4", {"compression.sink": True,
                                                               "compression.memory_gate": -4.0}),
+    "gate_distill": ("memory gate from -4 + distillation from the raw past (0.5 KL + 0.5 cross-entropy)",
+                     {"compression.memory_gate": -4.0, "train.gate_lr": 1.0e-2, "train.distill": 0.5}),
 }
 
 
@@ -298,6 +300,7 @@ def main() -> None:
                           "knobs": {k: {"knob": v[0], "overrides": v[1]} for k, v in KNOBS.items()}},
                "references": references(tok, chit, icl, args.eval_batch)}
         report(res, args.name)
+    res["config"]["knobs"] = {k: {"knob": v[0], "overrides": v[1]} for k, v in KNOBS.items()}  # knobs added later
     names = [n for n in (args.only.split(",") if args.only else KNOBS) if n]
     for n in names:
         if n not in KNOBS:
