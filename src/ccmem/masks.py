@@ -150,6 +150,13 @@ def memory_mask_function(
     return and_masks(visible, _key(tokens.is_special(input_ids)), other)
 
 
+def full_context_mask_function(attention_mask: torch.Tensor, segments: torch.Tensor | None = None) -> Rule:
+    """Plain causal attention within each episode (stage 1 and the full-context reference)."""
+    if segments is None:
+        segments = default_segments(attention_mask)
+    return and_masks(causal_mask_function, padding_mask_function(attention_mask.bool()), _same(segments))
+
+
 def raw_context_mask_function(
     input_ids: torch.Tensor,
     tokens: CompTokens,
@@ -161,12 +168,9 @@ def raw_context_mask_function(
     rows of the compressed forward, which makes it the teacher of distillation (``TrainConfig.distill``)."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if segments is None:
-        segments = default_segments(attention_mask)
     raw = _key(~tokens.is_special(input_ids))
     itself = lambda b, h, q, kv: q == kv  # noqa: E731
-    return and_masks(or_masks(raw, itself), _same(segments), causal_mask_function,
-                     padding_mask_function(attention_mask.bool()))
+    return and_masks(or_masks(raw, itself), full_context_mask_function(attention_mask, segments))
 
 
 def dense_mask(rule: Rule, batch: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:

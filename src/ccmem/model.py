@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.masking_utils import and_masks, causal_mask_function, padding_mask_function
 
 from . import io
 from .attention import BACKENDS, STATE_ATTR, attention_modules, register_backends
@@ -28,8 +27,8 @@ from .lora import ATTR as LORA_ATTR
 from .lora import attach_lora, lora_linears, lora_modules, merge_and_remove_lora
 from .masks import (
     comp_mask_function,
-    default_segments,
     dense_mask,
+    full_context_mask_function,
     memory_mask_function,
     raw_context_mask_function,
     to_additive,
@@ -204,8 +203,7 @@ class CompressedModel:
         if raw_context:
             rule = raw_context_mask_function(input_ids, self.tokens, attention_mask, segments)
         elif full_context:
-            rule = and_masks(causal_mask_function, padding_mask_function(attention_mask.bool()),
-                             _same_segment(segments if segments is not None else default_segments(attention_mask)))
+            rule = full_context_mask_function(attention_mask, segments)
         else:
             rule = comp_mask_function(input_ids, self.tokens, self.config.variant, attention_mask, self.config.sink,
                                       segments)
@@ -390,10 +388,6 @@ class CompressedModel:
         from .session import Session
 
         return Session(self, batch_size=batch_size, grad=grad)
-
-
-def _same_segment(segments: torch.Tensor):
-    return lambda b, h, q, kv: segments[b, q] == segments[b, kv]
 
 
 def fold_stage1(model: nn.Module, path_or_id: str | os.PathLike, revision: str | None = None) -> bool:

@@ -155,14 +155,13 @@ class Trainer:
         keep = loss_positions(labels)  # the LM head runs on target rows only
         with self.acc.autocast():
             logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=keep, **extra).logits
-        loss = lm_loss_at(logits, labels, keep, reduction, weights=w)
+        loss = ce = lm_loss_at(logits, labels, keep, reduction, weights=w)
         if distill:
             with torch.no_grad(), self.acc.autocast():
                 teacher = self.model(input_ids=ids, use_cache=False, logits_to_keep=keep,
                                      **self.ccm.parallel_inputs(ids, am, segments=seg, raw_context=True)).logits
-            self._ce = float(loss.detach())  # the log keeps the cross-entropy beside the mixed loss
             loss = (1 - distill) * loss + distill * kl_at(logits, teacher, labels, keep, weights=w)
-        return loss, int((labels != -100).sum()), int(am.sum())
+        return loss, int((labels != -100).sum()), int(am.sum()), ce  # ce: for the log beside the mixed loss
 
     def _micro_batches(self, step: int) -> list[list[Episode]]:
         world, rank, c = self.acc.num_processes, self.acc.process_index, self.cfg
@@ -189,11 +188,11 @@ class Trainer:
             sync = a == len(micro) - 1
             ctx = self.acc.no_sync(self.model) if not sync and self.acc.num_processes > 1 else _null()
             with ctx:
-                loss, _, ntok = self._forward_loss(self.collate(eps), distill=self.cfg.distill)
+                loss, _, ntok, ce_part = self._forward_loss(self.collate(eps), distill=self.cfg.distill)
                 if loss.requires_grad:  # a micro-batch with no ⟨COMP⟩ row (e.g. all chunks in the raw tail) adds 0
                     self.acc.backward(loss / len(micro))
             total += float(loss.detach()) / len(micro)
-            ce += getattr(self, "_ce", 0.0) / len(micro)
+            ce += float(ce_part.detach()) / len(micro)
             tokens += ntok
         loss_t = torch.tensor([total], device=self.acc.device)
         loss_all = float(self.acc.reduce(loss_t, reduction="mean")) if self.acc.num_processes > 1 else total
@@ -254,7 +253,7 @@ class Trainer:
         nll, count = 0.0, 0
         for i in range(0, len(episodes), bs):
             eps = [strip_eos(e, eos) for e in episodes[i:i + bs]]
-            (s, c), _, _ = self._forward_loss(self.collate(eps), reduction="sum")
+            (s, c), _, _, _ = self._forward_loss(self.collate(eps), reduction="sum")
             nll += float(s)
             count += int(c)
         self.model.train()
