@@ -335,6 +335,26 @@ def test_frontier_points_at_every_budget(adapters, tmp_path, monkeypatch):
     assert all(p.stat().st_size > 0 for p in paths) and "| t | method | per_step |" in text and "Headline:" in text
 
 
+def test_frontier_keeps_the_control_point_out_of_the_margins(adapters, tmp_path, monkeypatch):
+    """--frontier --control: the adapter's control (its score on another context's memory) is a point of its own at
+    the adapter's KV, plotted, never the competitor a margin is taken against."""
+    from ccmem.evaluation.frontier import frontier
+    from ccmem.evaluation.frontier import write as write_frontier
+
+    monkeypatch.setenv("CCMEM_CACHE", str(tmp_path / "cache"))
+    cfg = EvalConfig(adapters={"ccm_concat": adapters["ccm_concat"]}, presses=(), training_free=("window",),
+                     check=0, batch_size=4, bootstrap=20, control=True)
+    res = frontier(TinySuite(), cfg, per_step=(1,), load_model=lambda: tiny_model(seed=0), progress=False)
+    by = {(p["t"], p["method"]): p for p in res["points"]}
+    for t in (1, 2, 4):
+        assert by[(t, "ccm_concat_other")]["kind"] == "control" and by[(t, "ccm_concat_other")]["per_step"] is None
+        assert by[(t, "ccm_concat_other")]["kv_kib"] == by[(t, "ccm_concat")]["kv_kib"]
+    assert [m["best_other"] for m in res["margins"]] == ["window"] * 3
+    assert {r["method"] for r in res["kv_to_match"]} == {"window"}
+    paths = write_frontier(tmp_path, "frontier_tiny", res)
+    assert "ccm_concat_other" in paths[1].read_text() and paths[2].stat().st_size > 0
+
+
 def test_margins_by_peak_kv_hand_case(adapters):
     """By held KV a one-shot press at CCM's budget is the best other; by peak KV (it prefilled the whole history) it
     is no competitor and the window is."""

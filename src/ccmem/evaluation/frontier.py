@@ -2,7 +2,8 @@
 
 Training-free methods (window, StreamingLLM, the kvpress presses, KVzip included) are run at ``k`` slots per context
 chunk for each ``k`` in ``per_step`` (the budget ``k * steps(t)``); each trained adapter contributes the point its
-own ``n_tok`` (and raw tail) gives. Full and no context are reference lines. Every point carries its 95 % bootstrap
+own ``n_tok`` (and raw tail) gives, and with ``control`` its control point (the adapter on another unit's memory:
+how much of its score any memory gives). Full and no context are reference lines. Every point carries its 95 % bootstrap
 interval. ``ccmem eval --suite S --frontier`` writes ``frontier_<suite>.{json,md,png}``.
 """
 
@@ -24,7 +25,7 @@ def frontier(suite: Suite, cfg: EvalConfig, per_step: tuple[int, ...] = (1, 2, 4
     refs: list[dict[str, Any]] = []
     runs = [(k, replace(cfg, n_tok=k, adapters={}, peers={}, control=False)) for k in per_step]
     if cfg.adapters:
-        runs.append((None, replace(cfg, training_free=(), presses=(), control=False)))
+        runs.append((None, replace(cfg, training_free=(), presses=())))  # --control adds each adapter's control
     notes: list[str] = []
     memo: dict = {}  # no context and full context do not depend on the budget: scored in the first run only
     reps: dict[tuple[str, int | None, int], list[float]] = {}  # (method, per_step, t) -> paired replicates
@@ -200,9 +201,9 @@ def plot(path: Path, res: dict[str, Any]) -> None:
             if all(p.get(f"{metric}_ci") for p in ps):
                 err = [[max(p[metric] - p[f"{metric}_ci"][0], 0) for p in ps],
                        [max(p[f"{metric}_ci"][1] - p[metric], 0) for p in ps]]
-            style = "o-" if ps[0]["kind"] != "trained" else "*"
+            style = {"trained": "*", "control": "X"}.get(ps[0]["kind"], "o-")
             a.errorbar(x, y, yerr=err, fmt=style, color=colors[i % 10], capsize=2, label=ps[0]["label"],
-                       markersize=10 if style == "*" else 5)
+                       markersize=5 if style == "o-" else 10)
         for r in res["references"]:
             if r["t"] == t:
                 a.axhline(r[metric], ls=":", color="green" if r["method"] == "full" else "red",
