@@ -24,6 +24,7 @@ import torch
 from .data.collate import Collator, kl_at, lm_loss_at, loss_positions
 from .data.episode import Episode, strip_eos
 from .errors import CCMError, ConfigError
+from .metrics import perplexity
 
 
 class NonFiniteLossError(CCMError, FloatingPointError):
@@ -257,7 +258,7 @@ class Trainer:
             nll += float(s)
             count += int(c)
         self.model.train()
-        return math.exp(nll / max(count, 1))
+        return perplexity(nll, count)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_dir(self, step: int) -> Path:

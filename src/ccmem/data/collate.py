@@ -111,13 +111,18 @@ def loss_positions(labels: torch.Tensor) -> torch.Tensor:
     return need.nonzero().squeeze(-1)
 
 
+def _at(per_token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Labels (or loss weights) of the next token after each kept logit row."""
+    return per_token[:, positions + 1]
+
+
 def lm_loss_at(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor, reduction: str = "mean",
                weights: torch.Tensor | None = None):
     """Next-token cross-entropy of logits kept at ``positions`` (see :func:`loss_positions`); with ``weights`` (per
     label position, e.g. the collator's ``loss_weights``) the mean is weighted by them."""
-    target = labels[:, positions + 1]
+    target = _at(labels, positions)
     if weights is not None and reduction == "mean":
-        w = weights[:, positions + 1].reshape(-1)
+        w = _at(weights, positions).reshape(-1)
         ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
                                                ignore_index=IGNORE, reduction="none")
         return (ce * w).sum() / w.sum().clamp(min=1e-12)
@@ -134,12 +139,11 @@ def kl_at(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, po
     """Mean KL(teacher || student) of the next-token distributions at the labelled rows of ``positions`` (logits as
     kept by :func:`loss_positions`), weighted like :func:`lm_loss_at`: the whole distribution of the model that read
     the raw past is the target, a denser signal per token than the one sampled next token."""
-    target = labels[:, positions + 1].reshape(-1)
-    rows = target != IGNORE
+    rows = _at(labels, positions).reshape(-1) != IGNORE
     log_s = torch.log_softmax(student.reshape(-1, student.shape[-1])[rows].float(), -1)
     log_t = torch.log_softmax(teacher.reshape(-1, teacher.shape[-1])[rows].float(), -1)
     kl = (log_t.exp() * (log_t - log_s)).sum(-1)
     if weights is None:
         return kl.mean() if kl.numel() else kl.sum()
-    w = weights[:, positions + 1].reshape(-1)[rows]
+    w = _at(weights, positions).reshape(-1)[rows]
     return (kl * w).sum() / w.sum().clamp(min=1e-12)
