@@ -158,6 +158,15 @@ def test_general_recipe_runs_and_resumes(tmp_path, tiny_folder):
     assert summary["trained_samples"] == 3 and summary["trained_tokens"] == sum(r["tokens"] for r in rows) > 0
     assert list(summary["hardware"]) == [rows[0]["hardware"]] and summary["hardware"][rows[0]["hardware"]]["steps"] == 3
     assert "threads" in rows[0]["hardware"]
+    # shipping the checkpoint as an adapter: the same recipe at max_steps = its step trains nothing and writes it
+    from safetensors.torch import load_file
+
+    assert main(["train", "configs/general_concat.yaml", *common[:-4], "train.max_steps=3",
+                 f"train.output_dir={tmp_path}/run", f"output={tmp_path}/shipped", "--device", "cpu"]) == 0
+    assert len((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()) == 3
+    got, want = (load_file(p / "adapter.safetensors") for p in (tmp_path / "shipped", ckpts[0].parent / "step_000003"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert json.loads((tmp_path / "shipped" / "train_summary.json").read_text())["steps"] == 3
 
 
 def test_chat_general_recipe_warm_starts_from_an_adapter(tmp_path, tiny_folder):
