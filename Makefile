@@ -19,10 +19,11 @@ $(VENV)/.installed: pyproject.toml
 	# the default streaming text: the King James Bible from Debian's bible-kjv
 	command -v bible >/dev/null || (apt-get update -qq && apt-get install -y -qq bible-kjv >/dev/null) || \
 		echo "warning: could not install bible-kjv (apt-get install bible-kjv); ccmem stream needs --text FILE"
-	# two more long-text domains (ccmem.data.text): the streaming adapter is trained on one and scored on the other
-	test -f /usr/share/dictd/devil.dict.dz -a -d /usr/share/doc/python3.11/html/_sources || (apt-get update -qq && \
-		apt-get install -y -qq dict-devil python3.11-doc >/dev/null) || \
-		echo "warning: could not install dict-devil / python3.11-doc; the streaming domain texts need them"
+	# three more long-text domains (ccmem.data.text): streaming adapters are trained on some and scored on others
+	test -f /usr/share/dictd/devil.dict.dz -a -d /usr/share/doc/python3.11/html/_sources \
+		-a -f /usr/share/games/fortunes/literature || (apt-get update -qq && \
+		apt-get install -y -qq dict-devil python3.11-doc fortunes >/dev/null) || \
+		echo "warning: could not install dict-devil / python3.11-doc / fortunes; the streaming domain texts need them"
 	# WordNet 3.0 for the in-context-learning suite (ccmem.data.icl)
 	test -f /usr/share/wordnet/data.noun || (apt-get update -qq && apt-get install -y -qq wordnet-base \
 		wordnet-sense-index >/dev/null) || echo "warning: could not install wordnet-base; the ICL suite needs it"

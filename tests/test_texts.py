@@ -86,6 +86,18 @@ def test_python_docs_are_prose():
     assert "Python is an easy to learn, powerful programming language." in text
 
 
+@pytest.mark.skipif(not (T.FORTUNES / "literature").is_file(), reason="needs Debian's fortunes")
+def test_fortunes_are_quotations_without_the_held_out_texts():
+    text = T.named_text("fortunes")
+    quotes = text.split("\n\n")
+    assert 2_000_000 < len(text) < 2_600_000 and len(quotes) > 12_000
+    assert "A horse!  A horse!  My kingdom for a horse!\n-- Wm. Shakespeare, \"Richard III\"" in quotes
+    assert "%" not in quotes and all(q.strip() == q and q for q in quotes)
+    # the scoring texts stay held out: no Bierce (the definitions jar quotes him), no Bible verse by chapter
+    assert "Bierce" not in text and "Devil's Dictionary" not in text and not T.HELD_OUT_QUOTE.search(text)
+    assert T.fortunes_text() == text  # a fixed order: the same text every time
+
+
 def test_a_list_of_texts_splits_the_episodes_evenly(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -1,6 +1,7 @@
 """Long text: PG-19-style books (one book per text file), the King James Bible from Debian's ``bible-kjv`` as the
-default stream, two more domains from Debian (Bierce's *The Devil's Dictionary*, the Python 3 documentation), the
-chit-chat training dialogs as running text, and training episodes cut from a token stream for the streaming adapter.
+default stream, three more domains from Debian (Bierce's *The Devil's Dictionary*, the Python 3 documentation, the
+``fortunes`` quotations), the chit-chat training dialogs as running text, and training episodes cut from a token
+stream for the streaming adapter.
 
 Every text is named by a spec (:func:`named_text`), so a recipe and a benchmark say which domains a streaming adapter
 was trained and scored on."""
@@ -104,6 +105,34 @@ def rst_prose(src: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip()
 
 
+FORTUNES = Path("/usr/share/games/fortunes")  # Debian's fortunes (and fortunes-min)
+# the jars left out: ascii-art is not prose; definitions quotes The Devil's Dictionary, a held-out scoring text
+FORTUNE_JARS_LEFT_OUT = ("ascii-art", "definitions")
+# a fortune quoting a held-out scoring text (Bierce, or a Bible verse by book and chapter) is dropped
+HELD_OUT_QUOTE = re.compile(
+    r"Bierce|Devil's Dictionary|\bBible\b|\b(Genesis|Exodus|Leviticus|Deuteronomy|Psalms?|Proverbs|Ecclesiastes|"
+    r"Isaiah|Jeremiah|Matthew|Mark|Luke|John|Acts|Romans|Corinthians|Galatians|Ephesians|Hebrews|James|Peter|"
+    r"Revelations?)\s+\d+:\d+", re.IGNORECASE)
+
+
+def fortunes_text(root: Path = FORTUNES) -> str:
+    """The quotations of Debian's ``fortunes`` (literature, humour, science, politics, songs and poems, ...) as
+    running text, jar by jar in name order, one quotation per paragraph: a broad modern-English mix for training a
+    streaming adapter that must generalise. Leaves out what overlaps a held-out scoring text (:data:`HELD_OUT_QUOTE`,
+    :data:`FORTUNE_JARS_LEFT_OUT`)."""
+    jars = sorted(f for f in root.glob("*") if f.is_file() and not f.suffix and f.name not in FORTUNE_JARS_LEFT_OUT)
+    if not jars:
+        raise FileNotFoundError(f"no fortune jars in {root}: apt-get install -y fortunes")
+    out = []
+    for jar in jars:
+        for quote in jar.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
+            lines = [ln.strip() for ln in quote.strip("%\n").splitlines()]
+            text = "\n".join(ln for ln in lines if ln)
+            if text and not HELD_OUT_QUOTE.search(text):
+                out.append(text)
+    return "\n\n".join(out)
+
+
 def chitchat_text(split: str = "train", split_seed: int = 0) -> str:
     """The chit-chat corpus's dialogs of one split as running ``A: / B:`` text, one dialog after another: the split
     is by conversation id (as every dialog recipe's), so a train-split stream never holds an evaluation dialog."""
@@ -122,12 +151,13 @@ TEXTS = {
     "devil": "Bierce's The Devil's Dictionary (Debian dict-devil)",
     "pydocs": "the Python documentation's prose; pydocs:tutorial,howto,... for some sections (Debian python3.11-doc)",
     "chitchat": "the chit-chat dialogs of one split as A:/B: text; chitchat:train|validation|test",
+    "fortunes": "the quotations of Debian's fortunes, without Bierce or Bible verses (Debian fortunes)",
 }
 
 
 def named_text(spec: str) -> str:
-    """A long text by name (:data:`TEXTS`: ``kjv:new``, ``devil``, ``pydocs``, ``chitchat:train``) or a PG-19-style
-    ``.txt`` file or folder of books."""
+    """A long text by name (:data:`TEXTS`: ``kjv:new``, ``devil``, ``pydocs``, ``chitchat:train``, ``fortunes``) or a
+    PG-19-style ``.txt`` file or folder of books."""
     name, _, arg = str(spec).partition(":")
     if name == "kjv":
         if (arg or "all") not in KJV_RANGES:
@@ -139,6 +169,8 @@ def named_text(spec: str) -> str:
         return python_docs(tuple(arg.split(",")) if arg else PYTHON_DOC_SECTIONS)
     if name == "chitchat":
         return chitchat_text(arg or "train")
+    if name == "fortunes":
+        return fortunes_text()
     if not Path(spec).exists():
         raise FileNotFoundError(f"text {spec!r} is neither a known name ({', '.join(TEXTS)}) nor a .txt file or "
                                 "folder of books")
