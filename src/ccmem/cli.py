@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("stream", help="perplexity over a long text in a bounded cache: CCM vs StreamingLLM")
     st.add_argument("--adapter", default="adapters/stream-kjv")
     st.add_argument("--text", default="kjv:new",
-                    help="a text name (kjv:all|old|new, devil, pydocs, chitchat:SPLIT) or a PG-19 .txt file or folder")
+                    help="a text name (kjv:all|old|new, devil, pydocs, chitchat:SPLIT, fortunes) or a PG-19 .txt "
+                    "file or folder")
     st.add_argument("--tokens", type=int, default=16000)
     st.add_argument("--start", type=int, default=9000)
     st.add_argument("--window", type=int, default=160)

@@ -106,9 +106,9 @@ def chitchat_splits(tok: Any, data_cfg: dict) -> tuple[dict, Any]:
 
 def text_data(tok: Any, d: dict, seed: int):
     """Streaming-adapter data: episodes cut from long text. ``path``: one text or a list of them, each a name
-    (``kjv:old``, ``devil``, ``pydocs``, ``chitchat:train``: :data:`ccmem.data.text.TEXTS`) or a PG-19-style
-    file/folder. A list splits the episodes evenly over its texts, so a short text weighs as much as a long one; the
-    last 2 % of every text is held out for validation."""
+    (``kjv:old``, ``devil``, ``pydocs``, ``chitchat:train``, ``fortunes``: :data:`ccmem.data.text.TEXTS`) or a
+    PG-19-style file/folder. A list splits the episodes evenly over its texts, so a short text weighs as much as a
+    long one; the last 2 % of every text is held out for validation."""
     from collections import Counter
 
     from .data.text import named_text, stream_episodes
