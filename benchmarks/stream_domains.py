@@ -6,7 +6,8 @@ mixed adapter (configs/stream_mixed.yaml) saw neither: it was trained on the Pyt
 dialogs. The KJV adapter (configs/stream_kjv.yaml, Old Testament) is shown beside it: in domain on `kjv:new`, off
 domain on `devil`.
 Headline: the first adapter's worst margin over the texts it was not trained on, StreamingLLM ppl minus CCM ppl
-(positive = CCM better). Writes benchmarks/results/stream_domains.{json,md,png}.
+(positive = CCM better), with a 95 % interval from a paired block bootstrap over the stream (blocks of 500 tokens:
+ccmem.evaluation.intervals.ppl_margin_blocks). Writes benchmarks/results/stream_domains.{json,md,png}.
 Run: python benchmarks/stream_domains.py [--tokens 16000 --texts kjv:new,devil
                                           --adapters stream-mixed=adapters/stream-mixed,stream-kjv=adapters/stream-kjv]
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, markdown_table, write_results  # noqa: E402
 
+from ccmem.evaluation.intervals import ppl_margin_blocks  # noqa: E402
 from ccmem.recipe import adapter_data  # noqa: E402
 from ccmem.streaming import StreamConfig, Streamer, load_stream_tokens  # noqa: E402
 
@@ -67,13 +69,16 @@ def main() -> None:
                 schedule = run.schedule
                 for m in ("streamingllm", "window"):
                     runs[m] = Streamer(ccm, m, cfg, budget_schedule=schedule).run(ids, progress=True)
+                streamingllm_nll = runs["streamingllm"].nll
             ccm.detach(remove_weights=True)
             src = trained_on(path)
             for method, r in runs.items():
                 rows.append({"text": text, "method": method, "trained_on": ", ".join(src) if method.startswith(
                     "ccm") else "-", "in_domain": seen(text, src) if method.startswith("ccm") else None,
                     "ppl": r.ppl, "tokens_per_s": len(r.nll) / r.seconds, "max_cache_slots": max(r.cache_sizes),
-                    "max_cache_kib": max(r.cache_sizes) * per_slot / 1024, "predictions": len(r.nll)})
+                    "max_cache_kib": max(r.cache_sizes) * per_slot / 1024, "predictions": len(r.nll),
+                    "streamingllm_minus_ppl_ci": None if method == "streamingllm" else
+                    [round(x, 4) for x in ppl_margin_blocks(r.nll, streamingllm_nll)]})
     for r in rows:  # margins and speed against StreamingLLM on the same text
         s = next(x for x in rows if x["text"] == r["text"] and x["method"] == "streamingllm")
         r["streamingllm_minus_ppl"] = s["ppl"] - r["ppl"]
@@ -84,17 +89,20 @@ def main() -> None:
     headline = {"metric": "streamingllm_minus_ccm_ppl_worst_unseen_domain",
                 "value": round(worst["streamingllm_minus_ppl"], 4) if worst else None, "target": 0.0,
                 "higher_is_better": True, "unit": "ppl",
+                "interval_95": [round(x, 4) for x in worst["streamingllm_minus_ppl_ci"]] if worst else None,
                 "meaning": (f"{first}: StreamingLLM ppl minus CCM ppl, worst over the texts it was not trained on "
                             f"(worst: {worst['text']}, CCM {worst['ppl']:.3f} vs StreamingLLM "
                             f"{worst['ppl'] + worst['streamingllm_minus_ppl']:.3f}; CCM at "
                             f"{worst['speed_vs_streamingllm']:.2f}x StreamingLLM's tokens/s), identical KV budgets "
                             f"at every token (window {cfg.window}, chunk {cfg.chunk}, <= {cfg.mem_slots} memory "
                             "slots, sink 1)") if worst else "no text outside the first adapter's training domains"}
-    cols = ["text", "method", "trained_on", "in_domain", "ppl", "streamingllm_minus_ppl", "tokens_per_s",
+    cols = ["text", "method", "trained_on", "in_domain", "ppl", "streamingllm_minus_ppl", "streamingllm_minus_ppl_ci",
+            "tokens_per_s",
             "speed_vs_streamingllm", "max_cache_slots", "max_cache_kib"]
     command = "python benchmarks/stream_domains.py " + " ".join(sys.argv[1:])
     table = (f"# Streaming perplexity on domains the adapters were not trained on (SmolLM2-135M-Instruct)\n\n"
-             f"Headline: {headline['metric']} = {headline['value']} (target > 0); {headline['meaning']}\n\n"
+             f"Headline: {headline['metric']} = {headline['value']} (target > 0; 95 % interval "
+             f"{headline['interval_95']}); {headline['meaning']}\n\n"
              f"Command: `{command}`\n\nTokens [{args.start}, {args.start + args.tokens}) of each text; "
              "in_domain: the adapter's training texts include this book or domain.\n\n" + markdown_table(rows, cols))
     _plot(rows)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ccmem.evaluation import Group, IclSuite, Query
-from ccmem.evaluation.intervals import add_intervals, interval, percentile, replicates
+from ccmem.evaluation.intervals import add_intervals, interval, percentile, ppl_margin_blocks, replicates
 from ccmem.evaluation.suites import Suite
 
 
@@ -86,3 +86,31 @@ def test_icl_resamples_items_within_each_task():
     # stratified: every task keeps only its own items (input [k]), and some item is drawn twice
     assert all(q.input == [k] for k, x in enumerate(g) for q in x.queries)
     assert any(len({id(q) for q in x.queries}) < 5 for x in g)
+
+
+def test_stream_margin_interval_is_paired_over_blocks():
+    import math
+
+    # a constant per-token gain of 0.1 nats: every replicate has the same margin, e^2.1 - e^2.0
+    ours, other = [2.0] * 1000, [2.1] * 1000
+    lo, hi = ppl_margin_blocks(ours, other, block=100, n=200)
+    assert lo == pytest.approx(math.exp(2.1) - math.exp(2.0)) and hi == pytest.approx(lo)
+    # two blocks, hand-checked: block A (ours 1, other 2), block B (both 1); with k copies of A among a replicate's
+    # 2 draws its margin is e^((k + 2) / 2) - e^1: k = 0 -> 0, k = 1 -> e^1.5 - e^1, k = 2 -> e^2 - e^1
+    ours, other = [1.0, 1.0], [2.0, 1.0]
+    reps = {0: 0.0, 1: math.exp(1.5) - math.exp(1.0), 2: math.exp(2.0) - math.exp(1.0)}
+    lo, hi = ppl_margin_blocks(ours, other, block=1, n=400)
+    assert lo == pytest.approx(reps[0]) and hi == pytest.approx(reps[2])
+    # the same noise on both runs cancels (paired): the interval stays a point at the shift
+    rng = random.Random(0)
+    noise = [rng.uniform(0, 3) for _ in range(2000)]
+    lo, hi = ppl_margin_blocks(noise, noise, block=50, n=100)
+    assert lo == hi == 0.0
+    # a small gain on noisy NLLs: the interval holds the point estimate and, paired, excludes 0
+    ours = list(noise)
+    other = [x + 0.05 for x in noise]
+    point = math.exp(sum(other) / len(other)) - math.exp(sum(ours) / len(ours))
+    lo, hi = ppl_margin_blocks(ours, other, block=50, n=300)
+    assert 0 < lo <= point <= hi
+    with pytest.raises(ValueError, match="same tokens"):
+        ppl_margin_blocks([1.0, 2.0], [1.0])
