@@ -121,14 +121,27 @@ def _plot(rows) -> None:
 
     texts = list(dict.fromkeys(r["text"] for r in rows))
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "window"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    ccm = [m for m in methods if m != "streamingllm"]
+    color = {m: f"C{j}" for j, m in enumerate(methods)}  # one colour per method in both panels
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
     w = 0.8 / len(methods)
     for j, m in enumerate(methods):
         vals = [next((r["ppl"] for r in rows if r["text"] == t and r["method"] == m), float("nan")) for t in texts]
-        ax.bar([i + j * w for i in range(len(texts))], vals, w, label=m)
+        ax.bar([i + j * w for i in range(len(texts))], vals, w, label=m, color=color[m])
     ax.set_xticks([i + w * (len(methods) - 1) / 2 for i in range(len(texts))], texts)
     ax.set(ylabel="streaming perplexity (lower is better)", title="equal KV budget, texts by domain")
     ax.legend(fontsize=8)
+    w = 0.8 / max(len(ccm), 1)
+    for j, m in enumerate(ccm):  # the margins with their 95 % block-bootstrap intervals as error bars
+        rs = [next(r for r in rows if r["text"] == t and r["method"] == m) for t in texts]
+        vals = [r["streamingllm_minus_ppl"] for r in rs]
+        err = [[v - r["streamingllm_minus_ppl_ci"][0] for v, r in zip(vals, rs)],
+               [r["streamingllm_minus_ppl_ci"][1] - v for v, r in zip(vals, rs)]]
+        bx.bar([i + j * w for i in range(len(texts))], vals, w, yerr=err, capsize=4, label=m, color=color[m])
+    bx.axhline(0, color="k", lw=0.8)
+    bx.set_xticks([i + w * (len(ccm) - 1) / 2 for i in range(len(texts))], texts)
+    bx.set(ylabel="StreamingLLM ppl - CCM ppl (> 0: CCM better)", title="margin over StreamingLLM, 95 % interval")
+    bx.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / "stream_domains.png", dpi=100)
 
