@@ -2,14 +2,14 @@
 StreamingLLM and a sliding window at identical KV budgets at every token, with tokens/s.
 
 Texts (ccmem.data.text): the KJV New Testament (`kjv:new`) and Bierce's *The Devil's Dictionary* (`devil`). The
-mixed adapter (configs/stream_mixed.yaml) saw neither: it was trained on the Python documentation and chit-chat
-dialogs. The KJV adapter (configs/stream_kjv.yaml, Old Testament) is shown beside it: in domain on `kjv:new`, off
-domain on `devil`.
+general adapter (configs/stream_general.yaml) saw neither: it was trained on the Python documentation, chit-chat
+dialogs and the fortunes quotations; the shapes adapter (configs/stream_mixed_shapes.yaml) on the first two. Any
+adapter can be listed (the KJV one, configs/stream_kjv.yaml, is in domain on `kjv:new`).
 Headline: the first adapter's worst margin over the texts it was not trained on, StreamingLLM ppl minus CCM ppl
 (positive = CCM better), with a 95 % interval from a paired block bootstrap over the stream (blocks of 500 tokens:
 ccmem.evaluation.intervals.ppl_margin_blocks). Writes benchmarks/results/stream_domains.{json,md,png}.
 Run: python benchmarks/stream_domains.py [--tokens 16000 --texts kjv:new,devil
-                                          --adapters stream-mixed=adapters/stream-mixed,stream-kjv=adapters/stream-kjv]
+    --adapters stream-general=adapters/stream-general,stream-mixed-shapes=adapters/stream-mixed-shapes]
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16000)
     ap.add_argument("--start", type=int, default=9000)
     ap.add_argument("--texts", default="kjv:new,devil")
-    ap.add_argument("--adapters", default="stream-mixed=adapters/stream-mixed,stream-kjv=adapters/stream-kjv")
+    ap.add_argument("--adapters", default="stream-general=adapters/stream-general,"
+                    "stream-mixed-shapes=adapters/stream-mixed-shapes")
     args = ap.parse_args()
     from ccmem.memory import bytes_per_slot
     from ccmem.model import CompressedModel
