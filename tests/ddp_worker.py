@@ -18,3 +18,4 @@ if tr.acc.is_main_process:
     Path(out).mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().clone() for k, v in ccm.trainable_named_parameters().items()}, f"{out}/weights.pt")
     print("world", tr.acc.num_processes)
+tr.close()

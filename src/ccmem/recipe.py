@@ -384,4 +384,5 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
              "validation_ppl": final_ppl, "validation_dialogs": len(val), "train_dialogs": len(train),
              "data_report": dict(report), "device": str(trainer.acc.device),
              **training_totals(trainer.history, per_step)}, indent=2) + "\n")
+    trainer.close()  # under torchrun / accelerate launch: no rank exits with its process group alive
     return out

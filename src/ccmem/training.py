@@ -260,6 +260,13 @@ class Trainer:
         self.model.train()
         return perplexity(nll, count)
 
+    def close(self) -> None:
+        """End a run: every rank waits for the others (rank 0 may still be saving), then the process group is
+        destroyed. A rank that exits with its gloo/NCCL group still alive can abort in the group's destructor
+        ("terminate called without an active exception") and fail an otherwise finished ``torchrun`` job."""
+        self.acc.wait_for_everyone()
+        self.acc.end_training()
+
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_dir(self, step: int) -> Path:
         return self.out / "checkpoints" / f"step_{step:06d}"
