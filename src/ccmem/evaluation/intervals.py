@@ -3,7 +3,8 @@
 Resampling is over the suite's units (dialogs for chit-chat, facts for recall, items within each task for ICL: see
 ``Suite.resample``) and **paired**: replicate r draws the same units for every method at a time step, so a margin's
 interval reflects how the two methods differ on the same contexts, not two independent noises. Percentile intervals;
-replicate r of every method uses ``random.Random(seed + r)``, so a run is reproducible.
+replicate r of every method uses ``random.Random(seed + r)``, so a run is reproducible. A streamed text has no such
+units: :func:`ppl_margin_blocks` resamples runs of consecutive tokens instead.
 """
 
 from __future__ import annotations
