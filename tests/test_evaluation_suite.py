@@ -141,6 +141,49 @@ def test_control_scores_the_adapter_on_another_context(adapters, tmp_path, monke
     assert by[(4, "ccm_concat_other")]["kv_slots"] == by[(4, "ccm_concat")]["kv_slots"]
 
 
+def test_context_value_hand_checked(adapters):
+    """Lower-is-better metric: the adapter at 50 ppl, its control at 60 -> worth 10; the interval is over the
+    per-replicate differences of the same draws (paired), not of two independent intervals."""
+    from ccmem.evaluation.intervals import add_intervals
+    from ccmem.evaluation.methods import control, trained
+    from ccmem.evaluation.runner import _context_value
+
+    own = trained("ccm_concat", adapters["ccm_concat"])
+    methods = [own, control(own)]
+    rows = [{"t": 4, "method": "ccm_concat", "ppl": 50.0}, {"t": 4, "method": "ccm_concat_other", "ppl": 60.0}]
+    cv = _context_value(rows, methods, "ppl", higher=False)
+    assert cv == [{"t": 4, "ccm": "ccm_concat", "control": "ccm_concat_other", "ccm_value": 50.0,
+                   "control_value": 60.0, "margin": 10.0}]
+    reps = {("ccm_concat", 4): [50.0, 52.0, 48.0], ("ccm_concat_other", 4): [60.0, 55.0, 61.0]}
+    add_intervals([], cv, reps, "ppl", higher=False, other="control")
+    assert cv[0]["margin_ci"] == pytest.approx([3.0 + 0.025 * 2 * 7, 13.0 - 0.025 * 2 * 3])  # of [3, 10, 13]
+
+
+def test_context_value_is_the_adapter_minus_its_control_with_a_paired_interval(adapters, tmp_path, monkeypatch):
+    """--control also reports, per t, the adapter's metric minus its control's (what its memory of the right context
+    is worth) with an interval from the same paired replicates; it is written to the markdown report."""
+    from ccmem.evaluation.intervals import interval
+    from ccmem.evaluation.report import write
+
+    monkeypatch.setenv("CCMEM_CACHE", str(tmp_path / "cache"))
+    cfg = EvalConfig(adapters={"ccm_concat": adapters["ccm_concat"]}, presses=(), check=0, batch_size=4,
+                     bootstrap=30, control=True, mode="online")
+    reps: dict = {}
+    res = evaluate(TinySuite(), cfg, load_model=lambda: tiny_model(seed=0), progress=False, replicates_out=reps)
+    by = {(r["t"], r["method"]): r["acc_norm"] for r in res["rows"]}
+    cv = {c["t"]: c for c in res["context_value"]}
+    assert sorted(cv) == [1, 2, 4]
+    for t, c in cv.items():
+        assert (c["ccm"], c["control"]) == ("ccm_concat", "ccm_concat_other")
+        assert c["margin"] == pytest.approx(by[(t, "ccm_concat")] - by[(t, "ccm_concat_other")])
+        diffs = [a - b for a, b in zip(reps[("ccm_concat", t)], reps[("ccm_concat_other", t)])]
+        assert c["margin_ci"] == pytest.approx(interval(diffs))
+    res.update(title="t", command="c", headline={"metric": "m", "value": 0, "target": 0, "higher_is_better": True,
+                                                 "meaning": ""})
+    md = write(tmp_path, "cv", res, res["methods"], "acc_norm", True)[1].read_text()
+    assert "each adapter minus its control" in md and "ccm_concat_other" in md.split("minus its control")[1]
+
+
 def test_gisting_online_differs_from_gisting(adapters):
     """Same adapter, two layouts: the whole history in one group vs each chunk alone."""
     from ccmem import CompressedModel

@@ -45,9 +45,9 @@ def replicates(suite: Any, groups: list, scores: list, calib: list | None, metri
 
 
 def add_intervals(rows: list[dict], margins: list[dict], reps: dict[tuple[str, int], list[float]], metric: str,
-                  higher: bool, level: float = LEVEL) -> None:
-    """Write ``<metric>_ci``, ``gap_recovered_ci`` (rows) and ``margin_ci`` (margins) from paired replicates
-    ``reps[(method, t)]``."""
+                  higher: bool, level: float = LEVEL, other: str = "best_other") -> None:
+    """Write ``<metric>_ci``, ``gap_recovered_ci`` (rows) and ``margin_ci`` (margins: ``m["ccm"]`` minus
+    ``m[other]``, in the better direction) from paired replicates ``reps[(method, t)]``."""
     for r in rows:
         rep = reps.get((r["method"], r["t"]))
         if rep is None:
@@ -58,7 +58,7 @@ def add_intervals(rows: list[dict], margins: list[dict], reps: dict[tuple[str, i
             gaps = [(x - a) / (b - a) for x, a, b in zip(rep, none, full) if b != a]
             r["gap_recovered_ci"] = interval(gaps, level) if gaps else None
     for m in margins:
-        a, b = reps.get((m["ccm"], m["t"])), reps.get((m["best_other"], m["t"]))
+        a, b = reps.get((m["ccm"], m["t"])), reps.get((m[other], m["t"]))
         if a and b:
             diffs = [(x - y) if higher else (y - x) for x, y in zip(a, b)]
             m["margin_ci"] = interval(diffs, level)

@@ -98,7 +98,12 @@ def write(out_dir: Path, name: str, result: dict[str, Any], methods: list[dict],
              "must bound; one-shot presses prefill the whole history first)\n",
              markdown_table(_ci_text(result["peak_margins"], "margin_ci"),
                             ["t", "ccm", "best_other", "ccm_value", "other_value", "margin", "margin_ci"])]
-            if result.get("peak_margins") else [])]
+            if result.get("peak_margins") else []),
+          *(["\n## What the memory of the right context is worth: each adapter minus its control (the same adapter "
+             "on another context's memory of equal size; positive = better with its own context)\n",
+             markdown_table(_ci_text(result["context_value"], "margin_ci"),
+                            ["t", "ccm", "control", "ccm_value", "control_value", "margin", "margin_ci"])]
+            if result.get("context_value") else [])]
     parts = sorted({k for r in rows for k in r if k.startswith(f"{metric}_") and not k.endswith("_ci")})
     if parts:  # the metric per kind of unit (recall: per fact type), at the largest t
         last = max(ts)

@@ -276,6 +276,7 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
     _gap(rows, suite.metric)
     margins = _margins(rows, methods, suite.metric, suite.higher_is_better)
     peak_margins = _margins(rows, methods, suite.metric, suite.higher_is_better, kv="peak_kv_kib")
+    context = _context_value(rows, methods, suite.metric, suite.higher_is_better)
     if cfg.bootstrap:
         from .intervals import add_intervals, replicates
 
@@ -283,9 +284,11 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
                                         cfg.bootstrap_seed) for m in methods for t in ts}
         add_intervals(rows, margins, reps, suite.metric, suite.higher_is_better)
         add_intervals([], peak_margins, reps, suite.metric, suite.higher_is_better)
+        add_intervals([], context, reps, suite.metric, suite.higher_is_better, other="control")
         if replicates_out is not None:
             replicates_out.update(reps)
-    return {"rows": rows, "margins": margins, "peak_margins": peak_margins, "agreement": agreement, "mode": mode,
+    return {"rows": rows, "margins": margins, "peak_margins": peak_margins, "context_value": context,
+            "agreement": agreement, "mode": mode,
             "notes": notes,
             "methods": [{"name": m.name, "label": m.label, "kind": m.kind, "adapter": m.adapter,
                          "peer": m.peer if m.kind == "trained" else None} for m in methods],
@@ -358,6 +361,22 @@ def _margins(rows: list[dict], methods: list[Method], metric: str, higher: bool,
                             "margin": margin}
             if best:
                 out.append(best)
+    return out
+
+
+def _context_value(rows: list[dict], methods: list[Method], metric: str, higher: bool) -> list[dict]:
+    """Per t and per adapter with a control: its metric minus its control's (positive = better on its own context).
+    Both rows ask the same queries with memories of equal size, so what is left is what the memory holds of *this*
+    context; the adapter's gain over no context minus this is the prior any memory gives."""
+    by = {(r["t"], r["method"]): r for r in rows}
+    out = []
+    for c in methods:
+        if c.kind != "control":
+            continue
+        for t in sorted({r["t"] for r in rows}):
+            own, ctl = by[(t, c.peer)][metric], by[(t, c.name)][metric]
+            out.append({"t": t, "ccm": c.peer, "control": c.name, "ccm_value": own, "control_value": ctl,
+                        "margin": (own - ctl) if higher else (ctl - own)})
     return out
 
 
