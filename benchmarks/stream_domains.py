@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--texts", default="kjv:new,devil")
     ap.add_argument("--adapters", default="stream-general=adapters/stream-general,"
                     "stream-mixed-shapes=adapters/stream-mixed-shapes")
+    ap.add_argument("--name", default="stream_domains", help="results file name under benchmarks/results/")
     args = ap.parse_args()
     from ccmem.memory import bytes_per_slot
     from ccmem.model import CompressedModel
@@ -106,15 +107,15 @@ def main() -> None:
              f"{headline['interval_95']}); {headline['meaning']}\n\n"
              f"Command: `{command}`\n\nTokens [{args.start}, {args.start + args.tokens}) of each text; "
              "in_domain: the adapter's training texts include this book or domain.\n\n" + markdown_table(rows, cols))
-    _plot(rows)
-    write_results("stream_domains", command, headline,
+    _plot(rows, args.name)
+    write_results(args.name, command, headline,
                   {"adapters": adapters, "texts": args.texts.split(","), "start": args.start, "tokens": args.tokens,
                    "window": cfg.window, "chunk": cfg.chunk, "mem_slots": cfg.mem_slots, "sink": cfg.sink,
                    "model": "SmolLM2-135M-Instruct"}, rows, table)
     print(table)
 
 
-def _plot(rows) -> None:
+def _plot(rows, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,7 +145,7 @@ def _plot(rows) -> None:
     bx.set(ylabel="StreamingLLM ppl - CCM ppl (> 0: CCM better)", title="margin over StreamingLLM, 95 % interval")
     bx.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "stream_domains.png", dpi=100)
+    fig.savefig(RESULTS / f"{name}.png", dpi=100)
 
 
 if __name__ == "__main__":
