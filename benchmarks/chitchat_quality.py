@@ -43,7 +43,8 @@ def main() -> None:
     base, tok = load_model(device=args.device)
     form = args.format if args.format != "auto" else adapter_dialog_format(args.concat) or "plain"
     splits, fmt, _ = chitchat_splits(tok, {"split_seed": 0, "max_turn_tokens": 128, "format": form})
-    stage1 = (Path(args.concat) / "stage1").exists()  # without one, the untuned model is the reference model
+    stage1 = (Path(args.concat) / "stage1").exists()  # without one, the untuned model is the reference model and
+    # its rows would repeat full / none: no untuned columns then
     pool = [d for d in splits["test"] if len(d.turns) >= max(TS) + 2]
     if len(pool) < args.dialogs:  # the reference evaluates on validation + test
         pool += [d for d in splits["validation"] if len(d.turns) >= max(TS) + 2]
@@ -82,8 +83,6 @@ def main() -> None:
 
     for t in TS:
         r = rows[t]
-        if not stage1:
-            r["untuned_full_ppl"], r["untuned_none_ppl"] = r["full_ppl"], r["none_ppl"]
         for meth, n in (("full", 0), ("concat", n_concat), *((("merge", n_merge),) if merged else ())):
             slots = sum(context_slots(e, meth, n) for e in eps[t]) / len(eps[t])
             r[f"{'ccm_' if meth != 'full' else ''}{meth}_kv_kib"] = slots * per_slot / 1024
@@ -125,7 +124,7 @@ def _plot(rows, name, stage1: bool) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label in (("none_ppl", "no context"), ("full_ppl", "full context (stage 1)" if stage1 else "full context"),
                        ("ccm_concat_ppl", "CCM-concat"), ("ccm_merge_ppl", "CCM-merge"),
-                       *((("untuned_full_ppl", "full context (untuned)"),) if stage1 else ())):
+                       ("untuned_full_ppl", "full context (untuned)")):  # rows without a key are skipped
         if key in rows[0]:
             a.plot(ts, [r[key] for r in rows], marker="o", label=label)
     a.set(xlabel="compressed turns t", ylabel="next-turn perplexity", title="quality")

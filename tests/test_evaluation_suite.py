@@ -161,7 +161,8 @@ def test_context_value_hand_checked(adapters):
 
 def test_context_value_is_the_adapter_minus_its_control_with_a_paired_interval(adapters, tmp_path, monkeypatch):
     """--control also reports, per t, the adapter's metric minus its control's (what its memory of the right context
-    is worth) with an interval from the same paired replicates; it is written to the markdown report."""
+    is worth) with an interval from the same paired replicates; it is written to the markdown report. (The tiny
+    adapter ties with its control here; sign and pairing arithmetic are checked by test_context_value_hand_checked.)"""
     from ccmem.evaluation.intervals import interval
     from ccmem.evaluation.report import write
 
