@@ -176,6 +176,23 @@ def test_time_limit_saves_a_resumable_checkpoint(tmp_path):
         assert torch.equal(x, y)
 
 
+def test_stop_at_keeps_the_schedule_and_resumes_into_the_uninterrupted_run(tmp_path):
+    cfg = dict(max_steps=6, batch_size=4, lr=1e-2)
+    a = Trainer(make_toy_ccm(), key_task(32, 0), TrainConfig(output_dir=str(tmp_path / "a"), **cfg))
+    a.fit()
+    b = Trainer(make_toy_ccm(), key_task(32, 0), TrainConfig(output_dir=str(tmp_path / "b"), stop_at=4, **cfg))
+    b.fit()  # no save_every: the stop step is saved all the same
+    assert b.step == 4 and b.latest_checkpoint().name == "step_000004"
+    assert [h["lr"] for h in b.history] == [h["lr"] for h in a.history[:4]]  # the 6-step cosine, not a 4-step one
+    c = Trainer(make_toy_ccm(), key_task(32, 0), TrainConfig(output_dir=str(tmp_path / "b"), **cfg))
+    assert c.resume() and c.step == 4
+    c.fit()
+    for x, y in zip(a.ccm.trainable_parameters(), c.ccm.trainable_parameters()):
+        assert torch.allclose(x, y, atol=1e-6)
+    with pytest.raises(ValueError, match="stop_at"):
+        TrainConfig(stop_at=-1)
+
+
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
     tr = Trainer(make_toy_ccm(), key_task(32, 0), TrainConfig(output_dir=str(tmp_path), max_steps=4, batch_size=4,
                                                               save_every=1))

@@ -60,6 +60,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_batches: int = 8
     max_minutes: float = 0.0  # stop (and save) after this much wall time; 0 = no limit
+    # stop (and save) after this step while the learning-rate schedule still runs to max_steps: two branches of one
+    # run (e.g. with and without distillation) stop at the same step on the same schedule; 0 = no stop
+    stop_at: int = 0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -70,6 +73,8 @@ class TrainConfig:
         if self.compile and self.compile not in ("inductor", "eager", "aot_eager", "cudagraphs"):
             raise ValueError(f"train.compile must be '' or a torch.compile backend (inductor, aot_eager, eager, "
                              f"cudagraphs), got {self.compile!r}")
+        if self.stop_at < 0:
+            raise ValueError(f"train.stop_at is a step (0 = no stop), got {self.stop_at!r}")
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError(f"train.distill is the weight of the KL term, in [0, 1]; got {self.distill!r}")
         if self.distill and self.mode != "compress":
@@ -222,6 +227,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         end = self.cfg.max_steps if stop_after is None else min(self.cfg.max_steps, self.step + stop_after)
+        if self.cfg.stop_at:
+            end = min(end, self.cfg.stop_at)
         bar = tqdm(total=self.cfg.max_steps, initial=self.step, disable=not self.acc.is_main_process,
                    desc=f"train {self.cfg.mode}", dynamic_ncols=True)
         start = time.perf_counter()
@@ -238,7 +245,8 @@ class Trainer:
                 self.on_log(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            if self.cfg.save_every and (self.step % self.cfg.save_every == 0 or self.step == self.cfg.max_steps):
+            periodic = self.cfg.save_every and (self.step % self.cfg.save_every == 0 or self.step == self.cfg.max_steps)
+            if periodic or self.step == self.cfg.stop_at:  # a branch that stops early is resumable like a time limit
                 self.save_checkpoint()
         bar.close()
         return self.history
