@@ -222,3 +222,48 @@ def test_recall_recipe_types_refuse_test_types(tok):
                                      "types": ["food"]}, seed=0)
     assert {train.get(i).meta["fact_type"] for i in range(0, 30, 3)} == {"food"}
     assert {e.meta["fact_type"] for e in val} == {"food"}
+
+
+def test_several_facts_in_one_turn(splits, tok):
+    one, three = eval_items(splits["test"], n=12), eval_items(splits["test"], n=12, facts=3)
+    assert [it.fact_type for it in one[4]] == [it.fact_type for it in three[4]]  # the asked type still cycles
+    fmt = DialogFormat(tok)
+    for its in three.values():
+        for it in its:
+            assert set(it.others) | {it.fact_type} == set(TEST_TYPES) and it.fact_type not in it.others
+            turn, text = it.dialog.turns[it.fact_turn], " ".join(it.dialog.turns).lower()
+            assert turn.count("By the way, ") == 1  # one opener, then the other statements follow
+            for kind, v in [(it.fact_type, it.value), *it.others.items()]:
+                assert text.count(v.lower()) == 1 and v.lower() in turn.lower()  # each stated once, in that turn
+                assert FACT_TYPES[kind].statement.format(v=v).removeprefix("By the way, ")[1:] in turn
+            assert not {v.lower() for v in it.others.values()} & {x.lower() for x in [it.value, *it.distractors]}
+            assert item_episode(it, fmt).meta["facts"] == 3
+    assert [(it.value, it.others) for it in three[1]] == [(it.value, it.others) for it in three[16]]
+    again = eval_items(splits["test"], n=12, facts=3)
+    assert [it.dialog for it in again[8]] == [it.dialog for it in three[8]]
+    with pytest.raises(ValueError, match="facts per turn"):
+        eval_items(splits["test"], n=2, facts=4)  # three test types
+
+
+def test_training_episodes_with_several_facts(splits, tok):
+    fmt = DialogFormat(tok)
+    single, multi = RecallEpisodes(splits["train"], fmt, seed=0), RecallEpisodes(splits["train"], fmt, seed=0, facts=3)
+    assert single.get(3, 1).input == RecallEpisodes(splits["train"], fmt, seed=0, facts=1).get(3, 1).input
+    counts = set()
+    for i in range(0, len(multi), 11):
+        ep = multi.get(i, epoch=0)
+        kinds = {ep.meta["fact_type"], *ep.meta["other_types"]}
+        assert kinds <= set(TRAIN_TYPES) and len(kinds) == ep.meta["facts"]
+        text = tok.decode([t for c in ep.chunks for t in c])
+        assert ep.meta["value"] in text and ep.meta["value"] in tok.decode(ep.output)
+        counts.add(ep.meta["facts"])
+    assert counts == {1, 2, 3}
+
+
+def test_facts_is_a_recall_option_only(tok):
+    from ccmem.evaluation.runner import build_suite
+
+    with pytest.raises(ValueError, match="recall suite"):
+        build_suite("chitchat", tok, 2, None, facts=2)
+    suite = build_suite("recall", tok, 3, [2], facts=2)
+    assert suite.describe()["facts_per_turn"] == 2 and all(len(it.others) == 1 for it in suite.items[2])

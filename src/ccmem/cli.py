@@ -109,7 +109,7 @@ def _eval(args: argparse.Namespace) -> int:
         kw["base_adapter"] = None if args.base_adapter.lower() == "none" else args.base_adapter
     res, paths = run_named(args.suite, args.out, args.name, adapters, args.limit,
                            [int(t) for t in args.ts.split(",")] if args.ts else None, frontier=args.frontier,
-                           format=args.format, **kw)
+                           format=args.format, facts=args.facts, **kw)
     print(paths[1].read_text())
     print(f"[ccmem] wrote {', '.join(map(str, paths))}")
     return 0
@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--control", action="store_true",
                    help="also score each CCM adapter on another context's memory (<name>_other): what its memory of "
                         "the right context adds beyond what the adapter gives any context")
+    e.add_argument("--facts", type=int, default=1,
+                   help="recall suite: facts stated together in the fact turn, one of them asked (1-3; more facts "
+                        "per turn is a harder test of what the memory holds)")
     e.add_argument("--no-generate", action="store_true",
                    help="score the recall suite by multiple choice only, without greedy replies (exact match): "
                         "most of its time goes to generating")

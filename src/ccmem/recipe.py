@@ -181,7 +181,7 @@ def build_data(tok: Any, d: dict, seed: int):
         from .data.recall import RecallEpisodes
 
         splits, fmt, report = chitchat_splits(tok, d)
-        kw = {"max_distance": d.get("max_distance", 16), "types": recall_types(d)}
+        kw = {"max_distance": d.get("max_distance", 16), "types": recall_types(d), "facts": d.get("facts", 1)}
         train = RecallEpisodes(splits["train"], fmt, seed=seed, **kw)
         val_src = RecallEpisodes(splits["validation"], fmt, seed=seed + 1, **kw)
         val = [val_src.get(i) for i in range(min(len(val_src), d.get("eval_episodes", 32)))]

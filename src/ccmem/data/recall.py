@@ -7,7 +7,10 @@ the test type, four for the training one). The fact is
 appended to turn ``p`` of a held-out dialog; the question is turn ``p + d``, asked by the speaker who stated the fact
 ("Do you remember where I live?", answered "You live in Lima.") or by the other one ("Where do you live again?",
 answered "I live in Lima."). Multiple choice: the true answer sentence and three with other values of the same type,
-none of which occurs in the dialog.
+none of which occurs in the dialog. With ``facts=k`` the fact turn states k facts of distinct types at once ("By
+the way, I was born in Peru. I grow maple in my garden. My locker number is 512.") and the question asks about one:
+the memory of that turn must hold all k values to answer whichever is asked (the single-fact suite is at its ceiling
+for the best methods).
 
 Some fact types are held out: :data:`TEST_TYPES` appear only in the evaluation suite, :data:`TRAIN_TYPES` only in
 training episodes (:class:`RecallEpisodes`), which also use only training-split dialogs.
@@ -18,7 +21,7 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .dialog import Dialog, DialogFormat
@@ -100,6 +103,7 @@ class RecallItem:
     question: str
     answers: list[str]  # the answer sentence for each option (true value first is NOT guaranteed; see ``answer``)
     answer: int
+    others: dict[str, str] = field(default_factory=dict)  # type -> value of the facts stated beside it, not asked
 
 
 def _mentions(text: str, value: str) -> bool:
@@ -108,20 +112,43 @@ def _mentions(text: str, value: str) -> bool:
     return re.search(rf"\b{re.escape(value.lower())}\b", text.lower()) is not None
 
 
-def make_item(dialog: Dialog, fact_type: str, fact_turn: int, distance: int, rng: random.Random) -> RecallItem | None:
-    """The fact in turn ``fact_turn`` of ``dialog``, asked ``distance`` turns later; None if no unambiguous value
-    exists (every candidate already occurs in the dialog)."""
+def _also(statement: str) -> str:
+    """A statement that follows another in the same turn: without its "By the way, " opener."""
+    rest = statement.removeprefix("By the way, ")
+    return rest[:1].upper() + rest[1:]
+
+
+def make_item(dialog: Dialog, fact_type: str, fact_turn: int, distance: int, rng: random.Random,
+              others: Sequence[str] = ()) -> RecallItem | None:
+    """The fact in turn ``fact_turn`` of ``dialog``, asked ``distance`` turns later, with facts of the types
+    ``others`` stated in the same turn (in a random order) and not asked; None if no unambiguous value exists (every
+    candidate already occurs in the dialog)."""
     q = fact_turn + distance
     if q + 1 >= len(dialog.turns):
         raise ValueError(f"dialog {dialog.id} has {len(dialog.turns)} turns; the question needs turn {q + 1}")
+    if fact_type in others or len(set(others)) < len(others):
+        raise ValueError(f"the facts of one turn need distinct types, got {fact_type!r} and {list(others)}")
     ft, pool = FACT_TYPES[fact_type], value_pools()[fact_type]
     text = " ".join(dialog.turns)
     free = [v for v in rng.sample(pool, min(len(pool), 40)) if not _mentions(text, v)]
     if len(free) < 4:
         return None
     value, distractors = free[0], free[1:4]
+    statements = [ft.statement.format(v=value)]
+    extra: dict[str, str] = {}
+    for o in others:  # values that occur neither in the dialog nor among the options
+        taken = [text, *distractors, value, *extra.values()]
+        cand = [v for v in rng.sample(value_pools()[o], min(len(value_pools()[o]), 40))
+                if not any(_mentions(x, v) or _mentions(v, x) for x in taken)]
+        if not cand:
+            return None
+        extra[o] = cand[0]
+        statements.append(FACT_TYPES[o].statement.format(v=cand[0]))
+    if others:
+        rng.shuffle(statements)
+        statements = [statements[0], *map(_also, statements[1:])]
     turns = list(dialog.turns)
-    turns[fact_turn] = turns[fact_turn].rstrip() + " " + ft.statement.format(v=value)
+    turns[fact_turn] = turns[fact_turn].rstrip() + " " + " ".join(statements)
     own = distance % 2 == 0  # the owner of the fact speaks again at even distances
     question, template = (ft.ask_own, ft.answer_own) if own else (ft.ask_other, ft.answer_other)
     values = [value, *distractors]
@@ -129,7 +156,7 @@ def make_item(dialog: Dialog, fact_type: str, fact_turn: int, distance: int, rng
     rng.shuffle(order)
     answers = [template.format(v=values[i]) for i in order]
     return RecallItem(Dialog(dialog.id, tuple(turns)), fact_type, value, distractors, fact_turn, q, question,
-                      answers, order.index(0))
+                      answers, order.index(0), extra)
 
 
 def item_episode(item: RecallItem, fmt: DialogFormat, eos: bool = True) -> Episode:
@@ -142,12 +169,16 @@ def item_episode(item: RecallItem, fmt: DialogFormat, eos: bool = True) -> Episo
     options = [fmt.reply(a, eos=False) for a in item.answers]
     return Episode(chunks, inp, fmt.reply(item.answers[item.answer], eos), options, item.answer,
                    id=f"{item.dialog.id}:{item.fact_type}:{q}",
-                   meta={"fact_type": item.fact_type, "distance": q - item.fact_turn, "value": item.value})
+                   meta={"fact_type": item.fact_type, "distance": q - item.fact_turn, "value": item.value,
+                         "facts": 1 + len(item.others), "other_types": sorted(item.others)})
 
 
 def eval_items(dialogs: Sequence[Dialog], distances: Sequence[int] = DISTANCES, n: int = 100, fact_turn: int = 1,
-               seed: int = 0, types: Sequence[str] = TEST_TYPES) -> dict[int, list[RecallItem]]:
-    """The same ``n`` dialogs and facts at every distance (the fact in turn ``fact_turn``), so distances compare."""
+               seed: int = 0, types: Sequence[str] = TEST_TYPES, facts: int = 1) -> dict[int, list[RecallItem]]:
+    """The same ``n`` dialogs and facts at every distance (the fact in turn ``fact_turn``), so distances compare.
+    The asked type cycles through ``types``; with ``facts=k`` the next k - 1 types are stated in the same turn."""
+    if not 1 <= facts <= len(types):
+        raise ValueError(f"facts per turn must be 1..{len(types)} (one per fact type), got {facts}")
     need = fact_turn + max(distances) + 2
     pool = [d for d in dialogs if len(d.turns) >= need]
     out: dict[int, list[RecallItem]] = {d: [] for d in distances}
@@ -155,7 +186,9 @@ def eval_items(dialogs: Sequence[Dialog], distances: Sequence[int] = DISTANCES, 
         if len(out[distances[0]]) >= n:
             break
         ftype = types[i % len(types)]
-        items = {d: make_item(dialog, ftype, fact_turn, d, random.Random(f"{seed}:{dialog.id}")) for d in distances}
+        others = [types[(i + j) % len(types)] for j in range(1, facts)]
+        items = {d: make_item(dialog, ftype, fact_turn, d, random.Random(f"{seed}:{dialog.id}"), others)
+                 for d in distances}
         if any(it is None for it in items.values()):
             continue
         for d, it in items.items():
@@ -168,9 +201,12 @@ class RecallEpisodes:
     distance later (up to ``max_distance``), answer as the output; a pure function of (seed, epoch, i)."""
 
     def __init__(self, dialogs: Sequence[Dialog], fmt: DialogFormat, seed: int = 0, max_distance: int = 16,
-                 types: Sequence[str] = TRAIN_TYPES):
+                 types: Sequence[str] = TRAIN_TYPES, facts: int = 1):
+        if not 1 <= facts <= len(types):
+            raise ValueError(f"facts per turn must be 1..{len(types)} (one per fact type), got {facts}")
         self.dialogs = [d for d in dialogs if len(d.turns) >= 3]
         self.fmt, self.seed, self.max_distance, self.types = fmt, seed, max_distance, tuple(types)
+        self.facts = facts  # each episode states 1..facts facts in its fact turn (uniform)
 
     def __len__(self) -> int:
         return len(self.dialogs)
@@ -181,7 +217,10 @@ class RecallEpisodes:
         for _ in range(8):
             p = rng.randint(0, len(d.turns) - 3)
             dist = rng.randint(1, min(self.max_distance, len(d.turns) - 2 - p))
-            item = make_item(d, rng.choice(self.types), p, dist, rng)
+            ftype = rng.choice(self.types)
+            k = rng.randint(1, self.facts) if self.facts > 1 else 1  # no extra draw: facts=1 keeps its episodes
+            others = rng.sample([t for t in self.types if t != ftype], k - 1) if k > 1 else []
+            item = make_item(d, ftype, p, dist, rng, others)
             if item is not None:
                 return item_episode(item, self.fmt)
         raise ValueError(f"no unambiguous fact fits dialog {d.id}")

@@ -149,20 +149,21 @@ class IclSuite(Suite):
 class RecallSuite(Suite):
     """Recall of a personal fact stated in a held-out chit-chat dialog and asked about d turns later (d = the time
     step of this suite; the context holds fact_turn + d turns). Multiple choice over four answer sentences that
-    differ only in the value (:mod:`ccmem.data.recall`, held-out fact types only); metric acc_norm."""
+    differ only in the value (:mod:`ccmem.data.recall`, held-out fact types only); metric acc_norm. ``facts=k``:
+    the fact turn states k facts of distinct types and one is asked (the memory must hold all of them)."""
 
     name, metric, higher_is_better = "recall", "acc_norm", True
 
     def __init__(self, tokenizer: Any, items: int = 100, ts: Sequence[int] = (1, 2, 4, 8, 16), split_seed: int = 0,
-                 fact_turn: int = 1, seed: int = 0, split: str = "test", format: str = "plain"):
+                 fact_turn: int = 1, seed: int = 0, split: str = "test", format: str = "plain", facts: int = 1):
         from ..data.recall import eval_items
         from ..recipe import chitchat_splits
 
         self.ts, self.fact_turn, self.split, self.split_seed = tuple(ts), fact_turn, split, split_seed
-        self.format = format
+        self.format, self.facts = format, facts
         splits, self.fmt, _ = chitchat_splits(tokenizer, {"split_seed": split_seed, "max_turn_tokens": 128,
                                                           "format": format})
-        self.items = eval_items(splits[split], self.ts, items, fact_turn, seed)
+        self.items = eval_items(splits[split], self.ts, items, fact_turn, seed, facts=facts)
         self._values: dict[str, str] = {}  # group id -> the fact's value (exact match), filled by groups()
         self._types: dict[str, str] = {}  # group id -> the fact's type (acc_norm per type), filled by groups()
 
@@ -208,5 +209,6 @@ class RecallSuite(Suite):
         from ..data.recall import describe
 
         return {"suite": "recall", "items": len(self.items[self.ts[0]]), "ts": list(self.ts), "format": self.format,
-                "fact_turn": self.fact_turn, "split": f"chit-chat {self.split} split (split seed {self.split_seed})",
+                "fact_turn": self.fact_turn, "facts_per_turn": self.facts,
+                "split": f"chit-chat {self.split} split (split seed {self.split_seed})",
                 "distance": "t = turns between the fact and the question", **describe()}
