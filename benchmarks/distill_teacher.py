@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import markdown_table, write_results  # noqa: E402
 
 from ccmem.config import CompressionConfig  # noqa: E402
-from ccmem.data.collate import Collator, loss_positions  # noqa: E402
+from ccmem.data.collate import Collator, kl_at, lm_loss_at, loss_positions  # noqa: E402
 from ccmem.evaluation.intervals import interval  # noqa: E402
 from ccmem.model import CompressedModel  # noqa: E402
 from ccmem.recipe import build_data, prepare_model  # noqa: E402
@@ -44,15 +44,10 @@ def part_sums(ccm: CompressedModel, collate: Collator, episode) -> tuple[float, 
         s = ccm.model(input_ids=ids, use_cache=False, logits_to_keep=keep, **ccm.parallel_inputs(ids, am)).logits
         t = ccm.model(input_ids=ids, use_cache=False, logits_to_keep=keep,
                       **ccm.parallel_inputs(ids, am, raw_context=True)).logits
-    target = labels[:, keep + 1]  # the next token after each kept logit row
-    rows = target.reshape(-1) != -100
-    log_s = torch.log_softmax(s.reshape(-1, s.shape[-1])[rows].float(), -1)
-    log_t = torch.log_softmax(t.reshape(-1, t.shape[-1])[rows].float(), -1)
-    y = target.reshape(-1)[rows]
-    nll_s = -log_s.gather(1, y[:, None]).sum()
-    nll_t = -log_t.gather(1, y[:, None]).sum()
-    kl = (log_t.exp() * (log_t - log_s)).sum()
-    return float(nll_s), float(nll_t), float(kl), int(rows.sum())
+    nll_s, n = lm_loss_at(s, labels, keep, "sum")
+    nll_t, _ = lm_loss_at(t, labels, keep, "sum")
+    kl = kl_at(s, t, labels, keep) * n  # the mean over target tokens, back to a sum
+    return float(nll_s), float(nll_t), float(kl), int(n)
 
 
 def pooled_diff(sums: list[tuple[float, float, float, int]], idx: list[int]) -> float:
