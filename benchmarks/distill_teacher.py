@@ -1,7 +1,8 @@
 """Is the distillation teacher worth distilling from? Per data part of an adapter's recipe, on its validation episodes:
 the student's next-token cross-entropy (the adapter reading its ⟨COMP⟩ memory), the teacher's (the same model reading
-the raw past instead: ``TrainConfig.distill``'s teacher, i.e. the base model, or the stage-1 model when the recipe has
-one) and KL(teacher || student) on the same target tokens.
+the raw past instead: ``TrainConfig.teacher = "raw"``, i.e. the base model, or the stage-1 model when the recipe has
+one), the ``raw+memory`` teacher's (text rows read the raw past and the memory: the adapter's prior on top of the raw
+past) and the KL(teacher || student) of each on the same target tokens.
 
 Distillation pulls the student's whole next-token distribution towards the teacher's. Where the teacher predicts the
 targets worse than the student already does (the adapter has learned a task or format prior that the base model
@@ -35,25 +36,31 @@ from ccmem.model import CompressedModel  # noqa: E402
 from ccmem.recipe import build_data, prepare_model  # noqa: E402
 
 
-def part_sums(ccm: CompressedModel, collate: Collator, episode) -> tuple[float, float, float, int]:
-    """(student NLL, teacher NLL, KL(teacher || student)) summed over one episode's target tokens, and their count."""
+def part_sums(ccm: CompressedModel, collate: Collator, episode) -> list[float]:
+    """Summed over one episode's target tokens: student NLL, then NLL and KL(teacher || student) of the ``raw`` and
+    of the ``raw+memory`` teacher (``TrainConfig.teacher``), and the token count."""
     b = collate([episode])
     ids, am, labels = b["input_ids"], b["attention_mask"], b["labels"]
     keep = loss_positions(labels)
+
+    def logits(**how):
+        return ccm.model(input_ids=ids, use_cache=False, logits_to_keep=keep, **ccm.parallel_inputs(ids, am, **how)
+                         ).logits
+
     with torch.no_grad():
-        s = ccm.model(input_ids=ids, use_cache=False, logits_to_keep=keep, **ccm.parallel_inputs(ids, am)).logits
-        t = ccm.model(input_ids=ids, use_cache=False, logits_to_keep=keep,
-                      **ccm.parallel_inputs(ids, am, raw_context=True)).logits
+        s, raw, both = logits(), logits(raw_context=True), logits(raw_and_memory=True)
     nll_s, n = lm_loss_at(s, labels, keep, "sum")
-    nll_t, _ = lm_loss_at(t, labels, keep, "sum")
-    kl = kl_at(s, t, labels, keep) * n  # the mean over target tokens, back to a sum
-    return float(nll_s), float(nll_t), float(kl), int(n)
+    out = [float(nll_s)]
+    for t in (raw, both):
+        out += [float(lm_loss_at(t, labels, keep, "sum")[0]), float(kl_at(s, t, labels, keep) * n)]
+    return [*out, int(n)]
 
 
-def pooled_diff(sums: list[tuple[float, float, float, int]], idx: list[int]) -> float:
-    """Teacher minus student cross-entropy, token-pooled over the episodes ``idx`` (a bootstrap draw or all)."""
-    n = sum(sums[i][3] for i in idx)
-    return (sum(sums[i][1] for i in idx) - sum(sums[i][0] for i in idx)) / n
+def pooled_diff(sums: list[list[float]], idx: list[int], col: int) -> float:
+    """A teacher's (column ``col`` of :func:`part_sums`) minus the student's cross-entropy, token-pooled over the
+    episodes ``idx`` (a bootstrap draw or all)."""
+    n = sum(sums[i][-1] for i in idx)
+    return (sum(sums[i][col] for i in idx) - sum(sums[i][0] for i in idx)) / n
 
 
 def parts(data: dict) -> list[dict]:
@@ -81,14 +88,17 @@ def score_adapter(name: str, path: str, episodes: int, seed: int, reps: int) -> 
         val = val[:episodes]
         sums = [part_sums(ccm, collate, e) for e in tqdm(val, desc=f"{name} {part_name(d)}", leave=False)]
 
-        rng = random.Random(seed)
-        boot = [pooled_diff(sums, [rng.randrange(len(sums)) for _ in sums]) for _ in range(reps)]
-        n = sum(x[3] for x in sums)
-        rows.append({"adapter": name, "path": path, "part": part_name(d), "episodes": len(val), "target_tokens": n,
-                     "student_ce": sum(x[0] for x in sums) / n, "teacher_ce": sum(x[1] for x in sums) / n,
-                     "kl_teacher_student": sum(x[2] for x in sums) / n,
-                     "teacher_minus_student_ce": pooled_diff(sums, list(range(len(sums)))),
-                     "teacher_minus_student_ce_ci": [round(x, 4) for x in interval(boot)]})
+        n = sum(x[-1] for x in sums)
+        row = {"adapter": name, "path": path, "part": part_name(d), "episodes": len(val), "target_tokens": n,
+               "student_ce": sum(x[0] for x in sums) / n}
+        for key, col in (("", 1), ("memory_", 3)):  # the raw teacher, then the raw+memory one
+            rng = random.Random(seed)
+            boot = [pooled_diff(sums, [rng.randrange(len(sums)) for _ in sums], col) for _ in range(reps)]
+            row |= {f"{key}teacher_ce": sum(x[col] for x in sums) / n,
+                    f"kl_{key}teacher_student": sum(x[col + 1] for x in sums) / n,
+                    f"{key}teacher_minus_student_ce": pooled_diff(sums, list(range(len(sums))), col),
+                    f"{key}teacher_minus_student_ce_ci": [round(x, 4) for x in interval(boot)]}
+        rows.append(row)
     return rows
 
 
@@ -114,9 +124,13 @@ def main() -> None:
                            f"{worst['part']}, the teacher predicts worse than the student and distillation pulls "
                            f"the student towards it)"}
     cols = ["adapter", "part", "episodes", "target_tokens", "student_ce", "teacher_ce", "kl_teacher_student",
-            "teacher_minus_student_ce", "teacher_minus_student_ce_ci"]
+            "teacher_minus_student_ce", "teacher_minus_student_ce_ci", "memory_teacher_ce",
+            "kl_memory_teacher_student", "memory_teacher_minus_student_ce", "memory_teacher_minus_student_ce_ci"]
     table = (f"# Is the distillation teacher better than the student?\n\n{headline['meaning']}: "
-             f"**{headline['value']}** {headline['interval_95']}.\n\n" + markdown_table(rows, cols) + "\n")
+             f"**{headline['value']}** {headline['interval_95']}.\n\nteacher: the model reading the raw past without "
+             "memory (`train.teacher: raw`); memory_teacher: text rows read the raw past and the memory "
+             "(`train.teacher: raw+memory`). Cross-entropy in nats per target token, KL(teacher || student) "
+             "likewise.\n\n" + markdown_table(rows, cols) + "\n")
     command = "python benchmarks/distill_teacher.py " + " ".join(sys.argv[1:])
     write_results(args.name, command.strip(), headline, vars(args), rows, table)
     print(table)

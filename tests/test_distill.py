@@ -12,6 +12,7 @@ from test_exactness import EPISODES
 from ccmem import episode_ids, pad_batch
 from ccmem.data.collate import IGNORE, Collator, kl_at, loss_positions
 from ccmem.data.episode import Episode
+from ccmem.masks import comp_mask_function, dense_mask, raw_and_memory_mask_function
 from ccmem.sequence import pack_rows
 from ccmem.training import TrainConfig, Trainer
 
@@ -108,3 +109,46 @@ def test_distill_setting_is_checked():
         TrainConfig(distill=1.5)
     with pytest.raises(ValueError, match="compress"):
         TrainConfig(distill=0.5, mode="full")
+
+
+@pytest.mark.parametrize("variant", ["concat_recur", "merge_recur"])
+def test_raw_and_memory_teacher_mask(variant):
+    """⟨COMP⟩/SUM rows keep the compressed rule (the memory is the student's); text rows read the compressed rule's
+    keys and every earlier raw token of their episode, nothing more."""
+    ccm = tiny_ccm("llama", variant)
+    rows = [episode_ids(c, t, ccm.tokens, variant) for c, t in EPISODES]
+    ids, am, seg = pack_rows(rows, 256, 0)[:3]
+    for s_ids, s_am, s_seg in [(ids, am, seg), (*pad_batch(rows, 0), None)]:
+        both = dense_mask(raw_and_memory_mask_function(s_ids, ccm.tokens, variant, s_am, True, s_seg), *s_ids.shape)
+        comp = dense_mask(comp_mask_function(s_ids, ccm.tokens, variant, s_am, True, s_seg), *s_ids.shape)
+        special = ccm.tokens.is_special(s_ids)
+        assert torch.equal(both[:, 0][special], comp[:, 0][special])
+        segs = torch.where(s_am.bool(), 0, -1) if s_seg is None else s_seg
+        n = s_ids.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        raw_past = (~special)[:, None, :] & causal & (segs[:, :, None] == segs[:, None, :]) & s_am.bool()[:, None, :]
+        want = comp[:, 0] | raw_past
+        text = ~special & s_am.bool()
+        assert torch.equal(both[:, 0][text], want[text])
+        assert (both[:, 0][text] & ~comp[:, 0][text]).any()  # it does add the raw past
+
+
+def test_raw_and_memory_teacher_in_the_loss(tmp_path):
+    ccm = tiny_ccm("llama", memory_gate=-1.0, sink=True)
+    tr = Trainer(ccm, [], TrainConfig(output_dir=str(tmp_path), max_steps=1, distill=1.0, teacher="raw+memory"))
+    batch = _batch(ccm)
+    ccm.model.eval()
+    with torch.no_grad():
+        kl = float(tr._forward_loss(batch, distill=1.0)[0])
+        ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        keep = loss_positions(labels)
+        student = ccm.model(input_ids=ids, logits_to_keep=keep, **ccm.parallel_inputs(ids, am)).logits
+        teacher = ccm.model(input_ids=ids, logits_to_keep=keep,
+                            **ccm.parallel_inputs(ids, am, raw_and_memory=True)).logits
+        raw = ccm.model(input_ids=ids, logits_to_keep=keep, **ccm.parallel_inputs(ids, am, raw_context=True)).logits
+    assert kl == pytest.approx(float(kl_at(student, teacher, labels, keep)), rel=1e-4)
+    assert kl > 1e-4 and not torch.allclose(teacher, raw, atol=1e-3)  # neither the student nor the raw teacher
+    with pytest.raises(ValueError, match="teacher"):
+        TrainConfig(teacher="base")
+    with pytest.raises(ValueError, match="exclude"):
+        ccm.parallel_inputs(ids, am, raw_context=True, raw_and_memory=True)

@@ -173,6 +173,26 @@ def raw_context_mask_function(
     return and_masks(or_masks(raw, itself), full_context_mask_function(attention_mask, segments))
 
 
+def raw_and_memory_mask_function(
+    input_ids: torch.Tensor,
+    tokens: CompTokens,
+    variant: str,
+    attention_mask: torch.Tensor | None = None,
+    sink: bool = False,
+    segments: torch.Tensor | None = None,
+) -> Rule:
+    """The compressed rule, plus: every raw token also reads every raw token before it in its episode. ⟨COMP⟩/SUM
+    queries keep their compressed rule, so the memory is the one the compressed forward writes; text rows read it
+    *and* the uncompressed past. As a distillation teacher (``TrainConfig.teacher = "raw+memory"``) it has whatever
+    prior the adapter's memory gives any context on top of the raw past, so the student is pulled towards what the
+    raw past adds, not back to the base model."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    special = tokens.is_special(input_ids)
+    raw = and_masks(_query(~special), _key(~special), full_context_mask_function(attention_mask, segments))
+    return or_masks(comp_mask_function(input_ids, tokens, variant, attention_mask, sink, segments), raw)
+
+
 def dense_mask(rule: Rule, batch: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Evaluate a rule on the whole (B, 1, N, N) grid at once (broadcast indices, no vmap)."""
     b = torch.arange(batch, device=device)[:, None, None, None]

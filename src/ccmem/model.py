@@ -30,6 +30,7 @@ from .masks import (
     dense_mask,
     full_context_mask_function,
     memory_mask_function,
+    raw_and_memory_mask_function,
     raw_context_mask_function,
     to_additive,
 )
@@ -189,19 +190,25 @@ class CompressedModel:
     # ------------------------------------------------------------------ parallel formulation
     def parallel_inputs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, full_context: bool = False,
-        segments: torch.Tensor | None = None, raw_context: bool = False,
+        segments: torch.Tensor | None = None, raw_context: bool = False, raw_and_memory: bool = False,
     ) -> dict[str, Any]:
         """The 4D additive mask, skip position ids and merge plan that make one forward equal the online loop.
 
         ``segments`` (B, N) numbers the episodes packed into each row (see :func:`ccmem.sequence.pack_rows`): they
         never see each other and each starts at position 0. ``full_context``: plain causal attention (stage 1);
         ``raw_context``: every token reads the raw past and no ⟨COMP⟩ key, i.e. the uncompressed model on the same
-        rows (the distillation teacher)."""
+        rows (the distillation teacher); ``raw_and_memory``: text rows read the raw past *and* the memory, ⟨COMP⟩
+        rows write the memory as in the compressed forward (the ``raw+memory`` teacher)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         special = self.tokens.is_special(input_ids)
+        if raw_context and raw_and_memory:
+            raise ValueError("raw_context and raw_and_memory exclude each other (a teacher without or with memory)")
         if raw_context:
             rule = raw_context_mask_function(input_ids, self.tokens, attention_mask, segments)
+        elif raw_and_memory:
+            rule = raw_and_memory_mask_function(input_ids, self.tokens, self.config.variant, attention_mask,
+                                                self.config.sink, segments)
         elif full_context:
             rule = full_context_mask_function(attention_mask, segments)
         else:

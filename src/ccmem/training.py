@@ -54,6 +54,9 @@ class TrainConfig:
     # weight of distillation: the loss is (1 - distill) * cross-entropy + distill * KL(teacher || student), where the
     # teacher is the same model reading the raw past instead of the memory (one extra forward without gradient)
     distill: float = 0.0
+    # the teacher: "raw" (the model reading the raw past, no memory: the base or stage-1 model) or "raw+memory" (text
+    # rows read the raw past and the memory: the adapter's prior on top of the raw past; see benchmarks/distill_teacher)
+    teacher: str = "raw"
     log_every: int = 1
     eval_every: int = 0
     save_every: int = 0
@@ -77,6 +80,8 @@ class TrainConfig:
             raise ValueError(f"train.stop_at is a step (0 = no stop), got {self.stop_at!r}")
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError(f"train.distill is the weight of the KL term, in [0, 1]; got {self.distill!r}")
+        if self.teacher not in ("raw", "raw+memory"):
+            raise ValueError(f"train.teacher must be 'raw' or 'raw+memory', got {self.teacher!r}")
         if self.distill and self.mode != "compress":
             raise ValueError("train.distill needs train.mode 'compress': in stage 1 the model already reads the raw "
                              "past, so there is nothing to distill")
@@ -164,8 +169,13 @@ class Trainer:
         loss = ce = lm_loss_at(logits, labels, keep, reduction, weights=w)
         if distill:
             with torch.no_grad(), self.acc.autocast():
+                how = {"raw_and_memory": True} if self.cfg.teacher == "raw+memory" else {"raw_context": True}
+                training = self.model.training
+                if self.cfg.teacher == "raw+memory":  # its text rows read the memory: no dropout in writing it
+                    self.model.eval()
                 teacher = self.model(input_ids=ids, use_cache=False, logits_to_keep=keep,
-                                     **self.ccm.parallel_inputs(ids, am, segments=seg, raw_context=True)).logits
+                                     **self.ccm.parallel_inputs(ids, am, segments=seg, **how)).logits
+                self.model.train(training)
             loss = (1 - distill) * loss + distill * kl_at(logits, teacher, labels, keep, weights=w)
         return loss, int((labels != -100).sum()), int(am.sum()), ce  # ce: for the log beside the mixed loss
 
