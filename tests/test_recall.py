@@ -266,3 +266,18 @@ def test_facts_is_a_recall_option_only(tok):
         build_suite("chitchat", tok, 2, None, facts=2)
     suite = build_suite("recall", tok, 3, [2], facts=2)
     assert suite.describe()["facts_per_turn"] == 2 and all(len(it.others) == 1 for it in suite.items[2])
+
+
+def test_eval_facts_keeps_the_validation_set_while_training_facts_change(tok):
+    """A recipe that moves its training episodes to several facts per turn can keep the validation episodes it had,
+    so validation perplexity stays comparable across the change; the training episodes still follow ``facts``."""
+    from ccmem.recipe import build_data
+
+    base = {"source": "recall", "split_seed": 0, "max_turn_tokens": 128, "eval_episodes": 8}
+    _, val_one, _ = build_data(tok, base, seed=0)
+    train3, val3, _ = build_data(tok, {**base, "facts": 3}, seed=0)
+    train3k, val3k, _ = build_data(tok, {**base, "facts": 3, "eval_facts": 1}, seed=0)
+    same = lambda a, b: [(e.chunks, e.output) for e in a] == [(e.chunks, e.output) for e in b]  # noqa: E731
+    assert same(val3k, val_one) and not same(val3, val_one)
+    assert max(e.meta["facts"] for e in val3) > 1 and {e.meta["facts"] for e in val3k} == {1}
+    assert all(same([train3k.get(i)], [train3.get(i)]) for i in range(0, 40, 7))

@@ -183,7 +183,10 @@ def build_data(tok: Any, d: dict, seed: int):
         splits, fmt, report = chitchat_splits(tok, d)
         kw = {"max_distance": d.get("max_distance", 16), "types": recall_types(d), "facts": d.get("facts", 1)}
         train = RecallEpisodes(splits["train"], fmt, seed=seed, **kw)
-        val_src = RecallEpisodes(splits["validation"], fmt, seed=seed + 1, **kw)
+        # eval_facts: validation episodes drawn with their own facts per turn, so a recipe that changes `facts`
+        # mid-run keeps a validation set that compares with its earlier steps
+        val_kw = {**kw, "facts": d.get("eval_facts", kw["facts"])}
+        val_src = RecallEpisodes(splits["validation"], fmt, seed=seed + 1, **val_kw)
         val = [val_src.get(i) for i in range(min(len(val_src), d.get("eval_episodes", 32)))]
         return train, val, report
     if source == "text":
