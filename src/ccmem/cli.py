@@ -109,7 +109,7 @@ def _eval(args: argparse.Namespace) -> int:
         kw["base_adapter"] = None if args.base_adapter.lower() == "none" else args.base_adapter
     res, paths = run_named(args.suite, args.out, args.name, adapters, args.limit,
                            [int(t) for t in args.ts.split(",")] if args.ts else None, frontier=args.frontier,
-                           format=args.format, facts=args.facts, **kw)
+                           format=args.format, facts=args.facts, dialogs=args.dialogs, **kw)
     print(paths[1].read_text())
     print(f"[ccmem] wrote {', '.join(map(str, paths))}")
     return 0
@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--control", action="store_true",
                    help="also score each CCM adapter on another context's memory (<name>_other): what its memory of "
                         "the right context adds beyond what the adapter gives any context")
+    e.add_argument("--dialogs", default="chitchat", choices=["chitchat", "office", "shakespeare"],
+                   help="chitchat and recall suites: the chit-chat test split (default), or a held-out dialog domain "
+                        "no adapter trains on: office (The Office transcripts) or shakespeare (the plays)")
     e.add_argument("--facts", type=int, default=1,
                    help="recall suite: facts stated together in the fact turn, one of them asked (1-3; more facts "
                         "per turn is a harder test of what the memory holds)")

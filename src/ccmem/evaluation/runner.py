@@ -434,19 +434,28 @@ FRONTIER_TS = {"chitchat": (8, 12), "icl": (8, 16), "recall": (8, 16)}
 
 
 def build_suite(suite: str, tok: Any, limit: int | None, ts: list[int] | None, format: str = "plain",
-                facts: int = 1) -> Suite:
+                facts: int = 1, dialogs: str = "chitchat") -> Suite:
     """A named suite on ``tok`` (``limit``: dialogs, items per task or facts per distance; ``format``: how the
-    dialog suites render turns, ``plain`` or ``template``; ``facts``: facts stated per fact turn, recall only)."""
+    dialog suites render turns, ``plain`` or ``template``; ``facts``: facts stated per fact turn, recall only;
+    ``dialogs``: where the dialog suites take their dialogs, ``chitchat`` or a held-out script source)."""
+    from ..data.scripts import SOURCES as SCRIPT_SOURCES
+
     if facts != 1 and suite != "recall":
         raise ValueError(f"facts per turn is an option of the recall suite, not of {suite!r}; leave it at 1")
+    if dialogs != "chitchat" and suite not in ("chitchat", "recall"):
+        raise ValueError(f"--dialogs is an option of the chitchat and recall suites, not of {suite!r}")
+    if dialogs not in ("chitchat", *SCRIPT_SOURCES):
+        raise ValueError(f"unknown dialogs {dialogs!r}; choose chitchat or a held-out domain: "
+                         f"{', '.join(SCRIPT_SOURCES)}")
     if suite == "chitchat":
         from .suites import ChitchatSuite
 
-        return ChitchatSuite(tok, dialogs=limit or 100, format=format, **({"ts": ts} if ts else {}))
+        return ChitchatSuite(tok, dialogs=limit or 100, format=format, source=dialogs, **({"ts": ts} if ts else {}))
     if suite == "recall":
         from .suites import RecallSuite
 
-        return RecallSuite(tok, items=limit or 100, format=format, facts=facts, **({"ts": ts} if ts else {}))
+        return RecallSuite(tok, items=limit or 100, format=format, facts=facts, source=dialogs,
+                           **({"ts": ts} if ts else {}))
     from .suites import IclSuite
 
     return IclSuite(tok, items=limit or 100, **({"ts": ts} if ts else {}))
@@ -455,13 +464,14 @@ def build_suite(suite: str, tok: Any, limit: int | None, ts: list[int] | None, f
 def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str | None = None,
               adapters: dict[str, str] | None = None, limit: int | None = None, ts: list[int] | None = None,
               command: str | None = None, frontier: bool = False, format: str = "auto", facts: int = 1,
-              **cfg_kw: Any) -> tuple[dict[str, Any], list[Path]]:
+              dialogs: str = "chitchat", **cfg_kw: Any) -> tuple[dict[str, Any], list[Path]]:
     """``ccmem eval``: build a named suite on the default model, run every method whose adapter exists, write the
     JSON / markdown / PNG reports. Missing adapters are listed in the report's notes, never silently dropped.
     ``frontier``: every method at several KV budgets instead (:mod:`.frontier`), at the suite's frontier steps.
     ``format``: how the dialog suites render turns; ``auto`` takes the format the adapters were trained on
     (:func:`ccmem.recipe.adapter_dialog_format`; ``plain`` when none says), so an adapter is scored on its own text.
-    ``facts``: the recall suite with that many facts stated in the fact turn, one of them asked."""
+    ``facts``: the recall suite with that many facts stated in the fact turn, one of them asked. ``dialogs``: the
+    dialog suites on a held-out domain (:mod:`ccmem.data.scripts`) instead of the chit-chat test split."""
     from ..models import load_tokenizer
     from ..recipe import adapter_dialog_format
 
@@ -488,7 +498,7 @@ def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str 
         from .frontier import frontier as run_frontier
         from .frontier import write as write_frontier
 
-        s = build_suite(suite, tok, limit, ts or list(FRONTIER_TS[suite]), format, facts)
+        s = build_suite(suite, tok, limit, ts or list(FRONTIER_TS[suite]), format, facts, dialogs)
         res = run_frontier(s, cfg, tokenizer=tok)
         res["notes"] = notes + res["notes"]
         res["name"] = name or f"frontier_{suite}"
@@ -497,11 +507,12 @@ def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str 
         res["wall_s"] = round(time.perf_counter() - t0, 1)
         res = {**{k: res.pop(k) for k in ("name", "command", "headline", "environment", "config")}, **res}
         return res, write_frontier(Path(out_dir), res["name"], res)
-    s = build_suite(suite, tok, limit, ts, format, facts)
+    s = build_suite(suite, tok, limit, ts, format, facts, dialogs)
     res = evaluate(s, cfg, tokenizer=tok)
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     res["notes"] = notes + res["notes"]
-    res["title"] = d["title"] + (f" ({facts} facts stated together, one asked)" if facts > 1 else "")
+    res["title"] = (d["title"] + (f" ({facts} facts stated together, one asked)" if facts > 1 else "")
+                    + (f" on {dialogs} dialogs (a held-out domain)" if dialogs != "chitchat" else ""))
     res["command"] = command or main_command()
     res["name"] = name or f"eval_{suite}"
     res["headline"] = headline(res, s.metric, d["unit"])

