@@ -228,5 +228,5 @@ class RecallSuite(Suite):
 
         return {"suite": "recall", "items": len(self.items[self.ts[0]]), "ts": list(self.ts), "format": self.format,
                 "fact_turn": self.fact_turn, "facts_per_turn": self.facts,
-                "split": _pool_name(self.source, self.split, self.split_seed), "dialogs_from": self.source,
+                "split": _pool_name(self.source, f"{self.split} split", self.split_seed), "dialogs_from": self.source,
                 "distance": "t = turns between the fact and the question", **describe()}
