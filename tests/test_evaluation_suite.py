@@ -525,6 +525,23 @@ def test_eval_format_follows_the_adapter_recipe(tmp_path, monkeypatch, formats, 
                   "--adapter", f"ccm_merge={other}"])
 
 
+def test_eval_format_of_a_training_checkpoint_comes_from_its_run(tmp_path):
+    """A checkpoint (``<run>/checkpoints/step_N``) holds no recipe of its own: its run folder's recipe.yaml (written
+    by ``ccmem train``) gives the format; with neither, the notes say which format was assumed."""
+    from ccmem.evaluation.runner import dialog_format_of
+
+    _adapter_with_recipe(tmp_path / "run", ["template"])
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000005"
+    ckpt.mkdir(parents=True)
+    (ckpt / "adapter.safetensors").write_bytes(b"")
+    assert dialog_format_of({"ccm_concat": str(ckpt)}, "auto", "recall") == ("template", [])
+    (tmp_path / "run" / "recipe.yaml").unlink()
+    fmt, notes = dialog_format_of({"ccm_concat": str(ckpt)}, "auto", "chitchat")
+    assert fmt == "plain" and len(notes) == 1 and "no recipe.yaml" in notes[0] and "--format" in notes[0]
+    assert dialog_format_of({"ccm_concat": str(ckpt)}, "template", "chitchat") == ("template", [])
+    assert dialog_format_of({"ccm_concat": str(ckpt)}, "auto", "icl") == ("plain", [])
+
+
 def test_chitchat_suite_in_the_chat_template():
     """The chit-chat suite in template format reads the same dialogs as plain, each turn a chat message."""
     from ccmem.data.dialog import TemplateFormat

@@ -126,6 +126,8 @@ def test_recipe_per_data_source(tmp_path, tiny_folder, source):
     summary = json.loads((tmp_path / "adapter" / "train_summary.json").read_text())
     assert summary["steps"] == 2 and summary["train_dialogs"] > 20 and summary["validation_dialogs"] >= 0
     assert (tmp_path / "adapter" / "adapter.safetensors").is_file()
+    # the run folder holds the resolved recipe too (its checkpoints have none of their own)
+    assert (tmp_path / "r" / "recipe.yaml").read_text() == (tmp_path / "adapter" / "recipe.yaml").read_text()
 
 
 def test_recipe_source_errors(tiny_folder):

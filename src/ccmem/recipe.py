@@ -73,11 +73,20 @@ def dialog_format(tok: Any, data_cfg: dict) -> Any:
     return FORMATS[name](tok)
 
 
+def recipe_file(path: str | Path) -> Path | None:
+    """The ``recipe.yaml`` that trained an adapter folder: beside its weights, or, for a training checkpoint
+    (``<run>/checkpoints/step_N``), the one its run folder holds; None when there is none."""
+    p = Path(path)
+    for f in (p / "recipe.yaml", p.parent.parent / "recipe.yaml" if p.parent.name == "checkpoints" else None):
+        if f is not None and f.is_file():
+            return f
+    return None
+
+
 def adapter_data(path: str | Path) -> dict:
-    """The ``data`` section of the recipe that trained an adapter (the ``recipe.yaml`` written beside its weights),
-    empty when the folder holds no recipe."""
-    f = Path(path) / "recipe.yaml"
-    if not f.is_file():
+    """The ``data`` section of the recipe that trained an adapter (:func:`recipe_file`), empty when it has none."""
+    f = recipe_file(path)
+    if f is None:
         return {}
     return (yaml.safe_load(f.read_text()) or {}).get("data") or {}
 
@@ -364,6 +373,8 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
             f.write(json.dumps(rec) + "\n")
 
     trainer = Trainer(ccm, train, tcfg, eval_data=val, pad_id=tok.pad_token_id or 0, on_log=on_log)
+    if trainer.acc.is_main_process:  # the run folder says what its checkpoints were trained on (their dialog format)
+        (Path(tcfg.output_dir) / "recipe.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     if trainer.resume():
         print(f"[ccmem] resumed at step {trainer.step}")
         trainer.write_log(log)  # the checkpoint's history: rows of steps a killed run did after it are redone

@@ -461,6 +461,28 @@ def build_suite(suite: str, tok: Any, limit: int | None, ts: list[int] | None, f
     return IclSuite(tok, items=limit or 100, **({"ts": ts} if ts else {}))
 
 
+def dialog_format_of(adapters: dict[str, str], format: str, suite: str) -> tuple[str, list[str]]:
+    """(format, notes): ``auto`` takes the dialog format the adapters' recipes were trained on (a checkpoint's from
+    its run folder), ``plain`` when none says; an adapter without any recipe is named in the notes, since the format
+    it is scored in is then a guess."""
+    from ..recipe import adapter_dialog_format, recipe_file
+
+    notes: list[str] = []
+    if format == "auto":
+        found = {k: f for k, f in ((k, adapter_dialog_format(v)) for k, v in adapters.items()) if f}
+        if len(set(found.values())) > 1:
+            raise ValueError(f"the adapters were trained on different dialog formats ({found}); score them in "
+                             "separate runs, or pick one with --format plain|template")
+        format = next(iter(found.values()), "plain")
+        if suite != "icl":
+            notes = [f"{k}: {v} has no recipe.yaml (nor has its run folder), so the format it was trained on is "
+                     f"unknown; the dialog suites render {format} turns (pass --format to choose)"
+                     for k, v in adapters.items() if recipe_file(v) is None]
+    if format not in ("plain", "template"):
+        raise ValueError(f"format must be auto, plain or template, got {format!r}")
+    return format, notes
+
+
 def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str | None = None,
               adapters: dict[str, str] | None = None, limit: int | None = None, ts: list[int] | None = None,
               command: str | None = None, frontier: bool = False, format: str = "auto", facts: int = 1,
@@ -473,7 +495,6 @@ def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str 
     ``facts``: the recall suite with that many facts stated in the fact turn, one of them asked. ``dialogs``: the
     dialog suites on a held-out domain (:mod:`ccmem.data.scripts`) instead of the chit-chat test split."""
     from ..models import load_tokenizer
-    from ..recipe import adapter_dialog_format
 
     t0 = time.perf_counter()
     if suite not in SUITES:
@@ -486,14 +507,8 @@ def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str 
     cfg = EvalConfig(adapters=present,
                      peers={k: v for k, v in d["peers"].items() if v in present}, **cfg_kw)
     tok = load_tokenizer(cfg.model)
-    if format == "auto":
-        found = {k: f for k, f in ((k, adapter_dialog_format(v)) for k, v in present.items()) if f}
-        if len(set(found.values())) > 1:
-            raise ValueError(f"the adapters were trained on different dialog formats ({found}); score them in "
-                             "separate runs, or pick one with --format plain|template")
-        format = next(iter(found.values()), "plain")
-    if format not in ("plain", "template"):
-        raise ValueError(f"format must be auto, plain or template, got {format!r}")
+    format, format_notes = dialog_format_of(present, format, suite)
+    notes += format_notes
     if frontier:
         from .frontier import frontier as run_frontier
         from .frontier import write as write_frontier
