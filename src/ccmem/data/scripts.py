@@ -162,7 +162,7 @@ def _play_blocks() -> dict[str, list[tuple[str, str]]]:
 def script_dialogs(source: str, tokenizer: Any = None, max_turn_tokens: int = 128, min_turns: int = 2
                    ) -> list[Dialog]:
     """Every two-party run of a held-out source as a dialog, in a fixed order that spreads consecutive dialogs over
-    episodes and plays (a seeded hash of the id), so the first N of them are not all from one episode. With a
+    episodes and plays (sorted by a SHA-256 of the id), so the first N of them are not all from one episode. With a
     tokenizer, a turn whose ``A: text`` line is over ``max_turn_tokens`` tokens ends its run (as the chit-chat filter
     does, by whole dialogs there)."""
     if source not in SOURCES:
