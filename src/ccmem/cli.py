@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .data.scripts import SOURCES as SCRIPT_SOURCES
+
 
 def _demo_tiny(args: argparse.Namespace) -> int:
     """Online compression on a tiny random Llama: shows the memory staying small while turns accumulate."""
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--control", action="store_true",
                    help="also score each CCM adapter on another context's memory (<name>_other): what its memory of "
                         "the right context adds beyond what the adapter gives any context")
-    e.add_argument("--dialogs", default="chitchat", choices=["chitchat", "office", "shakespeare"],
+    e.add_argument("--dialogs", default="chitchat", choices=["chitchat", *SCRIPT_SOURCES],
                    help="chitchat and recall suites: the chit-chat test split (default), or a held-out dialog domain "
                         "no adapter trains on: office (The Office transcripts) or shakespeare (the plays)")
     e.add_argument("--facts", type=int, default=1,

@@ -33,9 +33,13 @@ class DialogFormat:
             self._cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
         return list(self._cache[text])
 
+    def line(self, i: int, text: str) -> str:
+        """The plain text of turn i (0-based): ``A: text\\n``."""
+        return f"{self.speakers[i % 2]}: {text.strip()}\n"
+
     def turn(self, i: int, text: str, k: int | None = None) -> list[int]:
         """``A: text\\n`` for turn i (0-based) of a dialog cut to ``k`` turns (plain lines ignore ``k``)."""
-        return self._enc(f"{self.speakers[i % 2]}: {text.strip()}\n")
+        return self._enc(self.line(i, text))
 
     def prompt(self, i: int) -> list[int]:
         """What opens turn ``i`` before its text: the replying speaker's ``B:``."""

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .dialog import Dialog
+from .dialog import Dialog, DialogFormat
 
 OFFICE_ARCHIVE = "schrutepy-0.1.3.tar.gz"
 OFFICE_MEMBER = "schrutepy-0.1.3/data/schrute.csv"
@@ -124,8 +124,7 @@ def play_scenes(markdown: str) -> list[list[tuple[str, str]]]:
     return scenes
 
 
-def _office_blocks() -> dict[str, list[tuple[str, str]]]:
-    path = data_dir() / OFFICE_ARCHIVE
+def _office_blocks(path: Path) -> dict[str, list[tuple[str, str]]]:
     if not path.exists():
         raise FileNotFoundError(
             f"the Office transcripts are not installed ({path} is missing); run `make setup`, or "
@@ -169,20 +168,22 @@ def script_dialogs(source: str, tokenizer: Any = None, max_turn_tokens: int = 12
         raise ValueError(f"unknown dialog source {source!r}; held-out script sources: {', '.join(SOURCES)}")
     archive = data_dir() / OFFICE_ARCHIVE if source == "office" else None
     stamp = archive.stat().st_mtime_ns if archive is not None and archive.exists() else None
-    return list(_dialogs(source, tokenizer, max_turn_tokens, min_turns, archive, stamp))
+    return list(_dialogs(tokenizer, max_turn_tokens, min_turns, source, archive, stamp))
 
 
 @functools.lru_cache(maxsize=8)
-def _dialogs(source: str, tokenizer: Any, max_turn_tokens: int, min_turns: int, archive: Path | None,
+def _dialogs(tokenizer: Any, max_turn_tokens: int, min_turns: int, source: str, archive: Path | None,
              stamp: int | None) -> tuple[Dialog, ...]:
-    """The runs of one source, memoised (a suite and its tests read a source several times; the archive's path and
-    modification time are part of the key, so a new download is read anew)."""
-    blocks = {k: merge_turns(v) for k, v in (_office_blocks() if source == "office" else _play_blocks()).items()}
+    """The runs of one source, memoised (a suite and its tests read a source several times; the archive's
+    modification time is part of the key, so a new download is read anew)."""
+    raw = _office_blocks(archive) if archive is not None else _play_blocks()
+    blocks = {k: merge_turns(v) for k, v in raw.items()}
     long: set[str] = set()
     if tokenizer is not None:
         # a token spans at least one byte, so only lines of more bytes than the limit can be over it: tokenising
         # every line of a source would take half a minute
-        lines = {t: f"A: {t.strip()}\n" for turns in blocks.values() for _, t in turns}  # as DialogFormat.turn
+        plain = DialogFormat(tokenizer)
+        lines = {t: plain.line(0, t) for turns in blocks.values() for _, t in turns}
         texts = sorted(t for t, line in lines.items() if len(line.encode()) > max_turn_tokens)
         ids = tokenizer([lines[t] for t in texts], add_special_tokens=False)["input_ids"] if texts else []
         long = {t for t, x in zip(texts, ids) if len(x) > max_turn_tokens}
