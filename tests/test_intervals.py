@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
 import pytest
 
 from ccmem.evaluation import Group, IclSuite, Query
-from ccmem.evaluation.intervals import add_intervals, interval, percentile, ppl_margin_blocks, replicates
+from ccmem.evaluation.intervals import (
+    add_intervals,
+    interval,
+    percentile,
+    pooled_ppl_replicates,
+    ppl_margin_blocks,
+    replicates,
+)
 from ccmem.evaluation.suites import Suite
 
 
@@ -114,3 +122,36 @@ def test_stream_margin_interval_is_paired_over_blocks():
     assert 0 < lo <= point <= hi
     with pytest.raises(ValueError, match="same tokens"):
         ppl_margin_blocks([1.0, 2.0], [1.0])
+
+
+def test_pooled_ppl_replicates_hand_checked_and_paired():
+    """Two one-token episodes of ppl 2 and 8: a resample pools (2, 2), (2, 8), (8, 2) or (8, 8), i.e. ppl 2, 4 or 8
+    with probabilities 1/4, 1/2, 1/4, so the 95 % interval is [2, 8]. A method with log 2 more per token than the
+    first on every episode has exactly twice its ppl in every replicate (paired), and gap recovered is exact too."""
+    a = [(math.log(2), 1), (math.log(8), 1)]
+    b = [(x + math.log(2) * c, c) for x, c in a]
+    reps = pooled_ppl_replicates({"a": a, "b": b}, n=4000, seed=0)
+    assert {round(x, 9) for x in reps["a"]} == {2.0, 4.0, 8.0}
+    assert abs(sum(abs(x - 4) < 1e-9 for x in reps["a"]) / 4000 - 0.5) < 0.03
+    assert interval(reps["a"]) == pytest.approx([2.0, 8.0])
+    assert all(y == pytest.approx(2 * x) for x, y in zip(reps["a"], reps["b"]))
+    assert pooled_ppl_replicates({"a": a}, n=50, seed=3) == pooled_ppl_replicates({"a": a}, n=50, seed=3)
+    with pytest.raises(ValueError, match="same"):
+        pooled_ppl_replicates({"a": a, "b": b[:1]})
+
+
+def test_perplexity_per_episode_pools_to_the_total(make_ccm):
+    """``scoring.perplexity`` keeps each episode's (nll, tokens): they sum to the pooled numbers and equal the
+    episode scored alone, whatever batch it sat in (left padding changes nothing)."""
+    from ccmem.data.episode import Episode
+    from ccmem.scoring import perplexity
+
+    ccm = make_ccm()
+    eps = [Episode([[5, 6, 7], [8, 9]], [20, 21], [22, 23, 24]), Episode([[10, 11]], [30], [31]),
+           Episode([[12, 13, 14, 15]], [40, 41, 42], [43, 44])]
+    r = perplexity(ccm, eps, "compress", batch_size=2)
+    assert [c for _, c in r.per_episode] == [3, 1, 2]
+    assert r.nll == pytest.approx(sum(x for x, _ in r.per_episode)) and r.tokens == 6
+    for e, (x, c) in zip(eps, r.per_episode):
+        alone = perplexity(ccm, [e], "compress", batch_size=1)
+        assert alone.tokens == c and alone.nll == pytest.approx(x, abs=1e-4)

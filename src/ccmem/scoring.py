@@ -5,7 +5,7 @@ demo's per-turn quality); the evaluation suites build on it, never the other way
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +18,8 @@ from .metrics import perplexity as pooled_perplexity
 class PPL:
     nll: float
     tokens: int
+    # (nll, tokens) of each episode, in order: what a bootstrap over episodes resamples
+    per_episode: list[tuple[float, int]] = field(default_factory=list)
 
     @property
     def ppl(self) -> float:
@@ -34,14 +36,13 @@ def perplexity(ccm, episodes: Sequence[Episode], mode: str = "compress", batch_s
                        raw_tail=ccm.config.raw_tail)
     ccm.model.eval()
     dev = ccm.device
-    nll, count = 0.0, 0
+    rows: list[tuple[float, int]] = []
     steps = range(0, len(episodes), batch_size)
     for i in tqdm(steps, desc=f"ppl {mode}", disable=not progress, leave=False):
         b = collate([strip_eos(e, eos) for e in episodes[i:i + batch_size]])
         ids, am, labels = b["input_ids"].to(dev), b["attention_mask"].to(dev), b["labels"].to(dev)
         extra = ccm.parallel_inputs(ids, am, full_context=mode != "compress")
         logits = ccm.model(input_ids=ids, use_cache=False, logits_to_keep=keep_for_loss(labels), **extra).logits
-        s, c = lm_loss(logits, labels, reduction="sum")
-        nll += float(s)
-        count += int(c)
-    return PPL(nll, count)
+        s, c = lm_loss(logits, labels, reduction="rows")
+        rows += zip(s.tolist(), c.tolist())
+    return PPL(sum(s for s, _ in rows), sum(c for _, c in rows), rows)

@@ -92,7 +92,7 @@ def split_tail(chunks: Sequence[Sequence[int]], tail: Sequence[int], raw_tail: i
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy. ``logits`` may cover only the last K positions (``logits_to_keep=K``); labels are
-    aligned to them. ``reduction="sum"`` returns (sum, count) for pooled perplexities."""
+    aligned to them. ``reduction="sum"`` returns (sum, count) for pooled perplexities, ``"rows"`` the same per row."""
     k, n = logits.shape[1], labels.shape[1]
     return lm_loss_at(logits[:, :-1], labels, torch.arange(n - k, n - 1, device=labels.device), reduction)
 
@@ -119,13 +119,18 @@ def _at(per_token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 def lm_loss_at(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor, reduction: str = "mean",
                weights: torch.Tensor | None = None):
     """Next-token cross-entropy of logits kept at ``positions`` (see :func:`loss_positions`); with ``weights`` (per
-    label position, e.g. the collator's ``loss_weights``) the mean is weighted by them."""
+    label position, e.g. the collator's ``loss_weights``) the mean is weighted by them. ``reduction="rows"``
+    returns (sum, count) per row, for intervals over episodes."""
     target = _at(labels, positions)
     if weights is not None and reduction == "mean":
         w = _at(weights, positions).reshape(-1)
         ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
                                                ignore_index=IGNORE, reduction="none")
         return (ce * w).sum() / w.sum().clamp(min=1e-12)
+    if reduction == "rows":
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                                               ignore_index=IGNORE, reduction="none")  # 0 where ignored
+        return ce.view(target.shape).sum(-1), (target != IGNORE).sum(-1)
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
                                              ignore_index=IGNORE, reduction="sum")
     count = (target != IGNORE).sum()

@@ -64,6 +64,26 @@ def add_intervals(rows: list[dict], margins: list[dict], reps: dict[tuple[str, i
             m["margin_ci"] = interval(diffs, level)
 
 
+def pooled_ppl_replicates(per_episode: dict[str, Sequence[tuple[float, int]]], n: int = 1000, seed: int = 0
+                          ) -> dict[str, list[float]]:
+    """Paired bootstrap of pooled perplexities over episodes: replicate r draws one list of episode indices, with
+    replacement, from ``random.Random(seed + r)`` and pools every method's (nll, tokens) over those same episodes, so
+    a difference or gap recovered computed replicate by replicate is paired. ``per_episode[method]`` lists each
+    episode's (nll sum, token count) in one shared order (:class:`ccmem.scoring.PPL`'s ``per_episode``)."""
+    sizes = {len(v) for v in per_episode.values()}
+    if len(sizes) != 1 or 0 in sizes:
+        raise ValueError(f"every method must score the same, non-empty list of episodes; got sizes {sorted(sizes)}")
+    m = sizes.pop()
+    out: dict[str, list[float]] = {k: [] for k in per_episode}
+    for r in range(n):
+        rng = random.Random(seed + r)
+        idx = [rng.randrange(m) for _ in range(m)]
+        for k, rows in per_episode.items():
+            nll, count = sum(rows[i][0] for i in idx), sum(rows[i][1] for i in idx)
+            out[k].append(math.exp(nll / count) if count else math.nan)
+    return out
+
+
 def ppl_margin_blocks(nll_ours: Sequence[float], nll_other: Sequence[float], block: int = 500, n: int = 1000,
                       seed: int = 0, level: float = LEVEL) -> list[float]:
     """Interval of ``ppl(other) - ppl(ours)`` over one stream scored twice (the same tokens, per-token NLLs): a paired
