@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--no-control", dest="control", action="store_false",
                     help="leave out the control row (the concat adapter on another dialog's turns)")
     args = ap.parse_args()
+    if args.control and args.dialogs < 2:
+        ap.error("the control reads another dialog's turns: give --dialogs 2 or more, or --no-control")
 
     base, tok = load_model(device=args.device)
     form = args.format if args.format != "auto" else adapter_dialog_format(args.concat) or "plain"
@@ -110,7 +112,7 @@ def main() -> None:
         if merged:
             r["ccm_merge_gap_recovered"] = gap_recovered(r["none_ppl"], r["full_ppl"], r["ccm_merge_ppl"])
         if args.bootstrap:
-            add_intervals(r, pooled_ppl_replicates(per_episode[t], args.bootstrap, seed=t))
+            add_row_intervals(r, pooled_ppl_replicates(per_episode[t], args.bootstrap, seed=t))
     rows_l = [rows[t] for t in TS]
     last = rows[max(TS)]
     headline = {"metric": "ccm_concat_gap_recovered_t12", "value": round(last["ccm_concat_gap_recovered"], 4),
@@ -135,7 +137,8 @@ def main() -> None:
              f"{headline['meaning']}\n\n" + markdown_table(rows_l, cols))
     if args.bootstrap:
         ci_cols = [c for c in cols if c.endswith(("_ppl", "_gap_recovered", "_memory_gap"))]
-        ci_rows = [{"t": r["t"], **{c: "[{:.4g}, {:.4g}]".format(*r[f"{c}_ci"]) for c in ci_cols}} for r in rows_l]
+        ci_rows = [{"t": r["t"], **{c: "[{:.4g}, {:.4g}]".format(*r[f"{c}_ci"]) if r.get(f"{c}_ci") else "-"
+                                    for c in ci_cols}} for r in rows_l]
         table += (f"\n\n95 % paired bootstrap intervals over the {len(dialogs)} dialogs ({args.bootstrap} replicates, "
                   f"the same dialogs drawn for every method in a replicate):\n\n"
                   + markdown_table(ci_rows, ["t", *ci_cols]))
@@ -154,10 +157,10 @@ def main() -> None:
 def memory_gap(none: float, full: float, other: float, ccm: float) -> float:
     """The part of the no-context -> full-context gap that the right dialog's memory closes beyond the adapter's
     prior (its control, reading another dialog): (other - ccm) / (none - full)."""
-    return (other - ccm) / (none - full)
+    return (other - ccm) / (none - full) if none != full else float("nan")
 
 
-def add_intervals(row: dict, reps: dict[str, list[float]]) -> None:
+def add_row_intervals(row: dict, reps: dict[str, list[float]]) -> None:
     """``<method>_ppl_ci`` for every method, ``<ccm>_gap_recovered_ci`` and ``ccm_concat_memory_gap_ci`` from the
     paired replicates of one t."""
     for name, rep in reps.items():
@@ -165,11 +168,11 @@ def add_intervals(row: dict, reps: dict[str, list[float]]) -> None:
     for name in ("ccm_concat", "ccm_merge"):
         if name in reps:
             gaps = [gap_recovered(a, b, x) for a, b, x in zip(reps["none"], reps["full"], reps[name]) if a != b]
-            row[f"{name}_gap_recovered_ci"] = interval(gaps)
+            row[f"{name}_gap_recovered_ci"] = interval(gaps) if gaps else None
     if "ccm_concat_other" in reps:
-        row["ccm_concat_memory_gap_ci"] = interval([
-            memory_gap(a, b, o, x) for a, b, o, x in zip(reps["none"], reps["full"], reps["ccm_concat_other"],
-                                                       reps["ccm_concat"]) if a != b])
+        gaps = [memory_gap(a, b, o, x) for a, b, o, x in zip(reps["none"], reps["full"], reps["ccm_concat_other"],
+                                                             reps["ccm_concat"]) if a != b]
+        row["ccm_concat_memory_gap_ci"] = interval(gaps) if gaps else None
 
 
 def _plot(rows, name, stage1: bool) -> None:

@@ -40,7 +40,8 @@ def grads_of_step(trainer: Trainer, step: int, bf16: bool) -> tuple[float, float
     for eps in micro:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss, _, ntok, _ = trainer._forward_loss(trainer.collate(eps))
-        (loss / len(micro)).backward()
+        if loss.requires_grad:  # a micro-batch with no ⟨COMP⟩ row (all in a raw tail) adds nothing, as in training
+            (loss / len(micro)).backward()
         total += float(loss.detach()) / len(micro)
         tokens += ntok
     dt = time.perf_counter() - t0

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from ccmem.evaluation import Group, IclSuite, Query
+from ccmem.evaluation import Group, IclSuite, Query, gap_recovered
 from ccmem.evaluation.intervals import (
     add_intervals,
     interval,
@@ -135,6 +135,9 @@ def test_pooled_ppl_replicates_hand_checked_and_paired():
     assert abs(sum(abs(x - 4) < 1e-9 for x in reps["a"]) / 4000 - 0.5) < 0.03
     assert interval(reps["a"]) == pytest.approx([2.0, 8.0])
     assert all(y == pytest.approx(2 * x) for x, y in zip(reps["a"], reps["b"]))
+    # paired, so gap recovered of b between none = b and full = a is exactly 0 (and 1 for a) in every replicate
+    assert all(gap_recovered(y, x, y) == 0 and gap_recovered(y, x, x) == pytest.approx(1)
+               for x, y in zip(reps["a"], reps["b"]))
     assert pooled_ppl_replicates({"a": a}, n=50, seed=3) == pooled_ppl_replicates({"a": a}, n=50, seed=3)
     with pytest.raises(ValueError, match="same"):
         pooled_ppl_replicates({"a": a, "b": b[:1]})

@@ -14,6 +14,8 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from ..metrics import perplexity
+
 LEVEL = 0.95
 
 
@@ -76,11 +78,9 @@ def pooled_ppl_replicates(per_episode: dict[str, Sequence[tuple[float, int]]], n
     m = sizes.pop()
     out: dict[str, list[float]] = {k: [] for k in per_episode}
     for r in range(n):
-        rng = random.Random(seed + r)
-        idx = [rng.randrange(m) for _ in range(m)]
+        idx = draw(m, random.Random(seed + r))
         for k, rows in per_episode.items():
-            nll, count = sum(rows[i][0] for i in idx), sum(rows[i][1] for i in idx)
-            out[k].append(math.exp(nll / count) if count else math.nan)
+            out[k].append(perplexity(sum(rows[i][0] for i in idx), sum(rows[i][1] for i in idx)))
     return out
 
 
@@ -102,10 +102,15 @@ def ppl_margin_blocks(nll_ours: Sequence[float], nll_other: Sequence[float], blo
     return interval(out, level)
 
 
+def draw(n: int, rng: random.Random) -> list[int]:
+    """n indices in [0, n) with replacement: one bootstrap resample of n units."""
+    return [rng.randrange(n) for _ in range(n)]
+
+
 def resample_groups(groups: list, scores: list, calib: list | None, rng: random.Random
                     ) -> tuple[list, list, list | None]:
     """Draw len(groups) groups with replacement (the unit is a context: a dialog, a fact)."""
-    idx = [rng.randrange(len(groups)) for _ in groups]
+    idx = draw(len(groups), rng)
     return [groups[i] for i in idx], [scores[i] for i in idx], [calib[i] for i in idx] if calib else calib
 
 
