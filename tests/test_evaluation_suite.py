@@ -101,6 +101,29 @@ def test_every_method_runs_and_modes_agree(adapters, mode, tmp_path, monkeypatch
     assert rerender(paths[0])[1].read_text() == md
 
 
+def test_raw_tail_override_scores_as_an_adapter_saved_with_the_tail(adapters, tmp_path, monkeypatch):
+    """``--raw-tail NAME=K``: the concat adapter read with a tail of 1 scores exactly as the same weights saved with
+    that tail (``ccm_concat_tail``), and counts the tail's tokens in its KV; a name no adapter has is refused."""
+    from ccmem.evaluation.runner import run_named
+
+    monkeypatch.setenv("CCMEM_CACHE", str(tmp_path / "cache"))
+    cfg = EvalConfig(adapters={"ccm_concat": adapters["ccm_concat"], "ccm_concat_t1": adapters["ccm_concat"],
+                               "ccm_concat_tail": adapters["ccm_concat_tail"]},
+                     raw_tails={"ccm_concat_t1": 1}, presses=(), training_free=(), check=1, batch_size=4, bootstrap=0)
+    res = evaluate(TinySuite(), cfg, load_model=lambda: tiny_model(seed=0), progress=False)
+    by = {(r["t"], r["method"]): r for r in res["rows"]}
+    for t in (1, 2, 4):
+        for k in ("acc_norm", "kv_slots"):
+            assert by[(t, "ccm_concat_t1")][k] == by[(t, "ccm_concat_tail")][k]
+        assert by[(t, "ccm_concat_t1")]["kv_slots"] > by[(t, "ccm_concat")]["kv_slots"]
+    assert {m["name"]: m.get("raw_tail") for m in res["methods"]}["ccm_concat_t1"] == 1
+    assert "raw tail 1" in {m["name"]: m["label"] for m in res["methods"]}["ccm_concat_t1"]
+    assert res["agreement"]["ccm_concat_t1"] < 1e-4
+    with pytest.raises(ValueError, match="ccm_concat_x"):
+        run_named("chitchat", tmp_path, adapters={"ccm_concat": adapters["ccm_concat"]},
+                  raw_tails={"ccm_concat_x": 1})
+
+
 def test_other_context_rotates_contexts_of_equal_length():
     from ccmem.evaluation.runner import other_context
 

@@ -129,3 +129,27 @@ def test_training_step_with_everything_in_the_tail(tmp_path):
     hist = tr.fit()
     assert len(hist) == 2 and all(h["loss"] > 0 for h in hist)
     assert any(not torch.equal(a, b) for a, b in zip(before, ccm.trainable_parameters()))
+
+
+def test_an_adapter_read_with_another_tail(tmp_path):
+    """``from_pretrained(..., raw_tail=k)`` reads an adapter saved without a tail exactly as the same weights saved
+    with one: the tail is a reading layout, not a weight. A gist adapter has no tail; the files keep theirs."""
+    from conftest import tiny_model
+
+    from ccmem import CompressedModel
+
+    plain, tailed = tiny_ccm("llama", raw_tail=0), tiny_ccm("llama", raw_tail=1)
+    assert all(torch.equal(a, b) for a, b in zip(plain.trainable_parameters(), tailed.trainable_parameters()))
+    plain.save_pretrained(tmp_path / "plain")
+    read = CompressedModel.from_pretrained(tmp_path / "plain", tiny_model("llama"), raw_tail=1)
+    assert read.config.raw_tail == 1
+    q = EPISODES[0][1]
+    got, want = online_session(read, [EPISODES[0]]), online_session(tailed, [EPISODES[0]])
+    assert got.memory.tail == [[EPISODES[0][0][-1]]]
+    assert torch.equal(got.logits(q)[0], want.logits(q)[0])
+    assert not torch.allclose(got.logits(q)[0], online_session(plain, [EPISODES[0]]).logits(q)[0], atol=1e-2)
+    again = CompressedModel.from_pretrained(tmp_path / "plain", tiny_model("llama"))  # the file is unchanged
+    assert again.config.raw_tail == 0
+    tiny_ccm("llama", "gist").save_pretrained(tmp_path / "gist")
+    with pytest.raises(ConfigError, match="gist"):
+        CompressedModel.from_pretrained(tmp_path / "gist", tiny_model("llama"), raw_tail=1)

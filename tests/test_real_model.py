@@ -121,3 +121,20 @@ def test_chat_in_a_real_terminal(tmp_path):
     p.expect(rf"bot> (.*)\r\n\[compress (\d+) -> 2, (\d+) -> 2 tokens \(memory key/value size = {n}, {45 * n} KiB\)\]")
     p.sendline("/quit")
     p.expect(pexpect.EOF)
+
+
+@pytest.mark.parametrize("template", [True, False])
+def test_chat_with_a_raw_tail_keeps_the_newest_turn_verbatim(template):
+    """``ccmem chat --raw-tail 1`` on the shipped adapter: after a reply the user's turn is compressed and the
+    model's stays raw; what the chat reports counts the raw tokens, and the memory's bytes include them."""
+    from ccmem.chat import Chat
+
+    chat = Chat(template=template, raw_tail=1, max_new_tokens=8)
+    assert chat.ccm.config.raw_tail == 1
+    _, note = chat.reply("My dog is called Pixel.")
+    m = chat.session.memory
+    tail = sum(m.tail_tokens())
+    assert int(m.steps[0]) == 1 and len(m.tail[0]) == 1 and tail > 0
+    assert f" + {tail} raw tail" in note
+    assert m.kv_bytes == (m.num_slots + tail) * chat.per_slot
+    assert f"1 turn compressed ({int(m.offset[0])} tokens) into {m.num_slots} slots + {tail} tokens" in chat.stats()

@@ -18,14 +18,14 @@ HELP = """commands:
 
 class Chat:
     def __init__(self, variant: str = "concat", adapter: str | None = None, device: str | None = None,
-                 max_new_tokens: int = 48, template: bool = True):
+                 max_new_tokens: int = 48, template: bool = True, raw_tail: int | None = None):
         from .demo import chat_adapter, stop_ids
         from .memory import bytes_per_slot
         from .model import CompressedModel
         from .models import load_model
 
         self._load = lambda v: CompressedModel.from_pretrained(adapter or chat_adapter(v),
-                                                               *load_model(device=device))
+                                                               *load_model(device=device), raw_tail=raw_tail)
         self.models: dict = {}
         self.variant = variant
         self.ccm = self._model(variant)
@@ -36,8 +36,6 @@ class Chat:
         self.stops = [self.tok.eos_token_id] if self.template else stop_ids(self.tok)
         self.max_new_tokens = max_new_tokens
         self.session = self.ccm.session()
-        self.turns = 0
-        self.compressed_tokens = 0
 
     def _model(self, variant: str):
         if variant not in self.models:
@@ -49,20 +47,27 @@ class Chat:
 
     def stats(self) -> str:
         m = self.session.memory
-        return (f"variant {self.variant}, {self.turns} turns compressed ({self.compressed_tokens} tokens) into "
-                f"{m.num_slots} slots = {m.num_slots * self.per_slot / 1024:.0f} KiB "
-                f"(full context would hold {self.compressed_tokens * self.per_slot / 1024:.0f} KiB)")
+        tail = sum(m.tail_tokens())
+        read = int(m.offset[0]) + tail  # the memory counts what it compressed; the tail is read verbatim
+        kept = f"{m.num_slots} slots" + (f" + {tail} tokens of the newest turns kept raw" if tail else "")
+        n = int(m.steps[0])
+        return (f"variant {self.variant}, {n} turn{'s' if n != 1 else ''} compressed ({int(m.offset[0])} tokens) "
+                f"into {kept} = {m.kv_bytes / 1024:.0f} KiB "
+                f"(full context would hold {read * self.per_slot / 1024:.0f} KiB)")
 
     def reply(self, user: str) -> tuple[str, str]:
         if self.template:
-            before, tokens = self.session.memory.num_slots, int(self.session.memory.offset[0])
+            m = self.session.memory
+            before, tokens, steps = m.num_slots, int(m.offset[0]), int(m.steps[0])
             text = self.session.reply({"role": "user", "content": user.strip()}, max_new_tokens=self.max_new_tokens,
                                       eos_token_id=self.stops, repetition_penalty=1.3) or "..."
             m = self.session.memory
-            self.turns += 2
-            self.compressed_tokens += int(m.offset[0]) - tokens
-            return text, (f"[compress 2 turns, {int(m.offset[0]) - tokens} tokens -> {m.num_slots - before} slots "
-                          f"(memory key/value size = {m.num_slots}, {m.kv_bytes / 1024:.0f} KiB)]")
+            tail = sum(m.tail_tokens())
+            n = int(m.steps[0]) - steps  # with a raw tail the newest turns wait uncompressed
+            return text, (f"[compress {n} turn{'s' if n != 1 else ''}, {int(m.offset[0]) - tokens} tokens -> "
+                          f"{m.num_slots - before} slots "
+                          f"(memory key/value size = {m.num_slots}" + (f" + {tail} raw tail" if tail else "")
+                          + f", {m.kv_bytes / 1024:.0f} KiB)]")
         user_turn = self._enc(f"A: {user.strip()}\n")
         prompt = user_turn + self._enc("B:")
         ids = self.session.generate(prompt, max_new_tokens=self.max_new_tokens, eos_token_id=self.stops,
@@ -71,13 +76,13 @@ class Chat:
         bot_turn = self._enc(f"B: {text}\n")
         notes = []
         for turn in (user_turn, bot_turn):
-            rep = self.session.add_context(turn)
-            self.turns += 1
-            self.compressed_tokens += len(turn)
-            notes.append(f"{len(turn)} -> {self.ccm.config.n_tok}")
+            rep = self.session.add_context(turn)  # with a raw tail: the turn leaving it is compressed
+            if rep.tokens[0]:
+                notes.append(f"{rep.tokens[0]} -> {self.ccm.config.n_tok}")
         m = self.session.memory
-        return text, (f"[compress {', '.join(notes)} tokens (memory key/value size = {m.num_slots}, "
-                      f"{rep.memory_bytes / 1024:.0f} KiB)]")
+        tail = sum(m.tail_tokens())
+        return text, (f"[compress {', '.join(notes) or 'nothing yet'} tokens (memory key/value size = {m.num_slots}"
+                      + (f" + {tail} raw tail" if tail else "") + f", {rep.memory_bytes / 1024:.0f} KiB)]")
 
     def command(self, line: str) -> str | None:
         cmd, _, arg = line[1:].partition(" ")
@@ -90,7 +95,6 @@ class Chat:
             return self.stats()
         if cmd == "reset":
             self.session.reset()
-            self.turns = self.compressed_tokens = 0
             return "memory cleared"
         if cmd == "save":
             if not arg:
@@ -110,15 +114,14 @@ class Chat:
                 return "usage: /variant concat|merge"
             self.variant, self.ccm = arg, self._model(arg)
             self.session = self.ccm.session()
-            self.turns = self.compressed_tokens = 0
             return f"switched to {arg} (fresh memory)"
         return f"unknown command /{cmd}; /help lists them"
 
 
 def run_chat(variant: str = "concat", adapter: str | None = None, device: str | None = None,
-             template: bool = True) -> int:
+             template: bool = True, raw_tail: int | None = None) -> int:
     print("loading SmolLM2-135M-Instruct with the CCM adapter ...", flush=True)
-    chat = Chat(variant, adapter, device, template=template)
+    chat = Chat(variant, adapter, device, template=template, raw_tail=raw_tail)
     fmt = "chat template" if chat.template else "A: / B: lines"
     print(f"ready ({chat.variant}, {fmt}). Type a message; /help for commands.", flush=True)
     while True:

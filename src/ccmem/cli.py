@@ -50,7 +50,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     from .chat import run_chat
 
-    return run_chat(args.variant, args.adapter, args.device, template=not args.plain)
+    return run_chat(args.variant, args.adapter, args.device, template=not args.plain, raw_tail=args.raw_tail)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -103,10 +103,17 @@ def _eval(args: argparse.Namespace) -> int:
                 raise SystemExit(f"--adapter {a!r} must look like NAME=PATH (e.g. ccm_concat=adapters/icl-concat)")
             k, v = a.split("=", 1)
             adapters[k] = v
+    tails = {}
+    for a in args.raw_tail or []:
+        k, _, v = a.partition("=")
+        if not k or not v.isdigit():
+            raise SystemExit(f"--raw-tail {a!r} must look like NAME=K, K >= 0 chunks kept raw "
+                             "(e.g. ccm_concat_tail1=1 beside --adapter ccm_concat_tail1=adapters/general-chat)")
+        tails[k] = int(v)
     kw = {"presses": tuple(p for p in args.presses.split(",") if p),
           "training_free": tuple(p for p in args.training_free.split(",") if p),
           "mode": args.mode, "check": args.check, "batch_size": args.batch_size, "device": args.device,
-          "control": args.control, "generate": not args.no_generate}
+          "control": args.control, "generate": not args.no_generate, "raw_tails": tails}
     if args.base_adapter is not None:
         kw["base_adapter"] = None if args.base_adapter.lower() == "none" else args.base_adapter
     res, paths = run_named(args.suite, args.out, args.name, adapters, args.limit,
@@ -131,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--variant", default="concat", choices=["concat", "merge"])
     c.add_argument("--adapter", default=None, help="adapter folder or hub id (default: the shipped one)")
     c.add_argument("--device", default=None)
+    c.add_argument("--raw-tail", type=int, default=None,
+                   help="keep the newest K turns raw (verbatim key/values) and compress a turn when it leaves them "
+                        "(default: the adapter's own, 0 for the shipped one)")
     c.add_argument("--plain", action="store_true",
                    help="render turns as 'A: ... / B: ...' lines instead of the tokenizer's chat template")
     c.set_defaults(fn=_chat)
@@ -172,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--adapter", action="append", default=None,
                    help="NAME=PATH, repeatable; replaces the suite's default adapters (names: ccm_concat, ccm_merge, "
                         "concat_nr, merge_nr, gist, gist_online, each optionally with a _suffix)")
+    e.add_argument("--raw-tail", action="append", default=None,
+                   help="NAME=K, repeatable: read adapter NAME with its newest K chunks kept raw instead of its own "
+                        "tail (K = 0: none); its KV counts the raw tokens, so compare it on the frontier")
     e.add_argument("--presses", default="snapkv,streamingllm,knorm,kvzip",
                    help="kvpress presses, comma-separated ('' for none): snapkv, streamingllm, knorm, kvzip, tova, "
                         "expected_attention")

@@ -333,8 +333,13 @@ class CompressedModel:
         tokenizer: Any = None,
         attn_implementation: str = "sdpa",
         revision: str | None = None,
+        raw_tail: int | None = None,
     ) -> CompressedModel:
         """Attach a saved adapter (a local folder or a hub repository id) to ``model``.
+
+        ``raw_tail``: read with this raw tail instead of the adapter's own (``CompressionConfig.raw_tail``). The tail
+        is a reading layout, not a weight: the newest chunks stay verbatim and the rest is compressed as trained, so
+        an adapter trained without a tail can keep the last turn raw (the KV held grows by that turn's tokens).
 
         If the adapter ships a stage 1 (a ``stage1/`` folder: the full-context LoRA of the two-stage recipe), its LoRA
         is folded into ``model``'s own weights **in place** (see :func:`fold_stage1`): the caller's model is changed
@@ -344,6 +349,8 @@ class CompressedModel:
         check_not_attached(model)
         tensors, header = cls.read_adapter(path_or_id, revision)
         config = CompressionConfig.from_dict(header["compression"])
+        if raw_tail is not None:
+            config = replace(config, raw_tail=raw_tail)  # validated again: a gist adapter has no tail
         check_fingerprint(model_fingerprint(model), header["base"], f"adapter {path_or_id}")
         stage1 = cls._stage1(path_or_id, revision)
         if stage1 is not None:  # two-stage recipe: fold the full-context LoRA into the base weights first

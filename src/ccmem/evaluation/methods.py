@@ -185,17 +185,23 @@ TRAINED_LABELS = {"ccm_concat": "CCM-concat", "ccm_merge": "CCM-merge", "concat_
                   "merge_nr": "merge (non-recurrent)", "gist": "Gisting", "gist_online": "Gisting-online"}
 
 
-def trained(name: str, adapter: str, peer: str = "ccm_concat") -> Method:
-    """A trained method by name; names with a suffix (``ccm_concat_cpu``) keep the base name's behaviour."""
+def trained(name: str, adapter: str, peer: str = "ccm_concat", raw_tail: int | None = None) -> Method:
+    """A trained method by name; names with a suffix (``ccm_concat_cpu``) keep the base name's behaviour.
+    ``raw_tail``: read the adapter with this raw tail instead of its own (``CompressedModel.from_pretrained``)."""
     base = next((b for b in sorted(TRAINED_LABELS, key=len, reverse=True) if name.startswith(b)), None)
     if base is None:
         raise ValueError(f"unknown trained method {name!r}; names start with one of {sorted(TRAINED_LABELS)}")
     label = TRAINED_LABELS[base] + (f" [{name[len(base) + 1:]}]" if name != base else "")
     if base == "gist":
+        if raw_tail:
+            raise ValueError(f"{name}: Gisting has no raw tail (it recompresses the whole history every step)")
         return Gisting(name, label, "trained", adapter, peer)
     from ..model import CompressedModel
 
-    tail = CompressedModel.read_adapter(adapter)[1]["compression"].get("raw_tail", 0)
+    own = CompressedModel.read_adapter(adapter)[1]["compression"].get("raw_tail", 0)
+    tail = own if raw_tail is None else raw_tail
+    if raw_tail is not None and raw_tail != own:
+        label += f" (raw tail {raw_tail})"
     return Compressed(name, label, "trained", adapter, peer, variant="concat" if base == "gist_online" else None,
                       raw_tail=tail)
 

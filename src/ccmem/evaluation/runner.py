@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..data.episode import Episode
 from .core import bytes_per_slot, option_logliks
-from .methods import Method, NoContext, Press, control, flat, variant_view
+from .methods import Compressed, Method, NoContext, Press, control, flat, variant_view
 from .suites import Group, Scores, Suite
 
 
@@ -29,12 +29,14 @@ from .suites import Group, Scores, Suite
 class EvalConfig:
     """What a run compares. ``adapters`` maps trained method names (ccm_concat, ccm_merge, concat_nr, merge_nr,
     gist, gist_online, plus optional suffixes such as ccm_concat_cpu) to adapter folders; ``peers`` names, for a
-    trained baseline, the CCM-concat trained with the same budget it is compared against."""
+    trained baseline, the CCM-concat trained with the same budget it is compared against; ``raw_tails`` reads a
+    named adapter with another raw tail than its own (``--raw-tail NAME=K``)."""
 
     model: str = "smollm2"
     base_adapter: str | None = None  # stage-1 adapter folded into the reference (full-context) model
     adapters: dict[str, str] = field(default_factory=dict)
     peers: dict[str, str] = field(default_factory=dict)
+    raw_tails: dict[str, int] = field(default_factory=dict)
     training_free: tuple[str, ...] = ("window", "streamingllm")
     presses: tuple[str, ...] = ("snapkv", "streamingllm", "knorm")
     mode: str = "auto"  # parallel | online | auto (parallel for one query per context, online otherwise)
@@ -53,7 +55,7 @@ def methods_for(cfg: EvalConfig) -> list[Method]:
     from .methods import REFERENCE, TRAINING_FREE, press, trained
 
     out = [REFERENCE["none"](), REFERENCE["full"]()]
-    out += [trained(n, p, cfg.peers.get(n, "ccm_concat")) for n, p in cfg.adapters.items()]
+    out += [trained(n, p, cfg.peers.get(n, "ccm_concat"), cfg.raw_tails.get(n)) for n, p in cfg.adapters.items()]
     out += [TRAINING_FREE[n]() for n in cfg.training_free]
     out += [press(p) for p in cfg.presses]
     return out
@@ -251,7 +253,8 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
     for m in methods:
         if m.kind != "trained":
             continue
-        ccm = CompressedModel.from_pretrained(m.adapter, fresh(stage1=False))
+        ccm = CompressedModel.from_pretrained(m.adapter, fresh(stage1=False),
+                                              raw_tail=m.raw_tail if isinstance(m, Compressed) else None)
         run_method(m, ccm)
         for c in methods:
             if c.kind == "control" and c.adapter == m.adapter and c.peer == m.name:
@@ -291,7 +294,8 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
             "agreement": agreement, "mode": mode,
             "notes": notes,
             "methods": [{"name": m.name, "label": m.label, "kind": m.kind, "adapter": m.adapter,
-                         "peer": m.peer if m.kind == "trained" else None} for m in methods],
+                         "peer": m.peer if m.kind == "trained" else None,
+                         **({"raw_tail": m.raw_tail} if isinstance(m, Compressed) else {})} for m in methods],
             "bytes_per_slot": per_slot, "config": {**asdict(cfg), **suite.describe(), "ts": ts}}
 
 
@@ -501,6 +505,10 @@ def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str 
         raise ValueError(f"unknown suite {suite!r}; known: {sorted(SUITES)}")
     d = SUITES[suite]
     wanted = dict(d["adapters"]) if adapters is None else dict(adapters)
+    stray = sorted(set(cfg_kw.get("raw_tails") or {}) - set(wanted))
+    if stray:
+        raise ValueError(f"a raw tail is set for {stray}, which no adapter of this run is called; name the method "
+                         f"as in its adapter (runs: {sorted(wanted)})")
     present = {k: v for k, v in wanted.items() if (Path(v) / "adapter.safetensors").exists()}
     notes = [f"{k}: adapter {v} not found, method skipped" for k, v in wanted.items() if k not in present]
     cfg_kw.setdefault("base_adapter", d["base_adapter"])
