@@ -92,6 +92,12 @@ def _data_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chunks(v: str) -> int:
+    if not v.isdigit():
+        raise argparse.ArgumentTypeError(f"{v!r}: give a number of turns >= 0")
+    return int(v)
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .evaluation.runner import run_named
 
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--variant", default="concat", choices=["concat", "merge"])
     c.add_argument("--adapter", default=None, help="adapter folder or hub id (default: the shipped one)")
     c.add_argument("--device", default=None)
-    c.add_argument("--raw-tail", type=int, default=None,
+    c.add_argument("--raw-tail", type=_chunks, default=None,
                    help="keep the newest K turns raw (verbatim key/values) and compress a turn when it leaves them "
                         "(default: the adapter's own, 0 for the shipped one)")
     c.add_argument("--plain", action="store_true",

@@ -339,7 +339,8 @@ class CompressedModel:
 
         ``raw_tail``: read with this raw tail instead of the adapter's own (``CompressionConfig.raw_tail``). The tail
         is a reading layout, not a weight: the newest chunks stay verbatim and the rest is compressed as trained, so
-        an adapter trained without a tail can keep the last turn raw (the KV held grows by that turn's tokens).
+        an adapter trained without a tail can keep the last turn raw (for concat the KV held grows by that turn's
+        tokens less its n_tok slots).
 
         If the adapter ships a stage 1 (a ``stage1/`` folder: the full-context LoRA of the two-stage recipe), its LoRA
         is folded into ``model``'s own weights **in place** (see :func:`fold_stage1`): the caller's model is changed

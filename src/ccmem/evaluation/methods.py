@@ -192,9 +192,10 @@ def trained(name: str, adapter: str, peer: str = "ccm_concat", raw_tail: int | N
     if base is None:
         raise ValueError(f"unknown trained method {name!r}; names start with one of {sorted(TRAINED_LABELS)}")
     label = TRAINED_LABELS[base] + (f" [{name[len(base) + 1:]}]" if name != base else "")
+    if raw_tail is not None and (raw_tail < 0 or (raw_tail and base in ("gist", "gist_online"))):
+        raise ValueError(f"--raw-tail {name}={raw_tail}: a raw tail is a non-negative number of chunks, and a gist "
+                         "adapter has none (it is trained to compress the whole history at once)")
     if base == "gist":
-        if raw_tail:
-            raise ValueError(f"{name}: Gisting has no raw tail (it recompresses the whole history every step)")
         return Gisting(name, label, "trained", adapter, peer)
     from ..model import CompressedModel
 
