@@ -104,13 +104,24 @@ def test_every_method_runs_and_modes_agree(adapters, mode, tmp_path, monkeypatch
 def test_raw_tail_override_scores_as_an_adapter_saved_with_the_tail(adapters, tmp_path, monkeypatch):
     """``--raw-tail NAME=K``: the concat adapter read with a tail of 1 scores exactly as the same weights saved with
     that tail (``ccm_concat_tail``), and counts the tail's tokens in its KV; a name no adapter has is refused."""
+    from ccmem import CompressedModel
     from ccmem.evaluation.runner import run_named
 
     monkeypatch.setenv("CCMEM_CACHE", str(tmp_path / "cache"))
+    loaded = []  # the raw tail of every model the run loads: the override must reach the model, not only the row
+    real = CompressedModel.from_pretrained.__func__
+
+    def spy(cls, *a, **kw):
+        ccm = real(cls, *a, **kw)
+        loaded.append(ccm.config.raw_tail)
+        return ccm
+
+    monkeypatch.setattr(CompressedModel, "from_pretrained", classmethod(spy))
     cfg = EvalConfig(adapters={"ccm_concat": adapters["ccm_concat"], "ccm_concat_t1": adapters["ccm_concat"],
                                "ccm_concat_tail": adapters["ccm_concat_tail"]},
                      raw_tails={"ccm_concat_t1": 1}, presses=(), training_free=(), check=1, batch_size=4, bootstrap=0)
     res = evaluate(TinySuite(), cfg, load_model=lambda: tiny_model(seed=0), progress=False)
+    assert loaded == [0, 1, 1]
     by = {(r["t"], r["method"]): r for r in res["rows"]}
     for t in (1, 2, 4):
         for k in ("acc_norm", "kv_slots"):
