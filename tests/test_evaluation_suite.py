@@ -130,6 +130,12 @@ def test_raw_tail_override_scores_as_an_adapter_saved_with_the_tail(adapters, tm
     assert {m["name"]: m.get("raw_tail") for m in res["methods"]}["ccm_concat_t1"] == 1
     assert "raw tail 1" in {m["name"]: m["label"] for m in res["methods"]}["ccm_concat_t1"]
     assert res["agreement"]["ccm_concat_t1"] < 1e-4
+    from ccmem.errors import ConfigError
+    from ccmem.evaluation.methods import trained
+
+    for name, k, why in (("gist_online", 1, "gist"), ("gist", 1, "gist"), ("ccm_concat", -1, "raw_tail")):
+        with pytest.raises(ConfigError, match=why):  # refused when the run is set up, before anything is scored
+            trained(name, adapters[name], raw_tail=k)
     with pytest.raises(ValueError, match="ccm_concat_x"):
         run_named("chitchat", tmp_path, adapters={"ccm_concat": adapters["ccm_concat"]},
                   raw_tails={"ccm_concat_x": 1})

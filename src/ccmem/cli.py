@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                         "concat_nr, merge_nr, gist, gist_online, each optionally with a _suffix)")
     e.add_argument("--raw-tail", action="append", default=None,
                    help="NAME=K, repeatable: read adapter NAME with its newest K chunks kept raw instead of its own "
-                        "tail (K = 0: none); its KV counts the raw tokens, so compare it on the frontier")
+                        "tail (K = 0: none); its KV counts the raw tokens, so name it ccm_concat for margins at equal "
+                        "KV (a ccm_concat_* sibling is shown, not compared)")
     e.add_argument("--presses", default="snapkv,streamingllm,knorm,kvzip",
                    help="kvpress presses, comma-separated ('' for none): snapkv, streamingllm, knorm, kvzip, tova, "
                         "expected_attention")

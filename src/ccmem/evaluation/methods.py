@@ -192,17 +192,17 @@ def trained(name: str, adapter: str, peer: str = "ccm_concat", raw_tail: int | N
     if base is None:
         raise ValueError(f"unknown trained method {name!r}; names start with one of {sorted(TRAINED_LABELS)}")
     label = TRAINED_LABELS[base] + (f" [{name[len(base) + 1:]}]" if name != base else "")
-    if raw_tail is not None and (raw_tail < 0 or (raw_tail and base in ("gist", "gist_online"))):
-        raise ValueError(f"--raw-tail {name}={raw_tail}: a raw tail is a non-negative number of chunks, and a gist "
-                         "adapter has none (it is trained to compress the whole history at once)")
-    if base == "gist":
-        return Gisting(name, label, "trained", adapter, peer)
+    from ..config import CompressionConfig
     from ..model import CompressedModel
 
-    own = CompressedModel.read_adapter(adapter)[1]["compression"].get("raw_tail", 0)
+    compression = CompressedModel.read_adapter(adapter)[1]["compression"]
+    own = compression.get("raw_tail", 0)
     tail = own if raw_tail is None else raw_tail
-    if raw_tail is not None and raw_tail != own:
-        label += f" (raw tail {raw_tail})"
+    if tail != own:  # the config's own check, now rather than at model load after the other methods have run
+        CompressionConfig.from_dict({**compression, "raw_tail": tail})
+        label += f" (raw tail {tail})"
+    if base == "gist":
+        return Gisting(name, label, "trained", adapter, peer)
     return Compressed(name, label, "trained", adapter, peer, variant="concat" if base == "gist_online" else None,
                       raw_tail=tail)
 
