@@ -120,13 +120,15 @@ class Compressed(Method):
 
     variant: str | None = None  # layout override (Gisting-online)
     raw_tail: int = 0  # the adapter's raw tail: its newest chunks are held as raw tokens
+    sink: bool = False  # the adapter keeps the session's first token as one more slot once it compresses
 
     def slots(self, chunks, n_tok, budget):
         cut = max(len(chunks) - self.raw_tail, 0)
         raw = len(flat(chunks[cut:]))
         if not cut:
             return raw
-        return raw + (n_tok if self.name.startswith(("ccm_merge", "merge")) else n_tok * cut)
+        held = n_tok if self.name.startswith(("ccm_merge", "merge")) else n_tok * cut
+        return raw + held + int(self.sink)
 
     def session(self, ccm, chunks, budget):
         with variant_view(ccm, self.variant):
@@ -204,7 +206,7 @@ def trained(name: str, adapter: str, peer: str = "ccm_concat", raw_tail: int | N
     if base == "gist":
         return Gisting(name, label, "trained", adapter, peer)
     return Compressed(name, label, "trained", adapter, peer, variant="concat" if base == "gist_online" else None,
-                      raw_tail=tail)
+                      raw_tail=tail, sink=bool(compression.get("sink", False)))
 
 
 def control(m: Method) -> Method:
@@ -213,7 +215,7 @@ def control(m: Method) -> Method:
     if not isinstance(m, Compressed):
         raise ValueError(f"no control for {m.name!r}: only a compressor read chunk by chunk has one")
     return Compressed(f"{m.name}_other", f"{m.label} on another context (control)", "control", m.adapter, m.name,
-                      variant=m.variant, raw_tail=m.raw_tail)
+                      variant=m.variant, raw_tail=m.raw_tail, sink=m.sink)
 
 
 def press(name: str) -> Method:

@@ -42,7 +42,7 @@ class EvalConfig:
     mode: str = "auto"  # parallel | online | auto (parallel for one query per context, online otherwise)
     check: int = 2  # contexts per t scored both ways to check parallel == online (0: off)
     batch_size: int = 16
-    n_tok: int = 2  # the budget of the training-free methods at step t is n_tok * t (CCM-concat's memory)
+    n_tok: int = 2  # the training-free budget at step t: n_tok * t, plus one when CCM-concat keeps a sink slot
     kvpress_python: str | None = None
     device: str | None = None
     generate: bool = True  # suites that can (recall) also score greedy replies by exact match
@@ -178,14 +178,15 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
     methods = methods_for(cfg)
     if cfg.control:  # every CCM adapter once more, on another context's memory (other_context)
         methods += [control(m) for m in list(methods) if m.kind == "trained" and m.name.startswith("ccm_")]
+    sink = 0  # CCM-concat's sink slot: with one, equal KV gives the training-free methods one token more
     for name, path in cfg.adapters.items():
         if name == "ccm_concat":  # the training-free budget follows CCM-concat's n_tok
             _, header = CompressedModel.read_adapter(path)
-            cfg.n_tok = header["compression"]["n_tok"]
+            cfg.n_tok, sink = header["compression"]["n_tok"], int(bool(header["compression"].get("sink")))
     ts = list(suite.ts)
     groups = {t: suite.groups(t) for t in ts}
     other = {t: other_context(groups[t]) for t in ts} if cfg.control else {}
-    budgets = {t: cfg.n_tok * suite.steps(t) for t in ts}
+    budgets = {t: cfg.n_tok * suite.steps(t) + sink for t in ts}
     mode = cfg.mode if cfg.mode != "auto" else (
         "parallel" if all(len(g.queries) == 1 for g in groups[ts[0]]) else "online")
     scores: dict[tuple[str, int], Scores] = {}
