@@ -150,6 +150,13 @@ def test_an_adapter_read_with_another_tail(tmp_path):
     assert not torch.allclose(got.logits(q)[0], online_session(plain, [EPISODES[0]]).logits(q)[0], atol=1e-2)
     again = CompressedModel.from_pretrained(tmp_path / "plain", tiny_model("llama"))  # the file is unchanged
     assert again.config.raw_tail == 0
+    warm = tiny_ccm("llama", raw_tail=1)  # load_adapter (warm start, resume) takes it as well
+    with torch.no_grad():
+        for p in warm.trainable_parameters():
+            p.add_(1.0)
+    warm.load_adapter(tmp_path / "plain")
+    assert warm.config.raw_tail == 1
+    assert torch.equal(online_session(warm, [EPISODES[0]]).logits(q)[0], want.logits(q)[0])
     tiny_ccm("llama", "gist").save_pretrained(tmp_path / "gist")
     with pytest.raises(ConfigError, match="gist"):
         CompressedModel.from_pretrained(tmp_path / "gist", tiny_model("llama"), raw_tail=1)

@@ -370,10 +370,11 @@ class CompressedModel:
         return self
 
     def load_adapter(self, path_or_id: str | os.PathLike, revision: str | None = None) -> None:
-        """Load saved trainable weights into this already attached model (configs must agree)."""
+        """Load saved trainable weights into this already attached model (configs must agree, except the raw tail:
+        a reading layout, not a weight, so a run with a tail can warm-start from an adapter trained without one)."""
         tensors, header = self.read_adapter(path_or_id, revision)
         self.check_fingerprint(header["base"], f"adapter {path_or_id}")
-        self.check_config(header["compression"], f"adapter {path_or_id}")
+        self.check_config({**header["compression"], "raw_tail": self.config.raw_tail}, f"adapter {path_or_id}")
         self._load_tensors(tensors, str(path_or_id))
 
     @torch.no_grad()
