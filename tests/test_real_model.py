@@ -138,3 +138,6 @@ def test_chat_with_a_raw_tail_keeps_the_newest_turn_verbatim(template):
     assert f" + {tail} raw tail" in note
     assert m.kv_bytes == (m.num_slots + tail) * chat.per_slot
     assert f"1 turn compressed ({int(m.offset[0])} tokens) into {m.num_slots} slots + {tail} tokens" in chat.stats()
+    two = Chat(template=template, raw_tail=2, max_new_tokens=4)  # a tail of two: the first exchange waits whole
+    _, note = two.reply("Hi.")
+    assert two.session.memory.num_slots == 0 and note.startswith("[kept raw in the tail, nothing compressed")

@@ -64,9 +64,9 @@ class Chat:
             m = self.session.memory
             tail = sum(m.tail_tokens())
             n = int(m.steps[0]) - steps  # with a raw tail the newest turns wait uncompressed
-            return text, (f"[compress {n} turn{'s' if n != 1 else ''}, {int(m.offset[0]) - tokens} tokens -> "
-                          f"{m.num_slots - before} slots "
-                          f"(memory key/value size = {m.num_slots}" + (f" + {tail} raw tail" if tail else "")
+            did = (f"compress {n} turn{'s' if n != 1 else ''}, {int(m.offset[0]) - tokens} tokens -> "
+                   f"{m.num_slots - before} slots" if n else "kept raw in the tail, nothing compressed this turn")
+            return text, (f"[{did} (memory key/value size = {m.num_slots}" + (f" + {tail} raw tail" if tail else "")
                           + f", {m.kv_bytes / 1024:.0f} KiB)]")
         user_turn = self._enc(f"A: {user.strip()}\n")
         prompt = user_turn + self._enc("B:")
@@ -81,7 +81,8 @@ class Chat:
                 notes.append(f"{rep.tokens[0]} -> {self.ccm.config.n_tok}")
         m = self.session.memory
         tail = sum(m.tail_tokens())
-        return text, (f"[compress {', '.join(notes) or 'nothing yet'} tokens (memory key/value size = {m.num_slots}"
+        did = f"compress {', '.join(notes)} tokens" if notes else "kept raw in the tail, nothing compressed this turn"
+        return text, (f"[{did} (memory key/value size = {m.num_slots}"
                       + (f" + {tail} raw tail" if tail else "") + f", {rep.memory_bytes / 1024:.0f} KiB)]")
 
     def command(self, line: str) -> str | None:
