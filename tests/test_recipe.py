@@ -209,3 +209,29 @@ def test_chat_general_recipe_warm_starts_from_an_adapter(tmp_path, tiny_folder):
     assert main(["train", "configs/general_chat.yaml", *common, "train.max_steps=2", "train.warmup_ratio=0",
                  f"train.output_dir={tmp_path}/c0", f"init_adapter={tmp_path}/gone", "--device", "cpu"]) == 0
     assert json.loads((tmp_path / "chat" / "train_summary.json").read_text())["steps"] == 2
+
+
+def test_tail_recipe_warm_starts_from_an_adapter_without_a_tail(tmp_path, tiny_folder):
+    """configs/general_chat_tail.yaml: the general adapter's weights (saved without a raw tail) start a run that
+    trains and ships with a tail of one chunk; the recipe differs from general_chat.yaml in the tail and schedule."""
+    from safetensors.torch import load_file
+
+    from ccmem import CompressionConfig
+    from ccmem.recipe import load_recipe
+
+    tail, plain = load_recipe("configs/general_chat_tail.yaml"), load_recipe("configs/general_chat.yaml")
+    assert tail["compression"] == {**plain["compression"], "raw_tail": 1} and tail["data"] == plain["data"]
+    start = CompressedModel.attach(load_model(str(tiny_folder))[0], CompressionConfig(**plain["compression"]))
+    with torch.no_grad():
+        for p in start.trainable_parameters():
+            p.normal_(0, 0.02)
+    start.save_pretrained(tmp_path / "start")
+    assert main(["train", "configs/general_chat_tail.yaml", f"model={tiny_folder}", "train.grad_accum=1",
+                 "train.max_steps=1", "train.warmup_ratio=0", "train.mixed_precision=no",
+                 "data={source: recall, format: template, split_seed: 0, eval_episodes: 2, facts: 3}",  # one part: fast
+                 f"train.output_dir={tmp_path}/run", f"init_adapter={tmp_path}/start", f"output={tmp_path}/out",
+                 "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["compression"]["raw_tail"] == 1
+    a, b = load_file(tmp_path / "start" / "adapter.safetensors"), load_file(tmp_path / "out" / "adapter.safetensors")
+    moved = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert 0 < moved < 0.015, moved  # one Adam step from the given weights, not a fresh init
