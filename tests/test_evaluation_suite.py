@@ -142,21 +142,24 @@ def test_raw_tail_override_scores_as_an_adapter_saved_with_the_tail(adapters, tm
 
 
 @pytest.mark.parametrize("variant,sink,tail", [("concat_recur", True, 0), ("concat_recur", True, 1),
-                                               ("merge_recur", True, 0), ("concat_recur", False, 2)])
+                                               ("merge_recur", True, 0), ("concat_recur", False, 2),
+                                               ("gist", True, 0)])
 def test_kv_columns_count_what_the_session_holds(tmp_path, variant, sink, tail):
     """A row's KV slots are what the online session really keeps: its memory (the sink slot included) plus the raw
     tail's tokens; and with a sink adapter as CCM-concat, the training-free budget gets the same one slot more."""
-    from ccmem.evaluation.methods import trained
+    from ccmem.evaluation.methods import control, trained
 
     ccm = tiny_ccm(variant=variant, seed=0, sink=sink, raw_tail=tail)
     ccm.save_pretrained(tmp_path / "a")
-    name = "ccm_merge" if variant.startswith("merge") else "ccm_concat"
+    name = {"merge_recur": "ccm_merge", "gist": "gist"}.get(variant, "ccm_concat")
     m = trained(name, str(tmp_path / "a"))
     for t in (1, 2, 4):
         for g in TinySuite().groups(t):
             mem = m.session(ccm, g.chunks, 0).memory
             held = mem.slots_per_row()[0] + mem.tail_tokens()[0]
             assert m.slots(g.chunks, 2, 0) == held, (t, held)
+            if name != "gist":
+                assert control(m).slots(g.chunks, 2, 0) == held
     if name == "ccm_concat":
         cfg = EvalConfig(adapters={"ccm_concat": str(tmp_path / "a")}, presses=(), training_free=("window",),
                          check=0, batch_size=4, bootstrap=0)

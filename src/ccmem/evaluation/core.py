@@ -14,17 +14,17 @@ from ..memory import bytes_per_slot  # noqa: F401  (re-exported)
 from ..scoring import PPL, perplexity  # noqa: F401  (re-exported)
 
 
-def context_slots(ep: Episode, method: str, n_tok: int, raw_tail: int = 0) -> int:
+def context_slots(ep: Episode, method: str, n_tok: int, raw_tail: int = 0, sink: bool = False) -> int:
     """KV slots a method holds for the context of ``ep`` (the input itself is never compressed); a raw tail's
-    chunks count with all their tokens."""
+    chunks count with all their tokens, and a sink adapter's first token is one slot more once it compressed."""
     if method == "full":
         return sum(len(c) for c in ep.chunks)
     cut = max(len(ep.chunks) - raw_tail, 0) if method in ("concat", "merge") else len(ep.chunks)
     raw = sum(len(c) for c in ep.chunks[cut:])
     if method == "concat":
-        return raw + n_tok * cut
+        return raw + (n_tok * cut + int(sink) if cut else 0)
     if method == "merge":
-        return raw + (n_tok if cut else 0)
+        return raw + (n_tok + int(sink) if cut else 0)
     return 0
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..data.episode import Episode
-from .core import budget_episode
+from .core import budget_episode, context_slots
 
 
 def flat(chunks: list[list[int]]) -> list[int]:
@@ -123,12 +123,8 @@ class Compressed(Method):
     sink: bool = False  # the adapter keeps the session's first token as one more slot once it compresses
 
     def slots(self, chunks, n_tok, budget):
-        cut = max(len(chunks) - self.raw_tail, 0)
-        raw = len(flat(chunks[cut:]))
-        if not cut:
-            return raw
-        held = n_tok if self.name.startswith(("ccm_merge", "merge")) else n_tok * cut
-        return raw + held + int(self.sink)
+        layout = "merge" if self.name.startswith(("ccm_merge", "merge")) else "concat"
+        return context_slots(Episode(chunks, [], []), layout, n_tok, self.raw_tail, self.sink)
 
     def session(self, ccm, chunks, budget):
         with variant_view(ccm, self.variant):
@@ -141,11 +137,14 @@ class Compressed(Method):
         return ep, "compress", self.variant
 
 
+@dataclass
 class Gisting(Method):
     """Gisting with a fixed context: one ⟨COMP⟩ group compressed from the whole history, redone at every step."""
 
+    sink: bool = False  # a sink adapter keeps the history's first token as one more slot
+
     def slots(self, chunks, n_tok, budget):
-        return n_tok if chunks else 0
+        return n_tok + int(self.sink) if chunks else 0
 
     def peak_slots(self, chunks, n_tok, budget):
         return len(flat(chunks)) + n_tok if chunks else 0
@@ -203,10 +202,11 @@ def trained(name: str, adapter: str, peer: str = "ccm_concat", raw_tail: int | N
     if tail != own:  # the config's own check, now rather than at model load after the other methods have run
         CompressionConfig.from_dict({**compression, "raw_tail": tail})
         label += f" (raw tail {tail})"
+    sink = bool(compression.get("sink", False))
     if base == "gist":
-        return Gisting(name, label, "trained", adapter, peer)
+        return Gisting(name, label, "trained", adapter, peer, sink=sink)
     return Compressed(name, label, "trained", adapter, peer, variant="concat" if base == "gist_online" else None,
-                      raw_tail=tail, sink=bool(compression.get("sink", False)))
+                      raw_tail=tail, sink=sink)
 
 
 def control(m: Method) -> Method:
