@@ -91,20 +91,19 @@ def main() -> None:
         for t in TS:
             r = perplexity(concat, other[t], "compress", args.batch_size, eos, progress=True)
             rows[t]["ccm_concat_other_ppl"], per_episode[t]["ccm_concat_other"] = r.ppl, r.per_episode
-    n_concat, c_concat = concat.config.n_tok, concat.config
+    c_concat = concat.config
     del concat, m
     merged = args.merge != "none"
     if merged:
         m, _ = load_model(device=args.device)
         merge = CompressedModel.from_pretrained(args.merge, m)
         run("ccm_merge", merge, "compress")
-        n_merge, c_merge = merge.config.n_tok, merge.config
+        c_merge = merge.config
 
     for t in TS:
         r = rows[t]
-        for meth, n, c in (("full", 0, None), ("concat", n_concat, c_concat),
-                           *((("merge", n_merge, c_merge),) if merged else ())):
-            tail, sink = (c.raw_tail, c.sink) if c is not None else (0, False)
+        for meth, c in (("full", None), ("concat", c_concat), *((("merge", c_merge),) if merged else ())):
+            n, tail, sink = (c.n_tok, c.raw_tail, c.sink) if c is not None else (0, 0, False)
             slots = sum(context_slots(e, meth, n, tail, sink) for e in eps[t]) / len(eps[t])
             r[f"{'ccm_' if meth != 'full' else ''}{meth}_kv_kib"] = slots * per_slot / 1024
         r["ccm_concat_gap_recovered"] = gap_recovered(r["none_ppl"], r["full_ppl"], r["ccm_concat_ppl"])

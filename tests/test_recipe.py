@@ -171,22 +171,27 @@ def test_general_recipe_runs_and_resumes(tmp_path, tiny_folder):
     assert json.loads((tmp_path / "shipped" / "train_summary.json").read_text())["steps"] == 3
 
 
+def _start_adapter(folder, tiny_folder, compression: dict) -> None:
+    """An adapter of random non-zero weights (a fresh LoRA's B is 0) to warm-start a recipe from."""
+    from ccmem import CompressionConfig
+
+    start = CompressedModel.attach(load_model(str(tiny_folder))[0], CompressionConfig(**compression))
+    with torch.no_grad():
+        for p in start.trainable_parameters():
+            p.normal_(0, 0.02)
+    start.save_pretrained(folder)
+
+
 def test_chat_general_recipe_warm_starts_from_an_adapter(tmp_path, tiny_folder):
     """configs/general_chat.yaml: its four-part mix (template chit-chat and recall, ICL, KJV text) trains, and
     `init_adapter` starts the run from another adapter's weights; an adapter of another compression config is refused
     before any data is built; a resumed run ignores init_adapter."""
     from safetensors.torch import load_file
 
-    from ccmem import CompressionConfig
     from ccmem.errors import IncompatibleError
     from ccmem.recipe import load_recipe
 
-    comp = CompressionConfig(**load_recipe("configs/general_chat.yaml")["compression"])
-    start = CompressedModel.attach(load_model(str(tiny_folder))[0], comp)
-    with torch.no_grad():
-        for p in start.trainable_parameters():
-            p.normal_(0, 0.02)
-    start.save_pretrained(tmp_path / "start")
+    _start_adapter(tmp_path / "start", tiny_folder, load_recipe("configs/general_chat.yaml")["compression"])
     common = [f"model={tiny_folder}", "train.grad_accum=1", "train.save_every=1", f"output={tmp_path}/chat",
               "train.mixed_precision=no"]  # one process: accelerate keeps the first precision it was given
     import ccmem.recipe
@@ -216,16 +221,11 @@ def test_tail_recipe_warm_starts_from_an_adapter_without_a_tail(tmp_path, tiny_f
     trains and ships with a tail of one chunk; the recipe differs from general_chat.yaml in the tail and schedule."""
     from safetensors.torch import load_file
 
-    from ccmem import CompressionConfig
     from ccmem.recipe import load_recipe
 
     tail, plain = load_recipe("configs/general_chat_tail.yaml"), load_recipe("configs/general_chat.yaml")
     assert tail["compression"] == {**plain["compression"], "raw_tail": 1} and tail["data"] == plain["data"]
-    start = CompressedModel.attach(load_model(str(tiny_folder))[0], CompressionConfig(**plain["compression"]))
-    with torch.no_grad():
-        for p in start.trainable_parameters():
-            p.normal_(0, 0.02)
-    start.save_pretrained(tmp_path / "start")
+    _start_adapter(tmp_path / "start", tiny_folder, plain["compression"])
     assert main(["train", "configs/general_chat_tail.yaml", f"model={tiny_folder}", "train.grad_accum=1",
                  "train.max_steps=1", "train.warmup_ratio=0", "train.mixed_precision=no",
                  "data={source: recall, format: template, split_seed: 0, eval_episodes: 2, facts: 3}",  # one part: fast
