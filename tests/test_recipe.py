@@ -213,7 +213,9 @@ def test_chat_general_recipe_warm_starts_from_an_adapter(tmp_path, tiny_folder):
     assert 0 < moved < 0.015, moved
     assert main(["train", "configs/general_chat.yaml", *common, "train.max_steps=2", "train.warmup_ratio=0",
                  f"train.output_dir={tmp_path}/c0", f"init_adapter={tmp_path}/gone", "--device", "cpu"]) == 0
-    assert json.loads((tmp_path / "chat" / "train_summary.json").read_text())["steps"] == 2
+    summary = json.loads((tmp_path / "chat" / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and "total_samples" not in summary  # the start's totals are unknown now
+    assert summary["warm_start"] == {"adapter": f"{tmp_path}/gone", "totals": "unknown (no train_summary.json)"}
 
 
 def test_tail_recipe_warm_starts_from_an_adapter_without_a_tail(tmp_path, tiny_folder):
@@ -226,6 +228,9 @@ def test_tail_recipe_warm_starts_from_an_adapter_without_a_tail(tmp_path, tiny_f
     tail, plain = load_recipe("configs/general_chat_tail.yaml"), load_recipe("configs/general_chat.yaml")
     assert tail["compression"] == {**plain["compression"], "raw_tail": 1} and tail["data"] == plain["data"]
     _start_adapter(tmp_path / "start", tiny_folder, plain["compression"])
+    before = {"steps": 5, "trained_samples": 40, "trained_tokens": 9000, "hardware": {"cpu": {"steps": 5, "hours": 1}},
+              "warm_start": {"adapter": "older"}, "total_samples": 100, "total_tokens": 20000}
+    (tmp_path / "start" / "train_summary.json").write_text(json.dumps(before))
     assert main(["train", "configs/general_chat_tail.yaml", f"model={tiny_folder}", "train.grad_accum=1",
                  "train.max_steps=1", "train.warmup_ratio=0", "train.mixed_precision=no",
                  "data={source: recall, format: template, split_seed: 0, eval_episodes: 2, facts: 3}",  # one part: fast
@@ -235,3 +240,10 @@ def test_tail_recipe_warm_starts_from_an_adapter_without_a_tail(tmp_path, tiny_f
     a, b = load_file(tmp_path / "start" / "adapter.safetensors"), load_file(tmp_path / "out" / "adapter.safetensors")
     moved = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     assert 0 < moved < 0.015, moved  # one Adam step from the given weights, not a fresh init
+    # the folder says what its weights saw in all: this run's step plus the start adapter's own totals
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert summary["trained_samples"] == 1 and summary["trained_tokens"] > 0
+    assert summary["warm_start"] == {"adapter": f"{tmp_path}/start", "steps": 5, "trained_samples": 40,
+                                     "trained_tokens": 9000, "hardware": before["hardware"], "total_samples": 100,
+                                     "total_tokens": 20000}
+    assert summary["total_samples"] == 101 and summary["total_tokens"] == summary["trained_tokens"] + 20000

@@ -344,6 +344,24 @@ def training_totals(history: list[dict], per_step: int) -> dict[str, Any]:
             "hardware": {k: {"steps": hw[k], "hours": round(hours[k], 3)} for k in hw}}
 
 
+def with_warm_start(totals: dict[str, Any], init: str | None) -> dict[str, Any]:
+    """This run's totals plus, for a run warm-started from another adapter, that adapter's own (read from its
+    ``train_summary.json`` when the run ends) and the sums over both, so the folder says all its weights have seen."""
+    if not init:
+        return totals
+    start: dict[str, Any] = {"adapter": str(init)}
+    summary = Path(init) / "train_summary.json"
+    if not summary.exists():  # its folder gone or never summarised: the sums would be this run's alone
+        return {**totals, "warm_start": {**start, "totals": "unknown (no train_summary.json)"}}
+    before = json.loads(summary.read_text())
+    for k in ("steps", "trained_samples", "trained_tokens", "hardware", "total_samples", "total_tokens"):
+        if k in before:
+            start[k] = before[k]
+    return {**totals, "warm_start": start,
+            "total_samples": totals["trained_samples"] + before.get("total_samples", before.get("trained_samples", 0)),
+            "total_tokens": totals["trained_tokens"] + before.get("total_tokens", before.get("trained_tokens", 0))}
+
+
 def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
     """Train the adapter a recipe describes; returns the adapter folder."""
     import torch
@@ -397,6 +415,7 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
             {"steps": trainer.step, "final_train_loss": trainer.history[-1]["loss"] if trainer.history else None,
              "validation_ppl": final_ppl, "validation_dialogs": len(val), "train_dialogs": len(train),
              "data_report": dict(report), "device": str(trainer.acc.device),
-             **training_totals(trainer.history, per_step)}, indent=2) + "\n")
+             **with_warm_start(training_totals(trainer.history, per_step), cfg.get("init_adapter"))},
+            indent=2) + "\n")
     trainer.close()  # under torchrun / accelerate launch: no rank exits with its process group alive
     return out
