@@ -216,7 +216,7 @@ def test_chat_general_recipe_warm_starts_from_an_adapter(tmp_path, tiny_folder):
     summary = json.loads((tmp_path / "chat" / "train_summary.json").read_text())
     assert summary["steps"] == 2 and "total_samples" not in summary  # the start's totals are unknown now
     assert summary["warm_start"] == {"adapter": f"{tmp_path}/gone",
-                                     "totals": "unknown (no train_summary.json or run log)"}
+                                     "totals": "unknown (no train_summary.json or trainer state)"}
 
 
 def test_tail_recipe_warm_starts_from_an_adapter_without_a_tail(tmp_path, tiny_folder):
@@ -250,33 +250,30 @@ def test_tail_recipe_warm_starts_from_an_adapter_without_a_tail(tmp_path, tiny_f
     assert summary["total_samples"] == 101 and summary["total_tokens"] == summary["trained_tokens"] + 20000
 
 
-def test_warm_start_totals_from_a_checkpoint_read_its_run_log(tmp_path):
-    """A start that is a checkpoint (no train_summary.json) counts its run's log rows up to its step: samples from
-    the rows that have them, the run recipe's global batch for older rows; rows after the checkpoint are not its."""
+def test_warm_start_totals_from_a_checkpoint_read_its_trainer_state(tmp_path):
+    """A start that is a training checkpoint (no train_summary.json) counts the history its trainer state was saved
+    with: samples from the rows that have them, its config's global batch for older rows."""
     from ccmem.recipe import with_warm_start
 
-    run = tmp_path / "run"
-    (run / "checkpoints" / "step_000002").mkdir(parents=True)
-    rows = [{"step": 1, "seconds": 3600.0, "tokens_per_s": 2.0},  # before the log kept samples: the recipe's batch
-            {"step": 2, "seconds": 1800.0, "samples": 5, "tokens": 70, "hardware": "gpu"},
-            {"step": 3, "seconds": 9.0, "samples": 5, "tokens": 70, "hardware": "gpu"}]
-    (run / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run / "recipe.yaml").write_text("train: {batch_size: 2, grad_accum: 3}\n")
+    ck = tmp_path / "run" / "checkpoints" / "step_000002"
+    ck.mkdir(parents=True)
+    rows = [{"step": 1, "seconds": 3600.0, "tokens_per_s": 2.0},  # before the log kept samples: the config's batch
+            {"step": 2, "seconds": 1800.0, "samples": 5, "tokens": 70, "hardware": "gpu"}]
+    torch.save({"step": 2, "config": {"batch_size": 2, "grad_accum": 3}, "history": rows}, ck / "trainer_state.pt")
     own = {"trained_samples": 8, "trained_tokens": 100, "hardware": {"cpu": {"steps": 1, "hours": 0.1}}}
-    out = with_warm_start(own, str(run / "checkpoints" / "step_000002"), per_step=8)
-    assert out["warm_start"] == {"adapter": str(run / "checkpoints" / "step_000002"), "steps": 2,
-                                 "trained_samples": 6 + 5, "trained_tokens": 7200 + 70,
+    out = with_warm_start(own, str(ck))
+    assert out["warm_start"] == {"adapter": str(ck), "steps": 2, "trained_samples": 6 + 5, "trained_tokens": 7200 + 70,
                                  "hardware": {"unrecorded": {"steps": 1, "hours": 1.0},
                                               "gpu": {"steps": 1, "hours": 0.5}}}
     assert (out["total_samples"], out["total_tokens"]) == (19, 7370)
-    assert with_warm_start(own, None, 8) == own
+    assert with_warm_start(own, None) == own
 
 
 def test_warm_start_totals_of_the_general_chat_start():
     """The committed start of configs/general_chat.yaml (general-concat's step-900 checkpoint, batch 1 x 8) read
-    from its committed run log: 900 steps x 8 episodes."""
+    from its trainer state: 900 steps x 8 episodes."""
     from ccmem.recipe import load_recipe, with_warm_start
 
     init = load_recipe("configs/general_chat.yaml")["init_adapter"]
-    start = with_warm_start({"trained_samples": 0, "trained_tokens": 0}, init, per_step=8)["warm_start"]
+    start = with_warm_start({"trained_samples": 0, "trained_tokens": 0}, init)["warm_start"]
     assert start["steps"] == 900 and start["trained_samples"] == 7200 and start["trained_tokens"] > 1_000_000

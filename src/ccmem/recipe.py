@@ -344,17 +344,16 @@ def training_totals(history: list[dict], per_step: int) -> dict[str, Any]:
             "hardware": {k: {"steps": hw[k], "hours": round(hours[k], 3)} for k in hw}}
 
 
-def with_warm_start(totals: dict[str, Any], init: str | None, per_step: int) -> dict[str, Any]:
+def with_warm_start(totals: dict[str, Any], init: str | None) -> dict[str, Any]:
     """This run's totals plus, for a run warm-started from another adapter, that adapter's own and the sums over both,
     so the folder says what all its weights have seen. The start's totals come from its ``train_summary.json`` (read
-    when this run ends) or, for a checkpoint ``<run>/checkpoints/step_N``, from the rows of ``<run>/train_log.jsonl``
-    up to step N (rows without samples count ``per_step``, that run's recipe's global batch where it kept one)."""
+    when this run ends) or, for a training checkpoint, from the history its ``trainer_state.pt`` carries."""
     if not init:
         return totals
     start: dict[str, Any] = {"adapter": str(init)}
-    before = _start_summary(Path(init), per_step)
+    before = _start_summary(Path(init))
     if before is None:  # its folder gone or never summarised: the sums would be this run's alone
-        return {**totals, "warm_start": {**start, "totals": "unknown (no train_summary.json or run log)"}}
+        return {**totals, "warm_start": {**start, "totals": "unknown (no train_summary.json or trainer state)"}}
     for k in ("steps", "trained_samples", "trained_tokens", "hardware", "total_samples", "total_tokens"):
         if k in before:
             start[k] = before[k]
@@ -363,20 +362,18 @@ def with_warm_start(totals: dict[str, Any], init: str | None, per_step: int) -> 
             "total_tokens": totals["trained_tokens"] + before.get("total_tokens", before.get("trained_tokens", 0))}
 
 
-def _start_summary(init: Path, per_step: int) -> dict[str, Any] | None:
-    """A start adapter's summary: its own file, or its run's log up to a checkpoint's step; None if neither."""
+def _start_summary(init: Path) -> dict[str, Any] | None:
+    """A start adapter's summary: its own file, or a checkpoint's totals over the history it was saved with (rows
+    from before the log kept samples count that run's global batch); None if neither."""
     if (init / "train_summary.json").exists():
         return json.loads((init / "train_summary.json").read_text())
-    run = init.parent.parent
-    if not (init.parent.name == "checkpoints" and init.name.startswith("step_") and (run / "train_log.jsonl").exists()):
+    if not (init / "trainer_state.pt").exists():
         return None
-    step = int(init.name.removeprefix("step_"))
-    if (run / "recipe.yaml").exists():
-        t = yaml.safe_load((run / "recipe.yaml").read_text()).get("train", {})
-        per_step = t.get("batch_size", 1) * t.get("grad_accum", 1)
-    rows = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines() if x.strip()]
-    rows = [r for r in rows if r.get("step", 0) <= step]
-    return {"steps": step, **training_totals(rows, per_step)}
+    import torch
+
+    st = torch.load(init / "trainer_state.pt", weights_only=True)
+    per_step = st["config"]["batch_size"] * st["config"]["grad_accum"]
+    return {"steps": st["step"], **training_totals(st.get("history", []), per_step)}
 
 
 def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
@@ -432,8 +429,7 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
             {"steps": trainer.step, "final_train_loss": trainer.history[-1]["loss"] if trainer.history else None,
              "validation_ppl": final_ppl, "validation_dialogs": len(val), "train_dialogs": len(train),
              "data_report": dict(report), "device": str(trainer.acc.device),
-             **with_warm_start(training_totals(trainer.history, per_step), cfg.get("init_adapter"),
-                             per_step)},
+             **with_warm_start(training_totals(trainer.history, per_step), cfg.get("init_adapter"))},
             indent=2) + "\n")
     trainer.close()  # under torchrun / accelerate launch: no rank exits with its process group alive
     return out
