@@ -1,0 +1,129 @@
+"""Where ccmem stands, at a glance: one row per committed `ccmem eval` result (equal-KV runs and frontiers), read from
+benchmarks/results/*.json, with the trained method's margin over the best competitor at most its KV, its 95 % paired
+interval, a verdict (ahead: the interval is above 0; level: it spans 0; behind: below 0), the competitors that were in
+the run (a margin against training-free methods only is a weaker claim than one against kvpress presses) and, where
+the run had `--control`, what the right context's memory is worth apart from the adapter's prior.
+
+Nothing is rerun: the rows are the committed files' own numbers, so the table is only as current as they are (each row
+names the git revision its run came from). Writes benchmarks/results/scoreboard.{json,md}. Headline: how many results
+have CCM ahead with an interval clear of 0 (target: all of them, the issue's "headlines above 0").
+Run: python benchmarks/scoreboard.py [--results benchmarks/results] [--name scoreboard]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, markdown_table, write_results  # noqa: E402
+
+# a training-free baseline's name in a result file -> the family named in the table
+_FAMILIES = {"window": "window", "streamingllm": "StreamingLLM"}
+
+
+def verdict(value: float, ci: list[float] | None) -> str:
+    """ahead / level / behind by the interval (by the sign alone where a result has no interval)."""
+    lo, hi = ci if ci else (value, value)
+    return "ahead" if lo > 0 else "behind" if hi < 0 else "level"
+
+
+def _competitors(cfg: dict[str, Any]) -> str:
+    tf = [_FAMILIES.get(m, m) for m in cfg.get("training_free") or []]
+    presses = [f"kvpress {p}" for p in cfg.get("presses") or []]
+    peers = list(cfg.get("peers") or {})
+    return ", ".join(tf + presses + peers) or "references only"
+
+
+def _adapter(cfg: dict[str, Any]) -> str:
+    """The method the headline is about (ccm_concat when the run has one), with its raw tail if it was read with one."""
+    adapters = cfg.get("adapters") or {}
+    name = "ccm_concat" if "ccm_concat" in adapters else next(iter(adapters), "")
+    tail = (cfg.get("raw_tails") or {}).get(name)
+    return f"{adapters.get(name, '?')}" + (f" (raw tail {tail})" if tail else "")
+
+
+def _memory_value(report: dict[str, Any], worst_t: int | None) -> str:
+    """The control's margin (ppl or accuracy the right memory adds over another unit's) at the headline's t."""
+    rows = [r for r in report.get("context_value") or [] if r.get("ccm") == "ccm_concat"]
+    row = next((r for r in rows if r.get("t") == worst_t), rows[-1] if rows else None)
+    if row is None:
+        return ""
+    lo, hi = row["margin_ci"] if row.get("margin_ci") else (None, None)
+    span = f" [{lo:.3g}, {hi:.3g}]" if lo is not None else ""
+    return f"{row['margin']:.3g}{span} (t = {row['t']})"
+
+
+def row_of(path: Path) -> dict[str, Any] | None:
+    """A scoreboard row from one result file, or None for a file that is not a `ccmem eval` margin result."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{path}: not a readable result file ({e}); rerun the command that wrote it") from e
+    cfg, head = report.get("config") or {}, report.get("headline") or {}
+    if "suite" not in cfg or "margin" not in str(head.get("metric", "")) or head.get("value") is None:
+        return None
+    if not (cfg.get("training_free") or cfg.get("presses") or cfg.get("peers")):
+        return None  # references only (a checkpoint's check): its margin is over no context, not over a competitor
+    ci = head.get("interval_95")
+    held_out = cfg.get("dialogs_from") not in (None, "chitchat")
+    frontier = "frontier" in report.get("name", "") or report.get("per_step") is not None
+    worst = re.search(r"worst at t=(\d+) against (\S+?)(?: at (\d+) slot| \(|;|$)", head.get("meaning", ""))
+    return {
+        "name": report.get("name", path.stem),
+        "suite": cfg["suite"],
+        "data": f"held out: {cfg['dialogs_from']}" if held_out else "own split",
+        "kind": "frontier" if frontier else "equal KV",
+        "adapter": _adapter(cfg),
+        "competitors": _competitors(cfg),
+        "ts": cfg.get("ts"),
+        "metric": head.get("unit", ""),
+        "margin": round(float(head["value"]), 4),
+        "interval_95": ci,
+        "verdict": verdict(float(head["value"]), ci),
+        "worst_t": int(worst.group(1)) if worst else None,
+        "worst_against": worst.group(2) if worst else "",
+        "memory_value": _memory_value(report, int(worst.group(1)) if worst else None),
+        "git_rev": (report.get("environment") or {}).get("git_rev", ""),
+    }
+
+
+def scoreboard(results: Path) -> list[dict[str, Any]]:
+    rows = [r for p in sorted(results.glob("*.json")) if (r := row_of(p)) is not None]
+    if not rows:
+        raise SystemExit(f"no `ccmem eval` results with a margin headline under {results}: run `ccmem eval` first")
+    return sorted(rows, key=lambda r: (r["suite"], r["data"], r["name"]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--results", default=str(RESULTS), help="folder of result files to read")
+    ap.add_argument("--name", default="scoreboard")
+    args = ap.parse_args()
+    rows = scoreboard(Path(args.results))
+    ahead = sum(r["verdict"] == "ahead" for r in rows)
+    headline = {"metric": "results_ahead", "value": ahead, "target": len(rows), "higher_is_better": True,
+                "unit": "results",
+                "meaning": f"of the {len(rows)} committed `ccmem eval` results, how many have the trained method ahead "
+                           "of the best competitor at most its KV with a 95 % interval above 0"}
+    cols = ["name", "suite", "data", "kind", "adapter", "competitors", "metric", "margin", "interval_95", "verdict",
+            "worst_t", "worst_against", "memory_value", "git_rev"]
+    table = (f"# Scoreboard: every committed `ccmem eval` margin\n\n"
+             f"Headline: **{ahead} of {len(rows)}** results have CCM ahead with an interval above 0. "
+             "Margin: the trained method's worst margin over t against the best competitor holding at most its KV "
+             "(positive = CCM better; ppl margins are other - CCM, accuracy margins CCM - other). `memory_value`: "
+             "what the right unit's memory adds over another unit's (the `--control` run), at the headline's t. "
+             "Each row is as current as its run (`git_rev`); rerun a row with the `command` in its file.\n\n"
+             + markdown_table(rows, cols) + "\n")
+    cmd = "python benchmarks/scoreboard.py" + (f" --name {args.name}" if args.name != "scoreboard" else "")
+    path = write_results(args.name, cmd, headline, {"results": args.results}, rows, table)
+    print(table)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""benchmarks/scoreboard.py: rows read from result files in the format `ccmem eval` writes, verdicts by interval,
+checkpoint checks (no competitor) left out, a broken file named."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_SPEC = importlib.util.spec_from_file_location(
+    "scoreboard", Path(__file__).resolve().parents[1] / "benchmarks" / "scoreboard.py")
+scoreboard = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(scoreboard)
+
+
+def _write(folder: Path, name: str, value: float, ci, meaning: str, **cfg) -> None:
+    config = {"suite": "chitchat", "adapters": {"ccm_concat": "adapters/general-chat"}, "training_free": ["window"],
+              "presses": [], "peers": {}, "ts": [4, 8], **cfg}
+    report = {"name": name, "headline": {"metric": "ccm_margin_worst_t", "value": value, "interval_95": ci,
+                                         "unit": "ppl", "meaning": meaning},
+              "config": config, "environment": {"git_rev": "abc1234"},
+              "context_value": [{"t": 8, "ccm": "ccm_concat", "margin": 1.5, "margin_ci": [0.5, 2.5]}]}
+    (folder / f"{name}.json").write_text(json.dumps(report))
+
+
+def test_rows_verdicts_and_what_is_left_out(tmp_path):
+    _write(tmp_path, "eval_a", 2.0, [0.5, 3.0], "min over t ...; worst at t=8 against kvpress_snapkv (ccm_concat); x",
+           presses=["snapkv"])
+    _write(tmp_path, "frontier_b", -1.0, [-4.0, 2.0], "worst at t=4 against window at 8 slot(s) per step; x",
+           dialogs_from="office", raw_tails={"ccm_concat": 1})
+    _write(tmp_path, "eval_c", -0.3, [-0.5, -0.1], "worst at t=8 against none (ccm_concat)", training_free=[])
+    (tmp_path / "train_speed.json").write_text(json.dumps({"name": "speed", "headline": {"metric": "x", "value": 2}}))
+    rows = {r["name"]: r for r in scoreboard.scoreboard(tmp_path)}
+    assert set(rows) == {"eval_a", "frontier_b"}  # eval_c checks against references only; train_speed is no eval
+    a, b = rows["eval_a"], rows["frontier_b"]
+    assert (a["verdict"], a["worst_t"], a["worst_against"], a["kind"]) == ("ahead", 8, "kvpress_snapkv", "equal KV")
+    assert a["competitors"] == "window, kvpress snapkv" and a["data"] == "own split"
+    assert a["memory_value"] == "1.5 [0.5, 2.5] (t = 8)"
+    assert (b["verdict"], b["worst_t"], b["worst_against"], b["kind"]) == ("level", 4, "window", "frontier")
+    assert b["data"] == "held out: office" and b["adapter"] == "adapters/general-chat (raw tail 1)"
+    assert scoreboard.verdict(-0.2, [-0.5, -0.1]) == "behind"
+
+
+def test_a_broken_result_file_is_named(tmp_path):
+    (tmp_path / "eval_x.json").write_text('{"name": "eval_x", "headline": ')
+    with pytest.raises(SystemExit, match="eval_x.json: not a readable result file"):
+        scoreboard.scoreboard(tmp_path)
+    (tmp_path / "eval_x.json").unlink()
+    with pytest.raises(SystemExit, match="no `ccmem eval` results"):
+        scoreboard.scoreboard(tmp_path)
