@@ -414,3 +414,26 @@ def test_chat_prefers_the_general_adapter(tmp_path, monkeypatch):
     tiny_ccm("llama").save_pretrained(tmp_path / "general-chat")
     assert chat_adapter("concat") == tmp_path / "general-chat" and chat_adapter() == tmp_path / "general-chat"
     assert chat_adapter("merge") == tmp_path / "chitchat-merge"
+
+
+def test_chat_reads_the_general_adapter_with_a_tail_of_one_turn(tmp_path, monkeypatch):
+    """The shipped general adapter is read with its newest turn raw unless a tail is asked for; any other adapter
+    keeps its own tail (None: from_pretrained reads it from the file)."""
+    from ccmem.chat import Chat
+    from ccmem.demo import chat_raw_tail
+
+    monkeypatch.setenv("CCMEM_ADAPTERS", str(tmp_path))
+    tiny_ccm("llama").save_pretrained(tmp_path / "general-chat")
+    assert chat_raw_tail(tmp_path / "general-chat") == 1 == chat_raw_tail(str(tmp_path / "." / "general-chat"))
+    assert chat_raw_tail(tmp_path / "chitchat-concat") is None and chat_raw_tail(tmp_path / "other") is None
+    seen = []
+    monkeypatch.setattr("ccmem.model.CompressedModel.from_pretrained",
+                        classmethod(lambda cls, path, *a, raw_tail=None, **k: seen.append((path, raw_tail))))
+    monkeypatch.setattr("ccmem.models.load_model", lambda device=None: (None, None))
+    for adapter, tail in ((None, None), (None, 0), (None, 2), (str(tmp_path / "other"), None)):
+        try:
+            Chat(adapter=adapter, raw_tail=tail)
+        except AttributeError:  # the stand-in model has no tokenizer: only the load is under test
+            pass
+    assert seen == [(tmp_path / "general-chat", 1), (tmp_path / "general-chat", 0), (tmp_path / "general-chat", 2),
+                    (str(tmp_path / "other"), None)]

@@ -89,22 +89,27 @@ def test_chat_in_a_real_terminal(tmp_path):
     from ccmem import CompressedModel
     from ccmem.demo import chat_adapter
 
-    comp = CompressedModel.read_adapter(chat_adapter())[1]["compression"]  # the default: 2 turns of n_tok + a sink
+    comp = CompressedModel.read_adapter(chat_adapter())[1]["compression"]
+    one = comp["n_tok"] + int(comp.get("sink", False))  # the default keeps the reply raw: 1 turn of n_tok + a sink
     n = 2 * comp["n_tok"] + int(comp.get("sink", False))
     p.expect("you> ")
     p.sendline("Hi! I just got back from a hiking trip in Colorado.")
-    p.expect(rf"bot> (.*)\r\n\[compress 2 turns, (\d+) tokens -> {n} slots "
-             rf"\(memory key/value size = {n}, {45 * n} KiB\)\]")
+    p.expect(rf"bot> (.*)\r\n\[compress 1 turn, (\d+) tokens -> {one} slots "
+             rf"\(memory key/value size = {one} \+ (\d+) raw tail, (\d+) KiB\)\]")
+    tail = int(p.match.group(3))
+    assert tail > 0 and int(p.match.group(4)) == 45 * (one + tail)
     p.expect("you> ")
     p.sendline("/stats")
-    p.expect(rf"2 turns compressed \((\d+) tokens\) into {n} slots")
+    p.expect(rf"1 turn compressed \((\d+) tokens\) into {one} slots \+ {tail} tokens of the newest turns kept raw")
     p.expect("you> ")
     p.sendline("/save mem.safetensors")
-    p.expect(f"saved {n} slots")
+    p.expect(f"saved {one} slots")
     p.sendline("/reset")
     p.expect("memory cleared")
     p.sendline("/load mem.safetensors")
-    p.expect(f"loaded {n} slots")
+    p.expect(f"loaded {one} slots")
+    p.sendline("/stats")
+    p.expect(rf"into {one} slots \+ {tail} tokens")  # the raw tail came back with the file
     p.sendline("/load missing.safetensors")
     p.expect("could not load missing.safetensors")
     p.sendline("/variant merge")
@@ -114,11 +119,13 @@ def test_chat_in_a_real_terminal(tmp_path):
     p.sendline("/quit")
     p.expect(pexpect.EOF)
     assert (Path(tmp_path) / "mem.safetensors").is_file()
-    p = pexpect.spawn(sys.executable, ["-m", "ccmem", "chat", "--plain"], encoding="utf-8", timeout=180,
-                      cwd=str(tmp_path), dimensions=(40, 200))
+    p = pexpect.spawn(sys.executable, ["-m", "ccmem", "chat", "--plain", "--raw-tail", "0"], encoding="utf-8",
+                      timeout=180, cwd=str(tmp_path), dimensions=(40, 200))
     p.expect(r"ready \(concat, A: / B: lines\)")
     p.sendline("Hi! I just got back from a hiking trip in Colorado.")
     p.expect(rf"bot> (.*)\r\n\[compress (\d+) -> 2, (\d+) -> 2 tokens \(memory key/value size = {n}, {45 * n} KiB\)\]")
+    p.sendline("/load mem.safetensors")  # saved with a tail of one turn: refused, with the flag that matches it
+    p.expect(r"could not load mem.safetensors: .*raw_tail.*start it with --raw-tail K")
     p.sendline("/quit")
     p.expect(pexpect.EOF)
 

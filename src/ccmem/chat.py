@@ -19,13 +19,17 @@ HELP = """commands:
 class Chat:
     def __init__(self, variant: str = "concat", adapter: str | None = None, device: str | None = None,
                  max_new_tokens: int = 48, template: bool = True, raw_tail: int | None = None):
-        from .demo import chat_adapter, stop_ids
+        from .demo import chat_adapter, chat_raw_tail, stop_ids
         from .memory import bytes_per_slot
         from .model import CompressedModel
         from .models import load_model
 
-        self._load = lambda v: CompressedModel.from_pretrained(adapter or chat_adapter(v),
-                                                               *load_model(device=device), raw_tail=raw_tail)
+        def load(v: str) -> CompressedModel:
+            path = adapter or chat_adapter(v)
+            tail = raw_tail if raw_tail is not None else chat_raw_tail(path)
+            return CompressedModel.from_pretrained(path, *load_model(device=device), raw_tail=tail)
+
+        self._load = load
         self.models: dict = {}
         self.variant = variant
         self.ccm = self._model(variant)
@@ -108,7 +112,9 @@ class Chat:
             try:
                 self.session.load(arg)
             except Exception as e:  # show the library's message, keep the current memory
-                return f"could not load {arg}: {e}"
+                hint = (f" (this chat keeps {self.ccm.config.raw_tail} raw tail turn(s): start it with --raw-tail K "
+                        "to match the file)") if "raw_tail" in str(e) else ""
+                return f"could not load {arg}: {e}{hint}"
             return f"loaded {self.session.memory.num_slots} slots from {arg}"
         if cmd == "variant":
             if arg not in ("concat", "merge"):

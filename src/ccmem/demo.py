@@ -46,6 +46,17 @@ def chat_adapter(variant: str = "concat") -> Path:
     return default_adapter(variant)
 
 
+CHAT_RAW_TAIL = 1
+
+
+def chat_raw_tail(adapter: str | Path) -> int | None:
+    """The raw tail ``ccmem chat`` reads an adapter with when none is asked for: the newest turn verbatim for the
+    shipped general adapter (trained without a tail, it is ahead of itself read without one at every t on its own
+    chit-chat test dialogs, The Office and Shakespeare: README, "Evaluation"), the adapter's own for any other."""
+    general = adapters_dir() / "general-chat"
+    return CHAT_RAW_TAIL if Path(adapter).resolve() == general.resolve() else None
+
+
 def stop_ids(tok: Any) -> list[int]:
     """Generation stops at the end of a line (one turn) or at the end-of-text token."""
     ids = {tok.eos_token_id}
