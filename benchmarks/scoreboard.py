@@ -7,7 +7,7 @@ the run had `--control`, what the right context's memory is worth apart from the
 Nothing is rerun: the rows are the committed files' own numbers, so the table is only as current as they are (each row
 names the git revision its run came from). Writes benchmarks/results/scoreboard.{json,md}. Headline: how many results
 have CCM ahead with an interval clear of 0 (target: all of them, the issue's "headlines above 0").
-Run: python benchmarks/scoreboard.py [--results benchmarks/results] [--name scoreboard]
+Run: python benchmarks/scoreboard.py [--name scoreboard]
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ def _adapter(cfg: dict[str, Any]) -> str:
 def _memory_value(report: dict[str, Any], worst_t: int | None) -> str:
     """The control's margin (ppl or accuracy the right memory adds over another unit's) at the headline's t."""
     rows = [r for r in report.get("context_value") or [] if r.get("ccm") == "ccm_concat"]
+    if not rows and report.get("points"):  # a frontier keeps its control as a point of its own (no paired interval)
+        metric, sign = report.get("metric", "ppl"), 1 if report.get("higher_is_better") else -1
+        pts = {(p["t"], p["method"]): p[metric] for p in report["points"] if metric in p}
+        rows = [{"t": t, "margin": sign * (v - pts[(t, "ccm_concat_other")])}
+                for (t, m), v in sorted(pts.items()) if m == "ccm_concat" and (t, "ccm_concat_other") in pts]
     row = next((r for r in rows if r.get("t") == worst_t), rows[-1] if rows else None)
     if row is None:
         return ""
@@ -64,6 +69,8 @@ def row_of(path: Path) -> dict[str, Any] | None:
         report = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise SystemExit(f"{path}: not a readable result file ({e}); rerun the command that wrote it") from e
+    if not isinstance(report, dict):
+        return None
     cfg, head = report.get("config") or {}, report.get("headline") or {}
     if "suite" not in cfg or "margin" not in str(head.get("metric", "")) or head.get("value") is None:
         return None
@@ -101,10 +108,9 @@ def scoreboard(results: Path) -> list[dict[str, Any]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--results", default=str(RESULTS), help="folder of result files to read")
     ap.add_argument("--name", default="scoreboard")
     args = ap.parse_args()
-    rows = scoreboard(Path(args.results))
+    rows = scoreboard(RESULTS)
     ahead = sum(r["verdict"] == "ahead" for r in rows)
     headline = {"metric": "results_ahead", "value": ahead, "target": len(rows), "higher_is_better": True,
                 "unit": "results",
@@ -116,11 +122,13 @@ def main() -> None:
              f"Headline: **{ahead} of {len(rows)}** results have CCM ahead with an interval above 0. "
              "Margin: the trained method's worst margin over t against the best competitor holding at most its KV "
              "(positive = CCM better; ppl margins are other - CCM, accuracy margins CCM - other). `memory_value`: "
-             "what the right unit's memory adds over another unit's (the `--control` run), at the headline's t. "
+             "what the right unit's memory adds over another unit's (the `--control` run; a frontier's has no "
+             "interval), at the headline's t. "
              "Each row is as current as its run (`git_rev`); rerun a row with the `command` in its file.\n\n"
              + markdown_table(rows, cols) + "\n")
     cmd = "python benchmarks/scoreboard.py" + (f" --name {args.name}" if args.name != "scoreboard" else "")
-    path = write_results(args.name, cmd, headline, {"results": args.results}, rows, table)
+    path = write_results(args.name, cmd, headline, {"results": str(RESULTS.relative_to(RESULTS.parents[1]))}, rows,
+                         table)
     print(table)
     print(f"wrote {path}")
 

@@ -425,7 +425,11 @@ def test_chat_reads_the_general_adapter_with_a_tail_of_one_turn(tmp_path, monkey
     monkeypatch.setenv("CCMEM_ADAPTERS", str(tmp_path))
     tiny_ccm("llama").save_pretrained(tmp_path / "general-chat")
     assert chat_raw_tail(tmp_path / "general-chat") == 1 == chat_raw_tail(str(tmp_path / "." / "general-chat"))
-    assert chat_raw_tail(tmp_path / "chitchat-concat") is None and chat_raw_tail(tmp_path / "other") is None
+    assert chat_raw_tail(tmp_path / "chitchat-concat") is None and chat_raw_tail("org/some-adapter") is None
+    monkeypatch.setattr("ccmem.demo.adapters_dir", lambda: (_ for _ in ()).throw(FileNotFoundError("no checkout")))
+    assert chat_raw_tail("org/some-adapter") is None  # an install without the shipped adapters still chats
+    monkeypatch.undo()
+    monkeypatch.setenv("CCMEM_ADAPTERS", str(tmp_path))
     seen = []
     monkeypatch.setattr("ccmem.model.CompressedModel.from_pretrained",
                         classmethod(lambda cls, path, *a, raw_tail=None, **k: seen.append((path, raw_tail))))

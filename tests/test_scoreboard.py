@@ -30,10 +30,19 @@ def test_rows_verdicts_and_what_is_left_out(tmp_path):
            presses=["snapkv"])
     _write(tmp_path, "frontier_b", -1.0, [-4.0, 2.0], "worst at t=4 against window at 8 slot(s) per step; x",
            dialogs_from="office", raw_tails={"ccm_concat": 1})
+    points = [{"t": 4, "method": m, "ppl": v} for m, v in (("ccm_concat", 40.0), ("ccm_concat_other", 43.5))]
+    _write(tmp_path, "run_d", 3.0, [1.0, 5.0], "worst at t=4 against kvpress_kvzip at 4 slot(s) per step",
+           per_step=None)
+    d = json.loads((tmp_path / "run_d.json").read_text())
+    d.pop("context_value")
+    (tmp_path / "run_d.json").write_text(json.dumps({**d, "points": points, "per_step": [1, 2], "metric": "ppl",
+                                                     "higher_is_better": False}))
     _write(tmp_path, "eval_c", -0.3, [-0.5, -0.1], "worst at t=8 against none (ccm_concat)", training_free=[])
     (tmp_path / "train_speed.json").write_text(json.dumps({"name": "speed", "headline": {"metric": "x", "value": 2}}))
     rows = {r["name"]: r for r in scoreboard.scoreboard(tmp_path)}
-    assert set(rows) == {"eval_a", "frontier_b"}  # eval_c checks against references only; train_speed is no eval
+    assert set(rows) == {"eval_a", "frontier_b", "run_d"}  # eval_c: references only; train_speed is no eval
+    d = rows["run_d"]  # a frontier by its per-step budgets; its control is a point: 43.5 - 40.0, no interval
+    assert (d["kind"], d["worst_against"], d["memory_value"]) == ("frontier", "kvpress_kvzip", "3.5 (t = 4)")
     a, b = rows["eval_a"], rows["frontier_b"]
     assert (a["verdict"], a["worst_t"], a["worst_against"], a["kind"]) == ("ahead", 8, "kvpress_snapkv", "equal KV")
     assert a["competitors"] == "window, kvpress snapkv" and a["data"] == "own split"

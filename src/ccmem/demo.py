@@ -53,7 +53,10 @@ def chat_raw_tail(adapter: str | Path) -> int | None:
     """The raw tail ``ccmem chat`` reads an adapter with when none is asked for: the newest turn verbatim for the
     shipped general adapter (trained without a tail, it is ahead of itself read without one at every t on its own
     chit-chat test dialogs, The Office and Shakespeare: README, "Evaluation"), the adapter's own for any other."""
-    general = adapters_dir() / "general-chat"
+    try:
+        general = adapters_dir() / "general-chat"
+    except FileNotFoundError:  # an install without the shipped adapters: the adapter given is read as saved
+        return None
     return CHAT_RAW_TAIL if Path(adapter).resolve() == general.resolve() else None
 
 
