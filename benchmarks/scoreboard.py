@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, markdown_table, write_results  # noqa: E402
-
-# a training-free baseline's name in a result file -> the family named in the table
-_FAMILIES = {"window": "window", "streamingllm": "StreamingLLM"}
 
 
 def verdict(value: float, ci: list[float] | None) -> str:
@@ -33,7 +29,7 @@ def verdict(value: float, ci: list[float] | None) -> str:
 
 
 def _competitors(cfg: dict[str, Any]) -> str:
-    tf = [_FAMILIES.get(m, m) for m in cfg.get("training_free") or []]
+    tf = list(cfg.get("training_free") or [])
     presses = [f"kvpress {p}" for p in cfg.get("presses") or []]
     peers = list(cfg.get("peers") or {})
     return ", ".join(tf + presses + peers) or "references only"
@@ -76,25 +72,26 @@ def row_of(path: Path) -> dict[str, Any] | None:
         return None
     if not (cfg.get("training_free") or cfg.get("presses") or cfg.get("peers")):
         return None  # references only (a checkpoint's check): its margin is over no context, not over a competitor
-    ci = head.get("interval_95")
+    ci, value = head.get("interval_95"), float(head["value"])
     held_out = cfg.get("dialogs_from") not in (None, "chitchat")
-    frontier = "frontier" in report.get("name", "") or report.get("per_step") is not None
-    worst = re.search(r"worst at t=(\d+) against (\S+?)(?: at (\d+) slot| \(|;|$)", head.get("meaning", ""))
+    # the headline is the worst of the per-t margins the report keeps: its row names the t and the competitor
+    rows = [r for r in report.get("margins") or [] if r.get("ccm") == "ccm_concat"]
+    worst = min(rows, key=lambda r: abs(r["margin"] - value)) if rows else {}
     return {
         "name": report.get("name", path.stem),
         "suite": cfg["suite"],
         "data": f"held out: {cfg['dialogs_from']}" if held_out else "own split",
-        "kind": "frontier" if frontier else "equal KV",
+        "kind": "frontier" if report.get("per_step") is not None else "equal KV",
         "adapter": _adapter(cfg),
         "competitors": _competitors(cfg),
         "ts": cfg.get("ts"),
         "metric": head.get("unit", ""),
-        "margin": round(float(head["value"]), 4),
+        "margin": round(value, 4),
         "interval_95": ci,
-        "verdict": verdict(float(head["value"]), ci),
-        "worst_t": int(worst.group(1)) if worst else None,
-        "worst_against": worst.group(2) if worst else "",
-        "memory_value": _memory_value(report, int(worst.group(1)) if worst else None),
+        "verdict": verdict(value, ci),
+        "worst_t": worst.get("t"),
+        "worst_against": worst.get("best_other", ""),
+        "memory_value": _memory_value(report, worst.get("t")),
         "git_rev": (report.get("environment") or {}).get("git_rev", ""),
     }
 

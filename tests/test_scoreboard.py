@@ -15,29 +15,32 @@ scoreboard = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(scoreboard)
 
 
-def _write(folder: Path, name: str, value: float, ci, meaning: str, **cfg) -> None:
+def _write(folder: Path, name: str, value: float, ci, worst: tuple[int, str], frontier: bool = False, **cfg) -> None:
     config = {"suite": "chitchat", "adapters": {"ccm_concat": "adapters/general-chat"}, "training_free": ["window"],
               "presses": [], "peers": {}, "ts": [4, 8], **cfg}
+    margins = [{"t": worst[0], "ccm": "ccm_concat", "best_other": worst[1], "margin": value},
+               {"t": 99, "ccm": "ccm_concat", "best_other": "decoy", "margin": value + 5.0}]  # not the worst t
     report = {"name": name, "headline": {"metric": "ccm_margin_worst_t", "value": value, "interval_95": ci,
-                                         "unit": "ppl", "meaning": meaning},
+                                         "unit": "ppl"}, "margins": margins,
               "config": config, "environment": {"git_rev": "abc1234"},
               "context_value": [{"t": 8, "ccm": "ccm_concat", "margin": 1.5, "margin_ci": [0.5, 2.5]}]}
+    if frontier:  # a frontier report keeps its per-step budgets
+        report["per_step"] = [1, 2, 4, 8]
     (folder / f"{name}.json").write_text(json.dumps(report))
 
 
 def test_rows_verdicts_and_what_is_left_out(tmp_path):
-    _write(tmp_path, "eval_a", 2.0, [0.5, 3.0], "min over t ...; worst at t=8 against kvpress_snapkv (ccm_concat); x",
+    _write(tmp_path, "eval_a", 2.0, [0.5, 3.0], (8, "kvpress_snapkv"),
            presses=["snapkv"])
-    _write(tmp_path, "frontier_b", -1.0, [-4.0, 2.0], "worst at t=4 against window at 8 slot(s) per step; x",
+    _write(tmp_path, "frontier_b", -1.0, [-4.0, 2.0], (4, "window"), frontier=True,
            dialogs_from="office", raw_tails={"ccm_concat": 1})
     points = [{"t": 4, "method": m, "ppl": v} for m, v in (("ccm_concat", 40.0), ("ccm_concat_other", 43.5))]
-    _write(tmp_path, "run_d", 3.0, [1.0, 5.0], "worst at t=4 against kvpress_kvzip at 4 slot(s) per step",
-           per_step=None)
+    _write(tmp_path, "run_d", 3.0, [1.0, 5.0], (4, "kvpress_kvzip"))
     d = json.loads((tmp_path / "run_d.json").read_text())
     d.pop("context_value")
     (tmp_path / "run_d.json").write_text(json.dumps({**d, "points": points, "per_step": [1, 2], "metric": "ppl",
                                                      "higher_is_better": False}))
-    _write(tmp_path, "eval_c", -0.3, [-0.5, -0.1], "worst at t=8 against none (ccm_concat)", training_free=[])
+    _write(tmp_path, "eval_c", -0.3, [-0.5, -0.1], (8, "none"), training_free=[])
     (tmp_path / "train_speed.json").write_text(json.dumps({"name": "speed", "headline": {"metric": "x", "value": 2}}))
     rows = {r["name"]: r for r in scoreboard.scoreboard(tmp_path)}
     assert set(rows) == {"eval_a", "frontier_b", "run_d"}  # eval_c: references only; train_speed is no eval
