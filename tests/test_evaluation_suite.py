@@ -146,7 +146,8 @@ def test_raw_tail_override_scores_as_an_adapter_saved_with_the_tail(adapters, tm
                                                ("gist", True, 0)])
 def test_kv_columns_count_what_the_session_holds(tmp_path, variant, sink, tail):
     """A row's KV slots are what the online session really keeps: its memory (the sink slot included) plus the raw
-    tail's tokens; and with a sink adapter as CCM-concat, the training-free budget gets the same one slot more."""
+    tail's tokens; and with a sink adapter as CCM-concat, the training-free budget gets the same one slot more, with
+    a raw tail each unit's own slots (the tail's tokens too), so the window holds exactly what CCM-concat holds."""
     from ccmem.evaluation.methods import control, trained
 
     ccm = tiny_ccm(variant=variant, seed=0, sink=sink, raw_tail=tail)
@@ -166,7 +167,30 @@ def test_kv_columns_count_what_the_session_holds(tmp_path, variant, sink, tail):
         res = evaluate(TinySuite(), cfg, load_model=lambda: tiny_model(seed=0), progress=False)
         by = {(r["t"], r["method"]): r for r in res["rows"]}
         for t in (1, 2, 4):
-            assert by[(t, "window")]["budget_slots"] == 2 * t + int(sink)
+            if tail:
+                want = [m.slots(g.chunks, 2, 0) for g in TinySuite().groups(t)]
+                assert by[(t, "window")]["budget_slots"] == pytest.approx(sum(want) / len(want))
+                assert by[(t, "window")]["kv_slots"] == pytest.approx(by[(t, "ccm_concat")]["kv_slots"])
+            else:
+                assert by[(t, "window")]["budget_slots"] == 2 * t + int(sink)
+
+
+def test_equal_kv_with_a_raw_tail_read_gives_every_press_the_tail(adapters, tmp_path, monkeypatch):
+    """`--raw-tail ccm_concat=K` on an adapter trained without a tail: the presses and the window get, unit by unit,
+    the slots CCM-concat holds with the tail (not n_tok per step), in both modes of handing the budget over."""
+    if not default_kvpress_python():
+        pytest.skip("no kvpress environment (make kvpress-env)")
+    monkeypatch.setenv("CCMEM_CACHE", str(tmp_path / "cache"))
+    cfg = EvalConfig(adapters={"ccm_concat": adapters["ccm_concat"]}, raw_tails={"ccm_concat": 1},
+                     presses=("snapkv",), training_free=("window",), check=0, batch_size=4, bootstrap=0)
+    res = evaluate(TinySuite(), cfg, load_model=lambda: tiny_model(seed=0), progress=False)
+    by = {(r["t"], r["method"]): r for r in res["rows"]}
+    for t in (2, 4):
+        groups = TinySuite().groups(t)
+        want = sum(len(g.chunks[-1]) + 2 * (t - 1) for g in groups) / len(groups)
+        assert by[(t, "ccm_concat")]["kv_slots"] == pytest.approx(want) != 2 * t
+        for other in ("window", "kvpress_snapkv"):
+            assert by[(t, other)]["kv_slots"] == pytest.approx(want), other
 
 
 def test_other_context_rotates_contexts_of_equal_length():

@@ -28,6 +28,19 @@ def context_slots(ep: Episode, method: str, n_tok: int, raw_tail: int = 0, sink:
     return 0
 
 
+Budget = int | Sequence[int]  # one KV budget for every unit, or one per unit (in the units' order)
+
+
+def per_unit(budget: Budget, n: int) -> list[int]:
+    """The budget of each of ``n`` units. Why per unit: equal KV with an adapter read with a raw tail is its own
+    slots for each unit (the tail's turns count with their tokens), which differ from unit to unit."""
+    if isinstance(budget, int):
+        return [budget] * n
+    if len(budget) != n:
+        raise ValueError(f"{len(budget)} budgets for {n} units: give one budget, or one per unit")
+    return list(budget)
+
+
 def gap_recovered(none: float, full: float, method: float) -> float:
     """Fraction of the no-context -> full-context perplexity gap that a method closes."""
     return (none - method) / (none - full) if none != full else float("nan")

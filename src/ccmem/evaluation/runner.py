@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.episode import Episode
-from .core import bytes_per_slot, option_logliks
+from .core import Budget, bytes_per_slot, context_slots, option_logliks, per_unit
 from .methods import Compressed, Method, NoContext, Press, control, flat, variant_view
 from .suites import Group, Scores, Suite
 
@@ -62,14 +62,15 @@ def methods_for(cfg: EvalConfig) -> list[Method]:
 
 
 # ------------------------------------------------------------------------------------------------ scoring
-def score_online(method: Method, ccm: Any, groups: list[Group], budget: int, batch_size: int = 32,
+def score_online(method: Method, ccm: Any, groups: list[Group], budget: Budget, batch_size: int = 32,
                  calibration: bool = False, progress: bool = False) -> Scores:
     """Build the method's memory for each context with the online loop, then score every query target on top of
     it (the memory is forked across a batch of queries, never recomputed)."""
     out: Scores = []
     ccm.model.eval()
-    for g in tqdm(groups, desc=f"{method.name} online", disable=not progress, leave=False):
-        s = method.session(ccm, [] if calibration else g.chunks, budget)
+    for g, b in tqdm(list(zip(groups, per_unit(budget, len(groups)))), desc=f"{method.name} online",
+                     disable=not progress, leave=False):
+        s = method.session(ccm, [] if calibration else g.chunks, b)
         qs = g.calibration if calibration else g.queries
         rows = [(qi, ti, q.input, tgt) for qi, q in enumerate(qs) for ti, tgt in enumerate(q.targets)]
         res: list[list[Any]] = [[None] * len(q.targets) for q in qs]
@@ -82,12 +83,12 @@ def score_online(method: Method, ccm: Any, groups: list[Group], budget: int, bat
     return out
 
 
-def score_parallel(method: Method, ccm: Any, groups: list[Group], budget: int, batch_size: int = 16) -> Scores:
+def score_parallel(method: Method, ccm: Any, groups: list[Group], budget: Budget, batch_size: int = 16) -> Scores:
     """The same scores from one masked forward per (context, query, target) sequence (method.md §8)."""
     eps, mode, variant = [], None, None
-    for g in groups:
+    for g, b in zip(groups, per_unit(budget, len(groups))):
         for q in g.queries:
-            ep, mode, variant = method.episode(Episode(g.chunks, q.input, [], q.targets, q.answer), budget)
+            ep, mode, variant = method.episode(Episode(g.chunks, q.input, [], q.targets, q.answer), b)
             eps.append(ep)
     with variant_view(ccm, variant):
         lls, lens = option_logliks(ccm, eps, mode, batch_size)
@@ -129,12 +130,13 @@ def default_kvpress_python() -> str | None:
     return str(p) if p.exists() else None
 
 
-def run_kvpress(python: str, model_dir: Path, presses: list[str], jobs: list[tuple[int, list[Group], int]],
+def run_kvpress(python: str, model_dir: Path, presses: list[str], jobs: list[tuple[int, list[Group], Budget]],
                 batch_size: int = 32) -> tuple[dict[str, dict[int, Scores]], dict[str, dict[int, list[int]]]]:
-    """Score every (t, groups, budget) job under each press in kvpress's environment."""
-    groups_json = [{"context": flat(g.chunks), "budget": budget,
+    """Score every (t, groups, budget) job under each press in kvpress's environment (a budget for all the groups
+    of a job, or one per group)."""
+    groups_json = [{"context": flat(g.chunks), "budget": b,
                     "queries": [{"input": q.input, "targets": q.targets} for q in g.queries]}
-                   for _, groups, budget in jobs for g in groups]
+                   for _, groups, budget in jobs for g, b in zip(groups, per_unit(budget, len(groups)))]
     with tempfile.TemporaryDirectory() as tmp:
         job, res = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job.write_text(json.dumps({"model": str(model_dir), "presses": list(presses), "groups": groups_json,
@@ -178,15 +180,19 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
     methods = methods_for(cfg)
     if cfg.control:  # every CCM adapter once more, on another context's memory (other_context)
         methods += [control(m) for m in list(methods) if m.kind == "trained" and m.name.startswith("ccm_")]
-    sink = 0  # CCM-concat's sink slot: with one, equal KV gives the training-free methods one token more
+    sink, tail = 0, 0  # CCM-concat's sink slot (one token more at equal KV) and raw tail (its turns' tokens more)
     for name, path in cfg.adapters.items():
         if name == "ccm_concat":  # the training-free budget follows CCM-concat's n_tok
             _, header = CompressedModel.read_adapter(path)
             cfg.n_tok, sink = header["compression"]["n_tok"], int(bool(header["compression"].get("sink")))
+            tail = cfg.raw_tails.get(name, header["compression"].get("raw_tail", 0))
     ts = list(suite.ts)
     groups = {t: suite.groups(t) for t in ts}
     other = {t: other_context(groups[t]) for t in ts} if cfg.control else {}
-    budgets = {t: cfg.n_tok * suite.steps(t) + sink for t in ts}
+    # equal KV: CCM-concat's slots, so with a raw tail each unit's own (the tail's turns count with their tokens)
+    budgets: dict[int, Budget] = {
+        t: [context_slots(Episode(g.chunks, [], []), "concat", cfg.n_tok, tail, bool(sink)) for g in groups[t]]
+        if tail else cfg.n_tok * suite.steps(t) + sink for t in ts}
     mode = cfg.mode if cfg.mode != "auto" else (
         "parallel" if all(len(g.queries) == 1 for g in groups[ts[0]]) else "online")
     scores: dict[tuple[str, int], Scores] = {}
@@ -215,8 +221,9 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
                     generated[(m.name, t)] = suite.generate(m, ccm, g, b)
                 if cfg.check:
                     part = [Group(x.id, x.chunks, x.queries[:8]) for x in g[:cfg.check]]
-                    a = score_parallel(m, ccm, part, b, cfg.batch_size)
-                    o = score_online(m, ccm, part, b, 32)
+                    pb = per_unit(b, len(g))[:len(part)]
+                    a = score_parallel(m, ccm, part, pb, cfg.batch_size)
+                    o = score_online(m, ccm, part, pb, 32)
                     agreement[m.name] = max(agreement.get(m.name, 0.0), max_abs_diff(a, o))
             if reference_memo is not None and m.kind == "reference":
                 reference_memo[(m.name, t)] = (scores[(m.name, t)], generated.get((m.name, t)))
@@ -269,14 +276,16 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
             met = suite.aggregate(groups[t], scores[(m.name, t)], calib)
             if (m.name, t) in generated:
                 met["exact_match"] = sum(generated[(m.name, t)]) / max(len(generated[(m.name, t)]), 1)
+            unit_budget = per_unit(budgets[t], len(groups[t]))
             if isinstance(m, Press):
                 slots = sum(press_held[m.press][t]) / len(groups[t])
             else:
-                slots = sum(m.slots(g.chunks, cfg.n_tok, budgets[t]) for g in groups[t]) / len(groups[t])
-            peak = sum(m.peak_slots(g.chunks, cfg.n_tok, budgets[t]) for g in groups[t]) / len(groups[t])
+                slots = sum(m.slots(g.chunks, cfg.n_tok, b) for g, b in zip(groups[t], unit_budget)) / len(groups[t])
+            peak = sum(m.peak_slots(g.chunks, cfg.n_tok, b) for g, b in zip(groups[t], unit_budget)) / len(groups[t])
             rows.append({"t": t, "method": m.name, "label": m.label, "kind": m.kind, **met,
                          "kv_slots": slots, "kv_kib": slots * per_slot / 1024, "peak_kv_kib": peak * per_slot / 1024,
-                         "budget_slots": budgets[t]})
+                         "budget_slots": budgets[t] if isinstance(budgets[t], int)
+                         else sum(unit_budget) / len(unit_budget)})
     _gap(rows, suite.metric)
     margins = _margins(rows, methods, suite.metric, suite.higher_is_better)
     peak_margins = _margins(rows, methods, suite.metric, suite.higher_is_better, kv="peak_kv_kib")

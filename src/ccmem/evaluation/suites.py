@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..metrics import multiple_choice
+from .core import Budget, per_unit
 
 
 @dataclass
@@ -199,15 +200,15 @@ class RecallSuite(Suite):
             self._types[ep.id] = it.fact_type
         return out
 
-    def generate(self, method: Any, ccm: Any, groups: list[Group], budget: int, max_new_tokens: int = 12
+    def generate(self, method: Any, ccm: Any, groups: list[Group], budget: Budget, max_new_tokens: int = 12
                  ) -> list[bool]:
         """Exact match: greedy reply from the method's memory (its online session); a hit when the reply contains
         the fact's value."""
         tok = self.fmt.tok
         stop = [t for t in (tok.eos_token_id, *tok("\n", add_special_tokens=False)["input_ids"]) if t is not None]
         hits = []
-        for g in groups:
-            s = method.session(ccm, g.chunks, budget)
+        for g, b in zip(groups, per_unit(budget, len(groups))):
+            s = method.session(ccm, g.chunks, b)
             out = s.generate(g.queries[0].input, max_new_tokens=max_new_tokens, eos_token_id=stop)
             hits.append(self._values[g.id].lower() in tok.decode(out).lower())
         return hits
