@@ -45,9 +45,9 @@ def server_tokenizer():
     return tok
 
 
-def make_engine(data_dir, max_queue=4):
+def make_engine(data_dir, max_queue=4, raw_tail=0):
     model = tiny_model("llama", initializer_range=0.2)
-    ccm = CompressedModel.attach(model, CompressionConfig(n_tok=N_TOK, lora_dropout=0.0),
+    ccm = CompressedModel.attach(model, CompressionConfig(n_tok=N_TOK, lora_dropout=0.0, raw_tail=raw_tail),
                                  tokenizer=server_tokenizer())
     torch.manual_seed(0)
     return Engine(ccm, SessionStore(data_dir), Limits(max_messages=8, max_message_tokens=40, max_new_tokens=16,
@@ -217,6 +217,29 @@ def test_restart_serves_every_session_where_it_stopped_and_memory_export_import(
         live.stop()
 
 
+def test_a_tail_server_keeps_the_newest_message_raw_and_refuses_a_session_saved_without_its_tail(tmp_path):
+    """--raw-tail 1: after a turn the reply stays raw (its tokens in the tail, the user message compressed); a server
+    restarted with the same tail continues the session, one with another tail refuses it naming the fix (HTTP 400, as
+    every CCMError) and serves it anew once it is deleted."""
+    from ccmem.errors import IncompatibleError
+
+    e = make_engine(tmp_path / "store", raw_tail=1)
+    e.chat("o", "s", [U1], max_new_tokens=4, temperature=0)
+    mem = e.hot[("o", "s")][0].memory
+    assert mem.tail_tokens()[0] > 0 and mem.num_slots == N_TOK  # one message compressed, one raw
+    e.store.close()
+    e = make_engine(tmp_path / "store", raw_tail=1)
+    assert e.chat("o", "s", [U2], max_new_tokens=4, temperature=0).session.turns == 4
+    e.store.close()
+    e = make_engine(tmp_path / "store", raw_tail=0)
+    with pytest.raises(IncompatibleError, match=r"raw_tail: file 1 vs model 0.*same --raw-tail.*DELETE"):
+        e.chat("o", "s", [U2], max_new_tokens=4, temperature=0)
+    assert e.forget("o", "s")
+    assert e.chat("o", "s", [U1], max_new_tokens=4, temperature=0).session.turns == 2  # anew, without a tail
+    assert e.hot[("o", "s")][0].memory.tail_tokens()[0] == 0
+    e.store.close()
+
+
 def test_kill_9_mid_load_loses_no_answered_turn(tmp_path):
     """A real `ccmem serve` process, killed with SIGKILL while clients are mid-conversation, restarted on the same
     store: every answered turn is in its session's memory, every memory file passes its checksum, and a session that
@@ -333,12 +356,13 @@ def test_real_default_model_serves_a_conversation(tmp_path):
         live.stop()
 
 
-@pytest.mark.parametrize("full_history", [False, True])
-def test_requests_of_different_sessions_are_batched_and_answer_as_alone(tmp_path, full_history):
+@pytest.mark.parametrize("full_history,raw_tail", [(False, 0), (True, 0), (False, 1)])
+def test_requests_of_different_sessions_are_batched_and_answer_as_alone(tmp_path, full_history, raw_tail):
     """Requests waiting together (sessions at different points, one fresh) run as one batched step and get exactly
-    the greedy replies and memories they get one at a time."""
+    the greedy replies and memories they get one at a time (also with a raw tail: rows with tails of different
+    lengths stacked)."""
     def engine(name):
-        e = make_engine(tmp_path / name)
+        e = make_engine(tmp_path / name, raw_tail=raw_tail)
         if full_history:
             e = Engine(e.ccm, e.store, e.limits, full_history=True)
         return e
@@ -374,6 +398,8 @@ def test_requests_of_different_sessions_are_batched_and_answer_as_alone(tmp_path
         assert "".join(streamed[sid]).strip() == got[sid].text
         assert got[sid].session.slots == want[sid].session.slots and got[sid].session.turns == want[sid].session.turns
         a, b = solo.hot[("o", sid)][0], batched.hot[("o", sid)][0]
+        assert a.memory.tail_tokens() == b.memory.tail_tokens()
+        assert (a.memory.tail_tokens()[0] > 0) == bool(raw_tail)  # the newest message (the reply) is kept raw
         la, _ = a.logits([5, 6, 7])
         lb, _ = b.logits([5, 6, 7])
         assert (la - lb).abs().max() <= 1e-4

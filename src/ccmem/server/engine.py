@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..chat_template import check_message, generation_prompt_ids, message_ids
-from ..errors import InputError
+from ..errors import IncompatibleError, InputError
 from ..memory import CompressedMemory
 from ..session import Session
 from .store import SessionMeta, SessionStore
@@ -117,7 +117,13 @@ class Engine:
         if meta is None:
             meta = SessionMeta(owner, sid)
         elif meta.file:
-            session.load(self.store.path(meta))
+            try:
+                session.load(self.store.path(meta))
+            except IncompatibleError as e:
+                raise IncompatibleError(
+                    f"session {sid!r} was saved by a server that read its adapter otherwise ({e}); serve it with the "
+                    f"settings it was saved with (e.g. the same --raw-tail), or DELETE /v1/sessions/{sid} to start "
+                    "it anew") from e
         self.hot[key] = (session, meta)
         return session, meta
 

@@ -27,7 +27,7 @@ def build(args: argparse.Namespace):
 
     model, tok = load_model(args.model, device=args.device)
     adapter = args.adapter or str(chat_adapter("concat"))
-    ccm = CompressedModel.from_pretrained(adapter, model, tokenizer=tok)
+    ccm = CompressedModel.from_pretrained(adapter, model, tokenizer=tok, raw_tail=args.raw_tail)
     store = SessionStore(args.data_dir or cache_dir() / "server")
     limits = Limits(max_messages=args.max_messages, max_message_tokens=args.max_message_tokens,
                     max_new_tokens=args.max_new_tokens, max_queue=args.max_queue)
@@ -43,6 +43,10 @@ def build(args: argparse.Namespace):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local folder or a hub id")
     p.add_argument("--adapter", default=None, help="adapter folder (default: adapters/general-chat)")
+    p.add_argument("--raw-tail", type=int, default=None,
+                   help="keep each session's K newest messages as raw keys/values, compressing a message only when it "
+                        "leaves the tail (default: the adapter's own; `ccmem chat` reads the shipped adapter with 1). "
+                        "A stored session is served only with the tail it was saved with")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--data-dir", default=None, help="session store (default: ~/.cache/ccmem/server)")
