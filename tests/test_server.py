@@ -232,8 +232,10 @@ def test_a_tail_server_keeps_the_newest_message_raw_and_refuses_a_session_saved_
     assert e.chat("o", "s", [U2], max_new_tokens=4, temperature=0).session.turns == 4
     e.store.close()
     e = make_engine(tmp_path / "store", raw_tail=0)
-    with pytest.raises(IncompatibleError, match=r"raw_tail: file 1 vs model 0.*same --raw-tail.*DELETE"):
+    with pytest.raises(IncompatibleError, match=r"raw_tail: file 1 vs model 0.*with the --raw-tail it was saved.*DELETE"
+                       ) as err:
         e.chat("o", "s", [U2], max_new_tokens=4, temperature=0)
+    assert err.value.fields == ("raw_tail",)
     assert e.forget("o", "s")
     assert e.chat("o", "s", [U1], max_new_tokens=4, temperature=0).session.turns == 2  # anew, without a tail
     assert e.hot[("o", "s")][0].memory.tail_tokens()[0] == 0

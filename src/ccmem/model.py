@@ -267,7 +267,7 @@ class CompressedModel:
             diffs = ", ".join(f"{k}: file {other.get(k)!r} vs model {mine[k]!r}" for k in bad)
             raise IncompatibleError(
                 f"{what} was made with another compression config ({diffs}); attach the model with the same "
-                "CompressionConfig (CompressedModel.from_pretrained reads it from the adapter)"
+                "CompressionConfig (CompressedModel.from_pretrained reads it from the adapter)", fields=tuple(bad)
             )
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:

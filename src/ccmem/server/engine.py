@@ -120,10 +120,10 @@ class Engine:
             try:
                 session.load(self.store.path(meta))
             except IncompatibleError as e:
+                how = "the --raw-tail" if e.fields == ("raw_tail",) else "the adapter and --raw-tail"
                 raise IncompatibleError(
-                    f"session {sid!r} was saved by a server that read its adapter otherwise ({e}); serve it with the "
-                    f"settings it was saved with (e.g. the same --raw-tail), or DELETE /v1/sessions/{sid} to start "
-                    "it anew") from e
+                    f"session {sid!r} was saved by a server that read its adapter otherwise ({e}); serve it with "
+                    f"{how} it was saved with, or DELETE /v1/sessions/{sid} to start it anew", e.fields) from e
         self.hot[key] = (session, meta)
         return session, meta
 
