@@ -49,11 +49,14 @@ def main() -> None:
                     help="read the concat adapter with its K newest turns raw (default: the adapter's own tail)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--name", default="chitchat_quality")
+    ap.add_argument("--name", default=None, help="results file name (default chitchat_quality, + _tailK with a tail)")
     ap.add_argument("--bootstrap", type=int, default=1000, help="replicates of the paired bootstrap over dialogs")
     ap.add_argument("--no-control", dest="control", action="store_false",
                     help="leave out the control row (the concat adapter on another dialog's turns)")
     args = ap.parse_args()
+    if args.raw_tail is not None and args.raw_tail < 0:
+        ap.error("--raw-tail: give a number of turns >= 0")
+    args.name = args.name or "chitchat_quality" + (f"_tail{args.raw_tail}" if args.raw_tail else "")
     if args.control and args.dialogs < 2:
         ap.error("the control reads another dialog's turns: give --dialogs 2 or more, or --no-control")
 
@@ -98,6 +101,7 @@ def main() -> None:
     for t in TS:
         r = perplexity(concat, windowed[t], "full", args.batch_size, eos, progress=True)
         rows[t]["window_ppl"], per_episode[t]["window"] = r.ppl, r.per_episode
+        print(f"t={t:2d} {'window':>14s} ppl {rows[t]['window_ppl']:.3f}", flush=True)
     if args.control:  # every episode at t has t chunks: the next dialog's chunks, the same number of them
         other = {t: [Episode(eps[t][(i + 1) % len(e)].chunks, x.input, x.output, id=x.id) for i, x in enumerate(e)]
                  for t, e in eps.items()}

@@ -175,22 +175,51 @@ def test_kv_columns_count_what_the_session_holds(tmp_path, variant, sink, tail):
                 assert by[(t, "window")]["budget_slots"] == 2 * t + int(sink)
 
 
-def test_equal_kv_with_a_raw_tail_read_gives_every_press_the_tail(adapters, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["parallel", "online"])
+def test_equal_kv_with_a_raw_tail_read_gives_every_press_the_tail(adapters, tmp_path, monkeypatch, mode):
     """`--raw-tail ccm_concat=K` on an adapter trained without a tail: the presses and the window get, unit by unit,
-    the slots CCM-concat holds with the tail (not n_tok per step), in both modes of handing the budget over."""
-    if not default_kvpress_python():
-        pytest.skip("no kvpress environment (make kvpress-env)")
+    the slots CCM-concat holds for that unit with the tail (not n_tok per step): what each is handed is checked
+    dialog by dialog, and the rows' KV columns agree."""
+    import ccmem.evaluation.runner as runner
+    from ccmem.evaluation.methods import Window
+
     monkeypatch.setenv("CCMEM_CACHE", str(tmp_path / "cache"))
-    cfg = EvalConfig(adapters={"ccm_concat": adapters["ccm_concat"]}, raw_tails={"ccm_concat": 1},
-                     presses=("snapkv",), training_free=("window",), check=0, batch_size=4, bootstrap=0)
+    handed: list[tuple[tuple, int]] = []  # (the unit's context, budget) each time the window builds it
+    key = lambda chunks: tuple(map(tuple, chunks))  # noqa: E731
+    for fn in ("session", "episode"):
+        real = getattr(Window, fn)
+        monkeypatch.setattr(Window, fn, lambda self, ccm_or_ep, *a, _real=real, _fn=fn: (
+            handed.append((key(a[0] if _fn == "session" else ccm_or_ep.chunks), a[-1])),
+            _real(self, ccm_or_ep, *a))[1])
+    jobs: list = []
+    real_run = runner.run_kvpress
+    monkeypatch.setattr(runner, "run_kvpress", lambda py, d, ps, j, *a: (jobs.extend(j), real_run(py, d, ps, j, *a))[1])
+    presses = ("snapkv",) if default_kvpress_python() else ()
+    cfg = EvalConfig(adapters={"ccm_concat": adapters["ccm_concat"]}, raw_tails={"ccm_concat": 1}, mode=mode,
+                     presses=presses, training_free=("window",), check=2, batch_size=4, bootstrap=0)
     res = evaluate(TinySuite(), cfg, load_model=lambda: tiny_model(seed=0), progress=False)
     by = {(r["t"], r["method"]): r for r in res["rows"]}
+    own = {key(g.chunks): len(g.chunks[-1]) + 2 * (t - 1)  # the unit's context -> CCM-concat's slots (no sink)
+           for t in TinySuite.ts for g in TinySuite().groups(t)}
+    assert handed and all(b == own[c] for c, b in handed), handed
+    assert len({b for _, b in handed}) > len(TinySuite.ts)  # units of one t got different budgets
+    for _t, groups, budget in jobs:
+        assert budget == [own[key(g.chunks)] for g in groups]
+    assert len(jobs) == (len(TinySuite.ts) if presses else 0)
     for t in (2, 4):
         groups = TinySuite().groups(t)
         want = sum(len(g.chunks[-1]) + 2 * (t - 1) for g in groups) / len(groups)
         assert by[(t, "ccm_concat")]["kv_slots"] == pytest.approx(want) != 2 * t
-        for other in ("window", "kvpress_snapkv"):
+        for other in ("window", *(f"kvpress_{p}" for p in presses)):
             assert by[(t, other)]["kv_slots"] == pytest.approx(want), other
+
+
+def test_per_unit_budgets():
+    from ccmem.evaluation.core import per_unit
+
+    assert per_unit(5, 3) == [5, 5, 5] and per_unit([1, 2], 2) == [1, 2]
+    with pytest.raises(ValueError, match="3 budgets for 2 units"):
+        per_unit([1, 2, 3], 2)
 
 
 def test_other_context_rotates_contexts_of_equal_length():

@@ -217,11 +217,12 @@ def test_restart_serves_every_session_where_it_stopped_and_memory_export_import(
         live.stop()
 
 
-def test_a_tail_server_keeps_the_newest_message_raw_and_refuses_a_session_saved_without_its_tail(tmp_path):
+def test_a_tail_server_keeps_the_newest_message_raw_and_a_server_without_it_refuses_its_sessions(tmp_path):
     """--raw-tail 1: after a turn the reply stays raw (its tokens in the tail, the user message compressed); a server
-    restarted with the same tail continues the session, one with another tail refuses it naming the fix (HTTP 400, as
-    every CCMError) and serves it anew once it is deleted."""
-    from ccmem.errors import IncompatibleError
+    restarted with the same tail continues the session, one with another tail refuses it naming the fix (an
+    IncompatibleError: HTTP 400, as every CCMError) and serves it anew once it is deleted; a full-history server
+    takes no tail."""
+    from ccmem.errors import IncompatibleError, InputError
 
     e = make_engine(tmp_path / "store", raw_tail=1)
     e.chat("o", "s", [U1], max_new_tokens=4, temperature=0)
@@ -232,14 +233,18 @@ def test_a_tail_server_keeps_the_newest_message_raw_and_refuses_a_session_saved_
     assert e.chat("o", "s", [U2], max_new_tokens=4, temperature=0).session.turns == 4
     e.store.close()
     e = make_engine(tmp_path / "store", raw_tail=0)
-    with pytest.raises(IncompatibleError, match=r"raw_tail: file 1 vs model 0.*with the --raw-tail it was saved.*DELETE"
-                       ) as err:
+    refused = r"another compression config \(raw_tail differ\).*with the --raw-tail it was saved.*DELETE"
+    with pytest.raises(IncompatibleError, match=refused) as err:
         e.chat("o", "s", [U2], max_new_tokens=4, temperature=0)
     assert err.value.fields == ("raw_tail",)
     assert e.forget("o", "s")
     assert e.chat("o", "s", [U1], max_new_tokens=4, temperature=0).session.turns == 2  # anew, without a tail
     assert e.hot[("o", "s")][0].memory.tail_tokens()[0] == 0
     e.store.close()
+    tail = make_engine(tmp_path / "other", raw_tail=1)
+    with pytest.raises(InputError, match="leave out --raw-tail"):
+        Engine(tail.ccm, tail.store, full_history=True)
+    tail.store.close()
 
 
 def test_kill_9_mid_load_loses_no_answered_turn(tmp_path):

@@ -114,7 +114,7 @@ class Chat:
                 self.session.load(arg)
             except Exception as e:  # show the library's message, keep the current memory
                 hint = (f" (this chat keeps {self.ccm.config.raw_tail} raw tail turn(s): start it with --raw-tail K "
-                        "to match the file)") if "raw_tail" in getattr(e, "fields", ()) else ""
+                        "to match the file)") if getattr(e, "fields", ()) == ("raw_tail",) else ""
                 return f"could not load {arg}: {e}{hint}"
             return f"loaded {self.session.memory.num_slots} slots from {arg}"
         if cmd == "variant":

@@ -42,7 +42,8 @@ class EvalConfig:
     mode: str = "auto"  # parallel | online | auto (parallel for one query per context, online otherwise)
     check: int = 2  # contexts per t scored both ways to check parallel == online (0: off)
     batch_size: int = 16
-    n_tok: int = 2  # the training-free budget at step t: n_tok * t, plus one when CCM-concat keeps a sink slot
+    n_tok: int = 2  # the training-free budget at step t: n_tok * t, + 1 for CCM-concat's sink (with a raw tail: its
+    # slots for each unit, the tail's tokens included)
     kvpress_python: str | None = None
     device: str | None = None
     generate: bool = True  # suites that can (recall) also score greedy replies by exact match

@@ -94,6 +94,8 @@ class Engine:
             raise InputError("the server needs a model attached with its tokenizer")
         if full_history and ccm.config.merging:
             raise InputError("a full-history server needs a concat model (a merge memory averages its slots)")
+        if full_history and ccm.config.raw_tail:
+            raise InputError("a full-history server keeps every message raw already: leave out --raw-tail")
         self.full_history = full_history
         self.ccm, self.tok, self.store = ccm, ccm.tokenizer, store
         self.limits, self.hot_bytes, self.model_name = limits or Limits(), hot_bytes, model_name
@@ -120,10 +122,13 @@ class Engine:
             try:
                 session.load(self.store.path(meta))
             except IncompatibleError as e:
+                if not e.fields:  # another base model or file format: the library's message names the fix
+                    raise
                 how = "the --raw-tail" if e.fields == ("raw_tail",) else "the adapter and --raw-tail"
-                raise IncompatibleError(
-                    f"session {sid!r} was saved by a server that read its adapter otherwise ({e}); serve it with "
-                    f"{how} it was saved with, or DELETE /v1/sessions/{sid} to start it anew", e.fields) from e
+                raise IncompatibleError(  # the fields, not the library's message: that names the server's file path
+                    f"session {sid!r} was saved with another compression config ({', '.join(e.fields)} differ); "
+                    f"serve it with {how} it was saved with, or DELETE /v1/sessions/{sid} to start it anew",
+                    e.fields) from e
         self.hot[key] = (session, meta)
         return session, meta
 
@@ -151,7 +156,7 @@ class Engine:
             session.load(path)
             old = self.store.get(owner, sid)
             meta = SessionMeta(owner, sid, created=old.created if old else time.time())
-            meta.turns = int(session.memory.steps[0])
+            meta.turns = int(session.memory.steps[0]) + len(session.memory.tail[0])  # compressed + raw tail
             self._count(session, meta)
             self.store.save(meta, session)
             self.hot[(owner, sid)] = (session, meta)

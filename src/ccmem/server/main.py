@@ -43,10 +43,13 @@ def build(args: argparse.Namespace):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local folder or a hub id")
     p.add_argument("--adapter", default=None, help="adapter folder (default: adapters/general-chat)")
-    p.add_argument("--raw-tail", type=int, default=None,
-                   help="keep each session's K newest messages as raw keys/values, compressing a message only when it "
-                        "leaves the tail (default: the adapter's own; `ccmem chat` reads the shipped adapter with 1). "
-                        "A stored session is served only with the tail it was saved with")
+    from ..cli import _chunks
+
+    p.add_argument("--raw-tail", type=_chunks, default=None,
+                   help="keep each session's K newest messages raw (their tokens, re-read in front of every request), "
+                        "compressing a message only when it leaves the tail (default: the adapter's own; `ccmem chat` "
+                        "reads the shipped adapter with 1). A stored session is served only with the tail it was "
+                        "saved with")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--data-dir", default=None, help="session store (default: ~/.cache/ccmem/server)")
