@@ -228,6 +228,8 @@ def test_a_tail_server_keeps_the_newest_message_raw_and_a_server_without_it_refu
     e.chat("o", "s", [U1], max_new_tokens=4, temperature=0)
     mem = e.hot[("o", "s")][0].memory
     assert mem.tail_tokens()[0] > 0 and mem.num_slots == N_TOK  # one message compressed, one raw
+    e.hot[("o", "s")][0].save(tmp_path / "m.safetensors")
+    assert e.import_memory("o", "copy", str(tmp_path / "m.safetensors")).turns == 2  # the raw reply counts as a turn
     e.store.close()
     e = make_engine(tmp_path / "store", raw_tail=1)
     assert e.chat("o", "s", [U2], max_new_tokens=4, temperature=0).session.turns == 4

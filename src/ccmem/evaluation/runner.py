@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.episode import Episode
-from .core import Budget, bytes_per_slot, context_slots, option_logliks, per_unit
+from .core import Budget, bytes_per_slot, option_logliks, per_unit
 from .methods import Compressed, Method, NoContext, Press, control, flat, variant_view
 from .suites import Group, Scores, Suite
 
@@ -181,19 +181,19 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
     methods = methods_for(cfg)
     if cfg.control:  # every CCM adapter once more, on another context's memory (other_context)
         methods += [control(m) for m in list(methods) if m.kind == "trained" and m.name.startswith("ccm_")]
-    sink, tail = 0, 0  # CCM-concat's sink slot (one token more at equal KV) and raw tail (its turns' tokens more)
+    sink = 0  # CCM-concat's sink slot: with one, equal KV gives the training-free methods one token more
     for name, path in cfg.adapters.items():
         if name == "ccm_concat":  # the training-free budget follows CCM-concat's n_tok
             _, header = CompressedModel.read_adapter(path)
             cfg.n_tok, sink = header["compression"]["n_tok"], int(bool(header["compression"].get("sink")))
-            tail = cfg.raw_tails.get(name, header["compression"].get("raw_tail", 0))
     ts = list(suite.ts)
     groups = {t: suite.groups(t) for t in ts}
     other = {t: other_context(groups[t]) for t in ts} if cfg.control else {}
-    # equal KV: CCM-concat's slots, so with a raw tail each unit's own (the tail's turns count with their tokens)
+    # equal KV: CCM-concat's slots; read with a raw tail, each unit's own (the tail's turns count with their tokens)
+    ccm_concat = next((m for m in methods if m.name == "ccm_concat" and isinstance(m, Compressed) and m.raw_tail), None)
     budgets: dict[int, Budget] = {
-        t: [context_slots(Episode(g.chunks, [], []), "concat", cfg.n_tok, tail, bool(sink)) for g in groups[t]]
-        if tail else cfg.n_tok * suite.steps(t) + sink for t in ts}
+        t: [ccm_concat.slots(g.chunks, cfg.n_tok, 0) for g in groups[t]] if ccm_concat
+        else cfg.n_tok * suite.steps(t) + sink for t in ts}
     mode = cfg.mode if cfg.mode != "auto" else (
         "parallel" if all(len(g.queries) == 1 for g in groups[ts[0]]) else "online")
     scores: dict[tuple[str, int], Scores] = {}
