@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .data.scripts import SOURCES as SCRIPT_SOURCES
+from .data.scripts import DIALOG_CHOICES
 
 
 def _demo_tiny(args: argparse.Namespace) -> int:
@@ -216,9 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--control", action="store_true",
                    help="also score each CCM adapter on another context's memory (<name>_other): what its memory of "
                         "the right context adds beyond what the adapter gives any context")
-    e.add_argument("--dialogs", default="chitchat", choices=["chitchat", *SCRIPT_SOURCES],
-                   help="chitchat and recall suites: the chit-chat test split (default), or a held-out dialog domain "
-                        "no adapter trains on: office (The Office transcripts) or shakespeare (the plays)")
+    e.add_argument("--dialogs", default="chitchat", choices=DIALOG_CHOICES,
+                   help="chitchat and recall suites: the chit-chat test split (default), or a held-out dialog domain: "
+                        "office (The Office transcripts, never trained on) or shakespeare (the plays); "
+                        "shakespeare:test / office:test read only the held-out quarter of plays / episodes, for "
+                        "adapters trained on the other plays (recipe data part source: script)")
     e.add_argument("--facts", type=int, default=1,
                    help="recall suite: facts stated together in the fact turn, one of them asked (1-3; more facts "
                         "per turn is a harder test of what the memory holds)")

@@ -97,8 +97,15 @@ def adapter_dialog_format(path: str | Path) -> str | None:
     no recipe or no dialog data."""
     data = adapter_data(path)
     parts = data.get("parts") or [data]
-    found = {p.get("format", "plain") for p in parts if p.get("source") in ("chitchat", "recall")}
+    found = {p.get("format", "plain") for p in parts if p.get("source") in ("chitchat", "recall", "script")}
     return None if not found else "template" if found == {"template"} else "plain"
+
+
+def adapter_scripts(path: str | Path) -> set[str]:
+    """The script sources (``shakespeare``) whose training plays an adapter's recipe trained on: a dialog suite must
+    then read only their held-out plays (``<source>:test``)."""
+    data = adapter_data(path)
+    return {p.get("name") for p in data.get("parts") or [data] if p.get("source") == "script"}
 
 
 def chitchat_splits(tok: Any, data_cfg: dict) -> tuple[dict, Any]:
@@ -111,6 +118,30 @@ def chitchat_splits(tok: Any, data_cfg: dict) -> tuple[dict, Any]:
     kept = [d for d in dialogs if all(len(plain.turn(0, t)) <= limit for t in d.turns)]
     report["turn over max_turn_tokens"] += len(dialogs) - len(kept)
     return split_dialogs(kept, seed=data_cfg.get("split_seed", 0)), fmt, report
+
+
+def script_data(tok: Any, d: dict, seed: int):
+    """``source: script``: two-party runs of drama (``name: shakespeare``), the training plays of its split by play,
+    so that the dialog suites' ``shakespeare:test`` plays stay unseen; cut and rendered as chit-chat is (``format``,
+    ``cut``, ``max_turn_tokens``, ``split_seed``; ``eval_dialogs`` validation runs, from the validation plays)."""
+    from collections import Counter
+
+    from .data import DialogEpisodes
+    from .data.scripts import SOURCES as SCRIPTS
+    from .data.scripts import TRAINABLE, script_splits
+
+    name = d.get("name")
+    if name not in TRAINABLE:
+        why = ("held out of training: its transcripts are for evaluation only" if name in SCRIPTS
+               else f"not a script source (of {list(SCRIPTS)})")
+        raise ConfigError(f"data.name {name!r} of a script part is {why}; trainable: {list(TRAINABLE)}")
+    fmt = dialog_format(tok, d)
+    splits = script_splits(name, tok, d.get("max_turn_tokens", 128), d.get("split_seed", 0))
+    train = DialogEpisodes(splits["train"], fmt, seed=seed, cut=d.get("cut", "uniform"))
+    val = [fmt.episode(x, len(x.turns)) for x in splits["validation"] if len(x.turns) >= 3][: d.get("eval_dialogs", 16)]
+    report = Counter({f"{k} runs": len(v) for k, v in splits.items()})
+    report["train runs of >= 3 turns"] = len(train)
+    return train, val, report
 
 
 def text_data(tok: Any, d: dict, seed: int):
@@ -198,6 +229,8 @@ def build_data(tok: Any, d: dict, seed: int):
         val_src = RecallEpisodes(splits["validation"], fmt, seed=seed + 1, **val_kw)
         val = [val_src.get(i) for i in range(min(len(val_src), d.get("eval_episodes", 32)))]
         return train, val, report
+    if source == "script":
+        return script_data(tok, d, seed)
     if source == "text":
         return text_data(tok, d, seed)
     if source == "icl":
@@ -233,7 +266,8 @@ def build_data(tok: Any, d: dict, seed: int):
     raise ConfigError(f"unknown data source {source!r}; known: {', '.join(SOURCES)}")
 
 
-SOURCES = ("chitchat", "recall", "text", "icl", "jsonl", "dailydialog", "soda", "metaicl", "lamp", "episodes", "mix")
+SOURCES = ("chitchat", "recall", "script", "text", "icl", "jsonl", "dailydialog", "soda", "metaicl", "lamp", "episodes",
+           "mix")
 
 
 def episode_file_data(tok: Any, d: dict, seed: int):

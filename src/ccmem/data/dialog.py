@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,13 +130,15 @@ class DialogEpisodes:
         return self.fmt.episode(d, k)
 
 
-def split_dialogs(dialogs: Sequence[Dialog], seed: int = 0, test: float = 0.1, val: float = 0.05
-                  ) -> dict[str, list[Dialog]]:
+def split_dialogs(dialogs: Sequence[Dialog], seed: int = 0, test: float = 0.1, val: float = 0.05,
+                  group: Callable[[Dialog], str] | None = None) -> dict[str, list[Dialog]]:
     """Split by conversation id with a seeded hash, so a conversation never crosses splits and the split does not
-    depend on the order or number of dialogs."""
+    depend on the order or number of dialogs. ``group`` maps a dialog to the unit that is split instead (a play, an
+    episode): dialogs of one group land in one split, so a held-out group's characters and plot stay unseen."""
     out: dict[str, list[Dialog]] = {"train": [], "validation": [], "test": []}
     for d in dialogs:
-        u = int(hashlib.sha256(f"{seed}:{d.id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        key = d.id if group is None else group(d)
+        u = int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
         out["test" if u < test else "validation" if u < test + val else "train"].append(d)
     return out
 

@@ -11,6 +11,10 @@ A memory trained on chit-chat must not hurt on conversation of another kind. Two
 Both are cut into **two-party runs**: maximal stretches of a scene in which two speakers alternate, consecutive lines
 of one speaker merged into one turn, a turn over ``max_turn_tokens`` ending the run. A run is one
 :class:`~ccmem.data.Dialog`, so every suite that reads dialogs reads these the same way.
+
+A suite reads every run of a source (for adapters that never trained on it) or, as ``<source>:test``, only the runs of
+its held-out quarter of plays / episodes (:func:`script_splits`): the plays may be trained on (recipe data part
+``source: script``), the remaining plays then stay unseen. The Office never is (:data:`TRAINABLE`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,14 @@ from .dialog import Dialog, DialogFormat
 OFFICE_ARCHIVE = "schrutepy-0.1.3.tar.gz"
 OFFICE_MEMBER = "schrutepy-0.1.3/data/schrute.csv"
 SOURCES = ("office", "shakespeare")
+# Sources a recipe may train on: the plays are public domain. The Office transcripts are fan transcripts for
+# evaluation only (adapter weights are shipped), so that domain stays held out of every training run.
+TRAINABLE = ("shakespeare",)
+# A script source is split by work (play or episode), a quarter of the works held out for testing: the held-out
+# plays stay unseen by a recipe that trains on the others (``<source>:test`` in the dialog suites).
+TEST_SHARE, VAL_SHARE = 0.25, 0.05
+SPLITS = ("train", "validation", "test")
+DIALOG_CHOICES = ("chitchat", *SOURCES, *(f"{s}:test" for s in SOURCES))
 
 
 def data_dir() -> Path:
@@ -169,6 +181,30 @@ def script_dialogs(source: str, tokenizer: Any = None, max_turn_tokens: int = 12
     archive = data_dir() / OFFICE_ARCHIVE if source == "office" else None
     stamp = archive.stat().st_mtime_ns if archive is not None and archive.exists() else None
     return list(_dialogs(tokenizer, max_turn_tokens, min_turns, source, archive, stamp))
+
+
+def work_of(dialog: Dialog) -> str:
+    """The play (``shakespeare:hamlet``) or episode (``office:s03e07``) of a run: the unit a split keeps whole."""
+    return ":".join(dialog.id.split(":")[:2])
+
+
+def script_splits(source: str, tokenizer: Any = None, max_turn_tokens: int = 128, split_seed: int = 0
+                  ) -> dict[str, list[Dialog]]:
+    """The runs of a source split by whole plays / episodes (seeded hash of the work: a quarter for test, a
+    twentieth for validation), so a recipe can train on some plays and be scored on plays it never saw."""
+    from .dialog import split_dialogs
+
+    return split_dialogs(script_dialogs(source, tokenizer, max_turn_tokens), seed=split_seed, test=TEST_SHARE,
+                         val=VAL_SHARE, group=work_of)
+
+
+def parse_dialogs(name: str) -> tuple[str, str | None]:
+    """``chitchat``, ``<source>`` (every run of a script source) or ``<source>:test`` (its held-out plays or episodes
+    only) -> (source, split or None); anything else is refused with the names that work."""
+    if name not in DIALOG_CHOICES:
+        raise ValueError(f"unknown dialogs {name!r}; choose one of: {', '.join(DIALOG_CHOICES)}")
+    source, _, split = name.partition(":")
+    return source, split or None
 
 
 @functools.lru_cache(maxsize=8)

@@ -453,15 +453,13 @@ def build_suite(suite: str, tok: Any, limit: int | None, ts: list[int] | None, f
     """A named suite on ``tok`` (``limit``: dialogs, items per task or facts per distance; ``format``: how the
     dialog suites render turns, ``plain`` or ``template``; ``facts``: facts stated per fact turn, recall only;
     ``dialogs``: where the dialog suites take their dialogs, ``chitchat`` or a held-out script source)."""
-    from ..data.scripts import SOURCES as SCRIPT_SOURCES
+    from ..data.scripts import parse_dialogs
 
     if facts != 1 and suite != "recall":
         raise ValueError(f"facts per turn is an option of the recall suite, not of {suite!r}; leave it at 1")
     if dialogs != "chitchat" and suite not in ("chitchat", "recall"):
         raise ValueError(f"--dialogs is an option of the chitchat and recall suites, not of {suite!r}")
-    if dialogs not in ("chitchat", *SCRIPT_SOURCES):
-        raise ValueError(f"unknown dialogs {dialogs!r}; choose chitchat or a held-out domain: "
-                         f"{', '.join(SCRIPT_SOURCES)}")
+    parse_dialogs(dialogs)
     if suite == "chitchat":
         from .suites import ChitchatSuite
 
@@ -474,6 +472,17 @@ def build_suite(suite: str, tok: Any, limit: int | None, ts: list[int] | None, f
     from .suites import IclSuite
 
     return IclSuite(tok, items=limit or 100, **({"ts": ts} if ts else {}))
+
+
+def seen_domain(adapters: dict[str, str], dialogs: str) -> None:
+    """Refuse to score an adapter on every run of a script source whose training plays its recipe trained on: those
+    numbers would mix seen plays with unseen ones. ``<source>:test`` reads the held-out plays only."""
+    from ..recipe import adapter_scripts
+
+    seen = sorted(k for k, v in adapters.items() if dialogs in adapter_scripts(v))
+    if seen:
+        raise ValueError(f"{', '.join(seen)} trained on the training plays of {dialogs!r}; score on its held-out "
+                         f"plays with --dialogs {dialogs}:test")
 
 
 def dialog_format_of(adapters: dict[str, str], format: str, suite: str) -> tuple[str, list[str]]:
@@ -508,7 +517,8 @@ def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str 
     ``format``: how the dialog suites render turns; ``auto`` takes the format the adapters were trained on
     (:func:`ccmem.recipe.adapter_dialog_format`; ``plain`` when none says), so an adapter is scored on its own text.
     ``facts``: the recall suite with that many facts stated in the fact turn, one of them asked. ``dialogs``: the
-    dialog suites on a held-out domain (:mod:`ccmem.data.scripts`) instead of the chit-chat test split."""
+    dialog suites on a held-out domain (:mod:`ccmem.data.scripts`; ``<source>:test``: its held-out plays only)
+    instead of the chit-chat test split."""
     from ..models import load_tokenizer
 
     t0 = time.perf_counter()
@@ -525,6 +535,7 @@ def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str 
     cfg_kw.setdefault("base_adapter", d["base_adapter"])
     cfg = EvalConfig(adapters=present,
                      peers={k: v for k, v in d["peers"].items() if v in present}, **cfg_kw)
+    seen_domain(present, dialogs)
     tok = load_tokenizer(cfg.model)
     format, format_notes = dialog_format_of(present, format, suite)
     notes += format_notes

@@ -61,22 +61,28 @@ class Suite:
 
 def _dialog_pool(tokenizer: Any, source: str, split_seed: int, format: str, splits: Sequence[str]
                  ) -> tuple[list[Any], Any]:
-    """(held-out dialogs, their format): the named splits of the chit-chat corpus, or every dialog of a script
-    source (:mod:`ccmem.data.scripts`: no adapter trains on those, so all of it is held out)."""
+    """(held-out dialogs, their format): the named splits of the chit-chat corpus, every dialog of a script source
+    (:mod:`ccmem.data.scripts`, for adapters that never trained on it), or, as ``<source>:test``, the runs of its
+    held-out plays / episodes only (split seed 0, as a recipe's script part splits them)."""
+    from ..data.scripts import parse_dialogs, script_dialogs, script_splits
     from ..recipe import chitchat_splits, dialog_format
 
     cfg = {"split_seed": split_seed, "max_turn_tokens": 128, "format": format}
     if source == "chitchat":
         parts, fmt, _ = chitchat_splits(tokenizer, cfg)
         return [d for s in splits for d in parts[s]], fmt
-    from ..data.scripts import script_dialogs
-
-    return script_dialogs(source, tokenizer, max_turn_tokens=128), dialog_format(tokenizer, cfg)
+    name, split = parse_dialogs(source)
+    if split is not None:
+        return script_splits(name, tokenizer, max_turn_tokens=128)[split], dialog_format(tokenizer, cfg)
+    return script_dialogs(name, tokenizer, max_turn_tokens=128), dialog_format(tokenizer, cfg)
 
 
 def _pool_name(source: str, split: str, split_seed: int) -> str:
     if source == "chitchat":
         return f"chit-chat {split} (split seed {split_seed})"
+    if source.endswith(":test"):
+        return (f"{source.removesuffix(':test')} two-party runs of the held-out quarter of plays / episodes "
+                "(ccmem.data.scripts.script_splits, split seed 0)")
     return f"{source} two-party runs (a held-out dialog domain: ccmem.data.scripts)"
 
 
