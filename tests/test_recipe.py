@@ -277,3 +277,22 @@ def test_warm_start_totals_of_the_general_chat_start():
     init = load_recipe("configs/general_chat.yaml")["init_adapter"]
     start = with_warm_start({"trained_samples": 0, "trained_tokens": 0}, init)["warm_start"]
     assert start["steps"] == 900 and start["trained_samples"] == 7200 and start["trained_tokens"] > 1_000_000
+
+
+def test_plays_recipe_adds_the_training_plays_to_the_general_mix(tmp_path, tiny_folder):
+    """configs/general_chat_plays.yaml: general_chat.yaml's mix and compression plus Shakespeare's training plays,
+    warm-started from the general adapter; its script part trains end to end through `ccmem train`."""
+    from ccmem.recipe import load_recipe
+
+    plays, plain = load_recipe("configs/general_chat_plays.yaml"), load_recipe("configs/general_chat.yaml")
+    assert plays["compression"] == plain["compression"] and plays["init_adapter"] == "adapters/general-chat"
+    extra = [p for p in plays["data"]["parts"] if p not in plain["data"]["parts"]]
+    assert [p["source"] for p in extra] == ["script"] and extra[0]["name"] == "shakespeare"
+    assert len(plays["data"]["parts"]) == len(plain["data"]["parts"]) + 1
+    assert main(["train", "configs/general_chat_plays.yaml", f"model={tiny_folder}", "train.grad_accum=1",
+                 "train.max_steps=2", "train.warmup_ratio=0", "train.mixed_precision=no", "init_adapter=null",
+                 "data={source: script, name: shakespeare, format: template, eval_dialogs: 2}",  # one part: fast
+                 f"train.output_dir={tmp_path}/run", f"output={tmp_path}/out", "--device", "cpu"]) == 0
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["data_report"]["train runs of >= 3 turns"] > 2000
+    assert summary["validation_dialogs"] == 2

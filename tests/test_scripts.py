@@ -9,7 +9,15 @@ import tarfile
 import pytest
 
 from ccmem.data import scripts
-from ccmem.data.scripts import merge_turns, office_scenes, play_scenes, script_dialogs, two_party_runs
+from ccmem.data.scripts import (
+    merge_turns,
+    office_scenes,
+    play_scenes,
+    script_dialogs,
+    script_splits,
+    two_party_runs,
+    work_of,
+)
 from ccmem.models import load_tokenizer
 
 
@@ -79,6 +87,65 @@ def test_dialog_suites_read_a_held_out_domain(tok):
         build_suite("icl", tok, 2, None, dialogs="office")
     with pytest.raises(ValueError, match="held-out domain"):
         build_suite("chitchat", tok, 2, None, dialogs="friends")
+
+
+def test_split_by_work_keeps_a_play_in_one_split():
+    from ccmem.data import Dialog, split_dialogs
+
+    ds = [Dialog(f"src:{w}:{i}", ("a", "b", "c")) for w in "abcdefghijklmnop" for i in range(5)]
+    by_work = split_dialogs(ds, test=0.3, val=0.2, group=work_of)
+    where = {d.id: k for k, v in by_work.items() for d in v}
+    assert len(where) == len(ds)
+    for w in "abcdefghijklmnop":  # all five runs of a play land together
+        assert len({where[f"src:{w}:{i}"] for i in range(5)}) == 1
+    assert len({k for k in where.values()}) == 3  # and the works do spread over the three splits
+    by_run = split_dialogs(ds, test=0.3, val=0.2)  # without a group, runs of one play scatter
+    where = {d.id: k for k, v in by_run.items() for d in v}
+    assert any(len({where[f"src:{w}:{i}"] for i in range(5)}) > 1 for w in "abcdefghijklmnop")
+
+
+def test_held_out_plays_are_what_shakespeare_test_reads(tok):
+    from ccmem.evaluation.runner import build_suite
+
+    sp = script_splits("shakespeare", tok)
+    works = {k: {work_of(d) for d in v} for k, v in sp.items()}
+    assert not works["train"] & works["test"] and not works["train"] & works["validation"]
+    assert not works["test"] & works["validation"]
+    assert sum(len(v) for v in sp.values()) == len(script_dialogs("shakespeare", tok))
+    assert 6 <= len(works["test"]) <= 14  # about a quarter of the plays
+    assert sum(len(d.turns) >= 14 for d in sp["test"]) >= 40  # enough for the chit-chat suite at t = 12
+    chat = build_suite("chitchat", tok, 40, [12], dialogs="shakespeare:test")
+    assert len(chat.dialogs) == 40 and {work_of(d) for d in chat.dialogs} <= works["test"]
+    assert chat.describe()["dialogs_from"] == "shakespeare:test"
+    with pytest.raises(ValueError, match="held-out domain"):
+        build_suite("chitchat", tok, 2, None, dialogs="chitchat:test")
+
+
+def test_a_recipe_trains_on_the_training_plays_only(tok, tmp_path):
+    from ccmem.errors import ConfigError
+    from ccmem.evaluation.runner import seen_domain
+    from ccmem.recipe import adapter_dialog_format, build_data
+
+    part = {"source": "script", "name": "shakespeare", "format": "template", "eval_dialogs": 4}
+    train, val, report = build_data(tok, part, 0)
+    train_works = {work_of(d) for d in train.dialogs}
+    sp = script_splits("shakespeare", tok)
+    assert train_works == {work_of(d) for d in sp["train"]} and all(len(d.turns) >= 3 for d in train.dialogs)
+    assert len(val) == 4 and report["train runs of >= 3 turns"] == len(train)
+    ep = train.get(0)
+    assert "<|im_start|>" in tok.decode(ep.chunks[0])  # rendered in the chat template, as the recipe asked
+    with pytest.raises(ConfigError, match="held out of training"):
+        build_data(tok, {**part, "name": "office"}, 0)
+    with pytest.raises(ConfigError, match="not a script source"):
+        build_data(tok, {**part, "name": "friends"}, 0)
+    # an adapter whose recipe trained on the plays may be scored on the held-out plays, not on all of them
+    (tmp_path / "recipe.yaml").write_text("data: {source: mix, parts: [{source: script, name: shakespeare, "
+                                          "format: template}]}\n")
+    assert adapter_dialog_format(tmp_path) == "template"
+    with pytest.raises(ValueError, match="--dialogs shakespeare:test"):
+        seen_domain({"ccm_concat": str(tmp_path)}, "shakespeare")
+    seen_domain({"ccm_concat": str(tmp_path)}, "shakespeare:test")
+    seen_domain({"ccm_concat": str(tmp_path)}, "office")
 
 
 def test_missing_or_corrupt_office_archive_says_how_to_fix(tmp_path, monkeypatch):

@@ -202,7 +202,8 @@ def parse_dialogs(name: str) -> tuple[str, str | None]:
     """``chitchat``, ``<source>`` (every run of a script source) or ``<source>:test`` (its held-out plays or episodes
     only) -> (source, split or None); anything else is refused with the names that work."""
     if name not in DIALOG_CHOICES:
-        raise ValueError(f"unknown dialogs {name!r}; choose one of: {', '.join(DIALOG_CHOICES)}")
+        raise ValueError(f"unknown dialogs {name!r}; choose chitchat or a held-out domain: "
+                         f"{', '.join(DIALOG_CHOICES[1:])}")
     source, _, split = name.partition(":")
     return source, split or None
 
