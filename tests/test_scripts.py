@@ -121,10 +121,9 @@ def test_held_out_plays_are_what_shakespeare_test_reads(tok):
         build_suite("chitchat", tok, 2, None, dialogs="chitchat:test")
 
 
-def test_a_recipe_trains_on_the_training_plays_only(tok, tmp_path):
+def test_a_recipe_trains_on_the_training_plays_only(tok):
     from ccmem.errors import ConfigError
-    from ccmem.evaluation.runner import seen_domain
-    from ccmem.recipe import adapter_dialog_format, build_data
+    from ccmem.recipe import build_data
 
     part = {"source": "script", "name": "shakespeare", "format": "template", "eval_dialogs": 4}
     train, val, report = build_data(tok, part, 0)
@@ -138,14 +137,37 @@ def test_a_recipe_trains_on_the_training_plays_only(tok, tmp_path):
         build_data(tok, {**part, "name": "office"}, 0)
     with pytest.raises(ConfigError, match="not a script source"):
         build_data(tok, {**part, "name": "friends"}, 0)
-    # an adapter whose recipe trained on the plays may be scored on the held-out plays, not on all of them
-    (tmp_path / "recipe.yaml").write_text("data: {source: mix, parts: [{source: script, name: shakespeare, "
-                                          "format: template}]}\n")
-    assert adapter_dialog_format(tmp_path) == "template"
-    with pytest.raises(ValueError, match="--dialogs shakespeare:test"):
-        seen_domain({"ccm_concat": str(tmp_path)}, "shakespeare")
-    seen_domain({"ccm_concat": str(tmp_path)}, "shakespeare:test")
-    seen_domain({"ccm_concat": str(tmp_path)}, "office")
+    with pytest.raises(ConfigError, match="remove split_seed"):  # another seed would train on held-out plays
+        build_data(tok, {**part, "split_seed": 1}, 0)
+
+
+def test_an_adapter_that_saw_the_plays_is_scored_on_the_held_out_plays_only(tmp_path):
+    from ccmem.evaluation.runner import run_named, seen_domain
+    from ccmem.recipe import adapter_scripts
+
+    plays = tmp_path / "plays"
+    plays.mkdir()
+    (plays / "adapter.safetensors").write_bytes(b"")  # present as far as the runner's check goes; never loaded
+    (plays / "recipe.yaml").write_text("data: {source: mix, parts: [{source: mix, parts: [{source: script, "
+                                       "name: shakespeare, format: template}]}]}\n")  # a mix within a mix
+    assert adapter_scripts(plays) == {"shakespeare"}
+    later = tmp_path / "later"  # a run warm-started from it, with no script part of its own
+    later.mkdir()
+    (later / "recipe.yaml").write_text(f"init_adapter: {plays}\ndata: {{source: chitchat}}\n")
+    folded = tmp_path / "folded"  # an adapter that folds it in as its stage 1
+    (folded / "stage1").mkdir(parents=True)
+    (folded / "stage1" / "recipe.yaml").write_text((plays / "recipe.yaml").read_text())
+    assert adapter_scripts(later) == adapter_scripts(folded) == {"shakespeare"}
+    for frontier in (False, True):
+        with pytest.raises(ValueError, match="--dialogs shakespeare:test"):
+            run_named("chitchat", out_dir=tmp_path, adapters={"ccm_concat": str(plays)}, dialogs="shakespeare",
+                      frontier=frontier)
+    with pytest.raises(ValueError, match="base adapter"):
+        run_named("recall", out_dir=tmp_path, adapters={}, dialogs="shakespeare", base_adapter=str(folded))
+    seen_domain({"ccm_concat": str(later)}, "shakespeare:test")
+    seen_domain({"ccm_concat": str(later)}, "office")
+    with pytest.raises(ValueError, match="ccm_concat"):
+        seen_domain({"ccm_concat": str(later), "gist": str(tmp_path)}, "shakespeare")
 
 
 def test_missing_or_corrupt_office_archive_says_how_to_fix(tmp_path, monkeypatch):

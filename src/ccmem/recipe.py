@@ -101,11 +101,33 @@ def adapter_dialog_format(path: str | Path) -> str | None:
     return None if not found else "template" if found == {"template"} else "plain"
 
 
+def _script_names(data: dict) -> set[str]:
+    if data.get("source") == "script":
+        return {data.get("name")}
+    return {n for p in data.get("parts") or [] if isinstance(p, dict) for n in _script_names(p)}
+
+
 def adapter_scripts(path: str | Path) -> set[str]:
-    """The script sources (``shakespeare``) whose training plays an adapter's recipe trained on: a dialog suite must
-    then read only their held-out plays (``<source>:test``)."""
-    data = adapter_data(path)
-    return {p.get("name") for p in data.get("parts") or [data] if p.get("source") == "script"}
+    """The script sources (``shakespeare``) whose training plays an adapter's weights saw: its recipe's data (mixes
+    within mixes too) and those of the adapters its run started from (``init_adapter``) or folds in
+    (``base_adapter``, a ``stage1/`` folder), as far as their folders are here. A dialog suite must then read only
+    their held-out plays (``<source>:test``)."""
+    found: set[str] = set()
+    todo, seen = [Path(path)], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        if (p / "stage1").is_dir():
+            todo.append(p / "stage1")
+        f = recipe_file(p)
+        if f is None:
+            continue
+        cfg = yaml.safe_load(f.read_text()) or {}
+        found |= _script_names(cfg.get("data") or {})
+        todo += [Path(cfg[k]) for k in ("init_adapter", "base_adapter") if cfg.get(k)]
+    return found
 
 
 def chitchat_splits(tok: Any, data_cfg: dict) -> tuple[dict, Any]:
@@ -120,23 +142,27 @@ def chitchat_splits(tok: Any, data_cfg: dict) -> tuple[dict, Any]:
     return split_dialogs(kept, seed=data_cfg.get("split_seed", 0)), fmt, report
 
 
-def script_data(tok: Any, d: dict, seed: int):
+def script_data(tok: Any, d: dict, seed: int) -> tuple[Any, list[Any], Any]:
     """``source: script``: two-party runs of drama (``name: shakespeare``), the training plays of its split by play,
     so that the dialog suites' ``shakespeare:test`` plays stay unseen; cut and rendered as chit-chat is (``format``,
-    ``cut``, ``max_turn_tokens``, ``split_seed``; ``eval_dialogs`` validation runs, from the validation plays)."""
+    ``cut``, ``max_turn_tokens``; ``eval_dialogs`` validation runs, from the validation plays). The split seed is
+    fixed (:data:`ccmem.data.scripts.SPLIT_SEED`): the evaluation's held-out plays are those of that seed."""
     from collections import Counter
 
     from .data import DialogEpisodes
     from .data.scripts import SOURCES as SCRIPTS
-    from .data.scripts import TRAINABLE, script_splits
+    from .data.scripts import SPLIT_SEED, TRAINABLE, script_splits
 
     name = d.get("name")
     if name not in TRAINABLE:
         why = ("held out of training: its transcripts are for evaluation only" if name in SCRIPTS
                else f"not a script source (of {list(SCRIPTS)})")
         raise ConfigError(f"data.name {name!r} of a script part is {why}; trainable: {list(TRAINABLE)}")
+    if d.get("split_seed", SPLIT_SEED) != SPLIT_SEED:
+        raise ConfigError(f"a script part splits its plays with seed {SPLIT_SEED} only (another seed would train on "
+                          f"the plays --dialogs {name}:test holds out); remove split_seed from the part")
     fmt = dialog_format(tok, d)
-    splits = script_splits(name, tok, d.get("max_turn_tokens", 128), d.get("split_seed", 0))
+    splits = script_splits(name, tok, d.get("max_turn_tokens", 128))
     train = DialogEpisodes(splits["train"], fmt, seed=seed, cut=d.get("cut", "uniform"))
     val = [fmt.episode(x, len(x.turns)) for x in splits["validation"] if len(x.turns) >= 3][: d.get("eval_dialogs", 16)]
     report = Counter({f"{k} runs": len(v) for k, v in splits.items()})

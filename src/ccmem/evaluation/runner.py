@@ -479,10 +479,11 @@ def seen_domain(adapters: dict[str, str], dialogs: str) -> None:
     numbers would mix seen plays with unseen ones. ``<source>:test`` reads the held-out plays only."""
     from ..recipe import adapter_scripts
 
-    seen = sorted(k for k, v in adapters.items() if dialogs in adapter_scripts(v))
+    seen = sorted(k for k, v in adapters.items() if v and dialogs in adapter_scripts(v))
     if seen:
-        raise ValueError(f"{', '.join(seen)} trained on the training plays of {dialogs!r}; score on its held-out "
-                         f"plays with --dialogs {dialogs}:test")
+        raise ValueError(f"{', '.join(seen)} trained on {dialogs}'s training plays (a recipe part source: script, "
+                         f"its own or that of an adapter it started from); score on the plays it never saw with "
+                         f"--dialogs {dialogs}:test")
 
 
 def dialog_format_of(adapters: dict[str, str], format: str, suite: str) -> tuple[str, list[str]]:
@@ -535,7 +536,7 @@ def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str 
     cfg_kw.setdefault("base_adapter", d["base_adapter"])
     cfg = EvalConfig(adapters=present,
                      peers={k: v for k, v in d["peers"].items() if v in present}, **cfg_kw)
-    seen_domain(present, dialogs)
+    seen_domain({**present, "base adapter": cfg.base_adapter}, dialogs)
     tok = load_tokenizer(cfg.model)
     format, format_notes = dialog_format_of(present, format, suite)
     notes += format_notes

@@ -63,7 +63,8 @@ def _dialog_pool(tokenizer: Any, source: str, split_seed: int, format: str, spli
                  ) -> tuple[list[Any], Any]:
     """(held-out dialogs, their format): the named splits of the chit-chat corpus, every dialog of a script source
     (:mod:`ccmem.data.scripts`, for adapters that never trained on it), or, as ``<source>:test``, the runs of its
-    held-out plays / episodes only (split seed 0, as a recipe's script part splits them)."""
+    held-out plays / episodes only (the fixed split a recipe's script part trains beside; ``splits`` and
+    ``split_seed`` name chit-chat splits and do not apply to scripts)."""
     from ..data.scripts import parse_dialogs, script_dialogs, script_splits
     from ..recipe import chitchat_splits, dialog_format
 
@@ -80,9 +81,12 @@ def _dialog_pool(tokenizer: Any, source: str, split_seed: int, format: str, spli
 def _pool_name(source: str, split: str, split_seed: int) -> str:
     if source == "chitchat":
         return f"chit-chat {split} (split seed {split_seed})"
-    if source.endswith(":test"):
-        return (f"{source.removesuffix(':test')} two-party runs of the held-out quarter of plays / episodes "
-                "(ccmem.data.scripts.script_splits, split seed 0)")
+    from ..data.scripts import parse_dialogs
+
+    name, part = parse_dialogs(source)
+    if part is not None:
+        return (f"{name} two-party runs of the held-out quarter of plays / episodes "
+                "(ccmem.data.scripts.script_splits)")
     return f"{source} two-party runs (a held-out dialog domain: ccmem.data.scripts)"
 
 
