@@ -59,6 +59,16 @@ def _memory_value(report: dict[str, Any], worst_t: int | None) -> str:
     return f"{row['margin']:.3g}{span} (t = {row['t']})"
 
 
+def _data(dialogs: str | None) -> str:
+    """Where a run's dialogs came from: its adapter's own split, a domain held out of all training, or the held-out
+    plays / episodes of a script source (``<source>:test``) whose other plays a recipe may have trained on."""
+    if dialogs in (None, "chitchat"):
+        return "own split"
+    if dialogs.endswith(":test"):
+        return f"held-out works: {dialogs}"
+    return f"held out: {dialogs}"
+
+
 def row_of(path: Path) -> dict[str, Any] | None:
     """A scoreboard row from one result file, or None for a file that is not a `ccmem eval` margin result."""
     try:
@@ -73,14 +83,13 @@ def row_of(path: Path) -> dict[str, Any] | None:
     if not (cfg.get("training_free") or cfg.get("presses") or cfg.get("peers")):
         return None  # references only (a checkpoint's check): its margin is over no context, not over a competitor
     ci, value = head.get("interval_95"), float(head["value"])
-    held_out = cfg.get("dialogs_from") not in (None, "chitchat")
     # the headline is the worst of the per-t margins the report keeps: its row names the t and the competitor
     rows = [r for r in report.get("margins") or [] if r.get("ccm") == "ccm_concat"]
     worst = min(rows, key=lambda r: abs(r["margin"] - value)) if rows else {}
     return {
         "name": report.get("name", path.stem),
         "suite": cfg["suite"],
-        "data": f"held out: {cfg['dialogs_from']}" if held_out else "own split",
+        "data": _data(cfg.get("dialogs_from")),
         "kind": "frontier" if report.get("per_step") is not None else "equal KV",
         "adapter": _adapter(cfg),
         "competitors": _competitors(cfg),

@@ -35,7 +35,7 @@ def test_rows_verdicts_and_what_is_left_out(tmp_path):
     _write(tmp_path, "frontier_b", -1.0, [-4.0, 2.0], (4, "window"), frontier=True,
            dialogs_from="office", raw_tails={"ccm_concat": 1})
     points = [{"t": 4, "method": m, "ppl": v} for m, v in (("ccm_concat", 40.0), ("ccm_concat_other", 43.5))]
-    _write(tmp_path, "run_d", 3.0, [1.0, 5.0], (4, "kvpress_kvzip"))
+    _write(tmp_path, "run_d", 3.0, [1.0, 5.0], (4, "kvpress_kvzip"), dialogs_from="shakespeare:test")
     d = json.loads((tmp_path / "run_d.json").read_text())
     d.pop("context_value")
     (tmp_path / "run_d.json").write_text(json.dumps({**d, "points": points, "per_step": [1, 2], "metric": "ppl",
@@ -46,6 +46,7 @@ def test_rows_verdicts_and_what_is_left_out(tmp_path):
     assert set(rows) == {"eval_a", "frontier_b", "run_d"}  # eval_c: references only; train_speed is no eval
     d = rows["run_d"]  # a frontier by its per-step budgets; its control is a point: 43.5 - 40.0, no interval
     assert (d["kind"], d["worst_against"], d["memory_value"]) == ("frontier", "kvpress_kvzip", "3.5 (t = 4)")
+    assert d["data"] == "held-out works: shakespeare:test"  # held-out plays of a source a recipe may train on
     a, b = rows["eval_a"], rows["frontier_b"]
     assert (a["verdict"], a["worst_t"], a["worst_against"], a["kind"]) == ("ahead", 8, "kvpress_snapkv", "equal KV")
     assert a["competitors"] == "window, kvpress snapkv" and a["data"] == "own split"
