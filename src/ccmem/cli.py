@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--dialogs", default="chitchat", choices=DIALOG_CHOICES,
                    help="chitchat and recall suites: the chit-chat test split (default), or a held-out dialog domain: "
                         "office (The Office transcripts, never trained on) or shakespeare (the plays); "
-                        "shakespeare:test / office:test read only the held-out quarter of plays / episodes, for "
-                        "adapters trained on the other plays (recipe data part source: script)")
+                        "shakespeare:test reads only the held-out quarter of the plays, for adapters trained on the "
+                        "other plays (recipe data part source: script)")
     e.add_argument("--facts", type=int, default=1,
                    help="recall suite: facts stated together in the fact turn, one of them asked (1-3; more facts "
                         "per turn is a harder test of what the memory holds)")
