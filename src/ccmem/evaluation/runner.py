@@ -291,6 +291,7 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
     margins = _margins(rows, methods, suite.metric, suite.higher_is_better)
     peak_margins = _margins(rows, methods, suite.metric, suite.higher_is_better, kv="peak_kv_kib")
     context = _context_value(rows, methods, suite.metric, suite.higher_is_better)
+    versus = _adapter_margins(rows, methods, suite.metric, suite.higher_is_better)
     if cfg.bootstrap:
         from .intervals import add_intervals, replicates
 
@@ -299,9 +300,11 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
         add_intervals(rows, margins, reps, suite.metric, suite.higher_is_better)
         add_intervals([], peak_margins, reps, suite.metric, suite.higher_is_better)
         add_intervals([], context, reps, suite.metric, suite.higher_is_better, other="control")
+        add_intervals([], versus, reps, suite.metric, suite.higher_is_better, other="other")
         if replicates_out is not None:
             replicates_out.update(reps)
     return {"rows": rows, "margins": margins, "peak_margins": peak_margins, "context_value": context,
+            "adapter_margins": versus,
             "agreement": agreement, "mode": mode,
             "notes": notes,
             "methods": [{"name": m.name, "label": m.label, "kind": m.kind, "adapter": m.adapter,
@@ -392,6 +395,25 @@ def _context_value(rows: list[dict], methods: list[Method], metric: str, higher:
             own, ctl = by[(t, c.peer)][metric], by[(t, c.name)][metric]
             out.append({"t": t, "ccm": c.peer, "control": c.name, "ccm_value": own, "control_value": ctl,
                         "margin": (own - ctl) if higher else (ctl - own)})
+    return out
+
+
+def _adapter_margins(rows: list[dict], methods: list[Method], metric: str, higher: bool) -> list[dict]:
+    """Per t: the main CCM-concat against every other CCM adapter of the run (``ccm_*``, controls aside; positive =
+    the main one better). Two adapters scored on the same units in one run are compared pairwise, replicate by
+    replicate, which two result files cannot do: this is how a new adapter is told apart from the one it may
+    replace."""
+    by = {(r["t"], r["method"]): r for r in rows}
+    if not any(m.name == "ccm_concat" for m in methods):
+        return []
+    others = [m.name for m in methods if m.kind == "trained" and m.name.startswith("ccm_") and m.name != "ccm_concat"]
+    out = []
+    for t in sorted({r["t"] for r in rows}):
+        main = by[(t, "ccm_concat")][metric]
+        for o in others:
+            v = by[(t, o)][metric]
+            out.append({"t": t, "ccm": "ccm_concat", "other": o, "ccm_value": main, "other_value": v,
+                        "margin": (main - v) if higher else (v - main)})
     return out
 
 
