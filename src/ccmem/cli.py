@@ -92,7 +92,8 @@ def _data_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _chunks(v: str) -> int:
+def turn_count(v: str) -> int:
+    """argparse type of `--raw-tail`: a number of turns >= 0 (shared by `ccmem chat` and `ccmem serve`)."""
     if not v.isdigit():
         raise argparse.ArgumentTypeError(f"{v!r}: give a number of turns >= 0")
     return int(v)
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--variant", default="concat", choices=["concat", "merge"])
     c.add_argument("--adapter", default=None, help="adapter folder or hub id (default: the shipped one)")
     c.add_argument("--device", default=None)
-    c.add_argument("--raw-tail", type=_chunks, default=None,
+    c.add_argument("--raw-tail", type=turn_count, default=None,
                    help="keep the newest K turns raw (verbatim key/values) and compress a turn when it leaves them "
                         "(default: 1 for the shipped general adapter, measured ahead of reading it without one; "
                         "the adapter's own for any other; 0: compress every turn)")

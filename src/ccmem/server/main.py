@@ -43,9 +43,9 @@ def build(args: argparse.Namespace):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local folder or a hub id")
     p.add_argument("--adapter", default=None, help="adapter folder (default: adapters/general-chat)")
-    from ..cli import _chunks
+    from ..cli import turn_count
 
-    p.add_argument("--raw-tail", type=_chunks, default=None,
+    p.add_argument("--raw-tail", type=turn_count, default=None,
                    help="keep each session's K newest messages raw (their tokens, re-read in front of every request), "
                         "compressing a message only when it leaves the tail (default: the adapter's own; `ccmem chat` "
                         "reads the shipped adapter with 1). A stored session is served only with the tail it was "
