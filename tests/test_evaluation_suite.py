@@ -307,18 +307,22 @@ def test_context_value_is_the_adapter_minus_its_control_with_a_paired_interval(a
 
 
 def test_adapter_margins_hand_checked(adapters):
-    """Lower-is-better metric: the main adapter at 40 ppl, another at 45 -> +5 for the main one; its control is no
-    adapter of its own and is left out; no main CCM-concat, no comparison."""
+    """Lower-is-better metric: the main adapter at 40 ppl, another CCM-concat at 45 -> +5 for the main one; its
+    control, a merge adapter and a Gisting baseline (other KV: they meet it in the equal-KV margins) are left out;
+    no main CCM-concat, no comparison."""
     from ccmem.evaluation.methods import control, trained
     from ccmem.evaluation.runner import _adapter_margins
 
     own, old = trained("ccm_concat", adapters["ccm_concat"]), trained("ccm_concat_old", adapters["ccm_concat"])
-    methods = [own, old, control(own)]
-    rows = [{"t": 4, "method": "ccm_concat", "ppl": 40.0}, {"t": 4, "method": "ccm_concat_old", "ppl": 45.0},
-            {"t": 4, "method": "ccm_concat_other", "ppl": 60.0}]
+    methods = [own, old, control(own), trained("ccm_merge", adapters["ccm_merge"]), trained("gist", adapters["gist"])]
+    rows = [{"t": 4, "method": "ccm_concat", "ppl": 40.0, "kv_kib": 6.0},
+            {"t": 4, "method": "ccm_concat_old", "ppl": 45.0, "kv_kib": 6.0},
+            {"t": 4, "method": "ccm_concat_other", "ppl": 60.0, "kv_kib": 6.0},
+            {"t": 4, "method": "ccm_merge", "ppl": 30.0, "kv_kib": 2.0},
+            {"t": 4, "method": "gist", "ppl": 30.0, "kv_kib": 2.0}]
     assert _adapter_margins(rows, methods, "ppl", higher=False) == [
         {"t": 4, "ccm": "ccm_concat", "other": "ccm_concat_old", "ccm_value": 40.0, "other_value": 45.0,
-         "margin": 5.0}]
+         "margin": 5.0, "ccm_kv_kib": 6.0, "other_kv_kib": 6.0}]
     assert _adapter_margins(rows[1:2], [old], "ppl", higher=False) == []
 
 
@@ -335,7 +339,7 @@ def test_two_adapters_in_one_run_get_a_paired_margin(adapters, tmp_path, monkeyp
     res = evaluate(TinySuite(), cfg, load_model=lambda: tiny_model(seed=0), progress=False, replicates_out=reps)
     by = {(r["t"], r["method"]): r["acc_norm"] for r in res["rows"]}
     am = {a["t"]: a for a in res["adapter_margins"]}
-    assert sorted(am) == [1, 2, 4]
+    assert sorted(am) == [1, 2, 4] and len(res["adapter_margins"]) == 3
     assert any(a["margin"] != 0 for a in am.values())  # the tail changes what the tiny adapter scores
     for t, a in am.items():
         assert (a["ccm"], a["other"]) == ("ccm_concat", "ccm_concat_tail")
@@ -345,7 +349,8 @@ def test_two_adapters_in_one_run_get_a_paired_margin(adapters, tmp_path, monkeyp
     res.update(title="t", command="c", headline={"metric": "m", "value": 0, "target": 0, "higher_is_better": True,
                                                  "meaning": ""})
     md = write(tmp_path, "am", res, res["methods"], "acc_norm", True)[1].read_text()
-    assert "other adapters of this run" in md and "ccm_concat_tail" in md.split("other adapters of this run")[1]
+    assert "other CCM-concat adapters of this run" in md
+    assert "ccm_concat_tail" in md.split("other CCM-concat adapters of this run")[1]
 
 
 def test_gisting_online_differs_from_gisting(adapters):

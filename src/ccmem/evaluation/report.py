@@ -104,10 +104,11 @@ def write(out_dir: Path, name: str, result: dict[str, Any], methods: list[dict],
              markdown_table(_ci_text(result["context_value"], "margin_ci"),
                             ["t", "ccm", "control", "ccm_value", "control_value", "margin", "margin_ci"])]
             if result.get("context_value") else []),
-          *(["\n## CCM-concat against the other adapters of this run (paired over the same units; positive = "
-             "`ccm_concat` better)\n",
+          *(["\n## CCM-concat against the other CCM-concat adapters of this run (paired over the same units; "
+             "positive = `ccm_concat` better)\n",
              markdown_table(_ci_text(result["adapter_margins"], "margin_ci"),
-                            ["t", "ccm", "other", "ccm_value", "other_value", "margin", "margin_ci"])]
+                            ["t", "ccm", "other", "ccm_value", "other_value", "margin", "margin_ci", "ccm_kv_kib",
+                             "other_kv_kib"])]
             if result.get("adapter_margins") else [])]
     parts = sorted({k for r in rows for k in r if k.startswith(f"{metric}_") and not k.endswith("_ci")})
     if parts:  # the metric per kind of unit (recall: per fact type), at the largest t

@@ -399,21 +399,24 @@ def _context_value(rows: list[dict], methods: list[Method], metric: str, higher:
 
 
 def _adapter_margins(rows: list[dict], methods: list[Method], metric: str, higher: bool) -> list[dict]:
-    """Per t: the main CCM-concat against every other CCM adapter of the run (``ccm_*``, controls aside; positive =
-    the main one better). Two adapters scored on the same units in one run are compared pairwise, replicate by
-    replicate, which two result files cannot do: this is how a new adapter is told apart from the one it may
-    replace."""
+    """Per t: the main CCM-concat against every other CCM-concat adapter of the run (``ccm_concat_*``, controls
+    aside; positive = the main one better), with both KVs. Two adapters scored on the same units in one run are
+    compared pairwise, replicate by replicate, which two result files cannot do: this is how a new adapter is told
+    apart from the one it may replace. Other layouts (merge, Gisting) hold other KV and meet CCM-concat in the
+    margins at equal KV instead."""
     by = {(r["t"], r["method"]): r for r in rows}
     if not any(m.name == "ccm_concat" for m in methods):
         return []
-    others = [m.name for m in methods if m.kind == "trained" and m.name.startswith("ccm_") and m.name != "ccm_concat"]
+    others = [m.name for m in methods
+              if m.kind == "trained" and m.name.startswith("ccm_concat_") and m.name != "ccm_concat"]
     out = []
     for t in sorted({r["t"] for r in rows}):
-        main = by[(t, "ccm_concat")][metric]
+        main = by[(t, "ccm_concat")]
         for o in others:
-            v = by[(t, o)][metric]
-            out.append({"t": t, "ccm": "ccm_concat", "other": o, "ccm_value": main, "other_value": v,
-                        "margin": (main - v) if higher else (v - main)})
+            r = by[(t, o)]
+            out.append({"t": t, "ccm": "ccm_concat", "other": o, "ccm_value": main[metric], "other_value": r[metric],
+                        "margin": (main[metric] - r[metric]) if higher else (r[metric] - main[metric]),
+                        "ccm_kv_kib": main.get("kv_kib"), "other_kv_kib": r.get("kv_kib")})
     return out
 
 
