@@ -1,20 +1,26 @@
 """Get the general adapter's training onto a lent GPU machine, and its checkpoint back.
 
+The run is the one of ``GPU_RECIPE`` (default: ``configs/general_chat_long.yaml``, the long run toward the paper's
+budget; ``GPU_RECIPE=configs/general_chat.yaml`` for the finished 4000-step one); its checkpoint folder is the
+recipe's ``train.output_dir``.
+
 A device call carries at most 64 MiB of working tree; the default model alone (SmolLM2's GGUF) is 94 MiB and the
 shipped adapters 41 MiB, and that machine has neither the data sources nor our transformers. So the work is split
 in two calls on one warm machine (it keeps ignored files between calls for about 30 s of idleness):
 
   python scripts/gpu_pack.py pack     # here: .gpu/a (wheels + GGUF part 1), .gpu/b (GGUF part 2 + the recipe's
-                                      # training episodes, `ccmem data export`, ~4 CPU minutes the first time)
+                                      # training episodes, `ccmem data export`, ~4 CPU minutes the first time,
+                                      # + run.env: which recipe and checkpoint folder gpu_train.sh resumes)
   python scripts/gpu_pack.py hide     # here: adapters/, checkpoints/, benchmarks/results/ stop travelling
   run  bash scripts/gpu_train.sh bench    carry [.gpu/a]                                 (throughput, ~4 min;
                                                                                          BENCH_S=0: none)
-  run  bash scripts/gpu_train.sh train    carry [.gpu/b, checkpoints/general-chat]       (training, ~8 min)
+  run  bash scripts/gpu_train.sh train    carry [.gpu/b, <train.output_dir>]             (training, ~8 min;
+                                                                                         pack prints the carry)
   python scripts/gpu_pack.py unhide   # here, always, right after (restores the index; nothing is lost)
   python scripts/gpu_pack.py land /work/.device/...   # the returned checkpoint replaces the committed one
 
 Issue the second call at once: an idle machine goes back after about 30 s, and .gpu/a with it. Stop any CPU run of
-the same checkpoint (scripts/continue_general.sh) before `hide`; it would write checkpoints/general-chat too.
+the same checkpoint (scripts/continue_general.sh) before `hide`; it would write the same folder too.
 `hide` never touches files: it only removes those folders from git's index and ignores them;
 `unhide` puts the index back. Commit nothing in between: `unhide` refuses if HEAD moved.
 """
@@ -32,13 +38,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU = ROOT / ".gpu"
-RECIPE = "configs/general_chat.yaml"  # the general adapter in the chat template (warm-started from general_concat)
-RUN = ROOT / "checkpoints" / "general-chat"
+RECIPE = os.environ.get("GPU_RECIPE", "configs/general_chat_long.yaml")
 HIDDEN = ("adapters", "checkpoints", "benchmarks/results")  # none is read on the GPU (its benchmark writes anew)
 MARK = "# gpu_pack hide"
 LIMIT = 64 * 2**20
 WHEELS = ("transformers==5.24.0", "gguf==0.19.0")
 EPOCHS = 2  # general_chat: 9,588 episodes an epoch, 2.39 MB xz for 2; a third would not fit call b beside the model
+
+
+def run_dir(recipe: str = RECIPE) -> Path:
+    """The recipe's checkpoint folder (``train.output_dir``), which the GPU run resumes and ``land`` replaces."""
+    import yaml
+
+    out = (yaml.safe_load((ROOT / recipe).read_text()).get("train") or {}).get("output_dir")
+    if not out:
+        sys.exit(f"{recipe} names no train.output_dir: the GPU run needs a committed checkpoint folder to resume")
+    return ROOT / out
 
 
 def _sh(*cmd: str) -> str:
@@ -63,10 +78,17 @@ def pack(args: argparse.Namespace) -> None:
     a, b = GPU / "a", GPU / "b"
     a.mkdir(parents=True, exist_ok=True)
     b.mkdir(parents=True, exist_ok=True)
-    episodes = b / "general_chat.safetensors.xz"
+    RUN = run_dir()
+    episodes = b / f"{Path(RECIPE).stem}.safetensors.xz"
     if latest_checkpoint(RUN) is None:
         sys.exit(f"{RUN} holds no checkpoint: the GPU run resumes one (its init_adapter does not travel); train a "
-                 "few steps here first (scripts/continue_general.sh train.max_steps=N) and commit the checkpoint")
+                 f"few steps here first (RECIPE={RECIPE} scripts/continue_general.sh train.stop_at=N) and commit "
+                 "the checkpoint")
+    for stale in b.glob("*.safetensors.xz"):
+        if stale != episodes:
+            stale.unlink()  # another recipe's episodes: they would not fit beside these
+    rel = RUN.relative_to(ROOT)
+    (b / "run.env").write_text(f"RECIPE={RECIPE}\nRUN={rel}\nEPISODES=.gpu/b/{episodes.name}\n")
     if not episodes.is_file() or args.force:
         subprocess.run([sys.executable, "-m", "ccmem", "data", "export", RECIPE, "-o",
                         str(episodes), "--epochs", str(args.epochs)], cwd=ROOT, check=True,
@@ -94,7 +116,8 @@ def pack(args: argparse.Namespace) -> None:
     call_a = base + _size(a)
     call_b = base + _size(b) + _size(RUN)
     print(f"call a: {call_a / 2**20:.1f} MiB, call b: {call_b / 2**20:.1f} MiB (limit 64 MiB each; "
-          f"the tree without {', '.join(HIDDEN)} is {base / 2**20:.1f} MiB)")
+          f"the tree without {', '.join(HIDDEN)} is {base / 2**20:.1f} MiB); recipe {RECIPE}, "
+          f"call b carries [.gpu/b, {rel}]")
     if max(call_a, call_b) > LIMIT:
         sys.exit("too large for the device calls: export fewer epochs (--epochs) or shrink the tree")
 
@@ -149,6 +172,7 @@ def land(args: argparse.Namespace) -> None:
     import torch
 
     step = torch.load(state, weights_only=True, map_location="cpu")["step"]
+    RUN = run_dir()
     dest = RUN / "checkpoints" / f"step_{step:06d}"
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

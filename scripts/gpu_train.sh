@@ -3,15 +3,16 @@
 #
 #   bash scripts/gpu_train.sh bench   # carry [.gpu/a]: wheels + GGUF part 1 arrive; meanwhile the model-free
 #                                     # measurements of scripts/gpu_session.sh run (BENCH_S seconds, default 200)
-#   bash scripts/gpu_train.sh train   # carry [.gpu/b, checkpoints/general-chat]: the default model is put together,
-#                                     # the general adapter's run resumes from the committed checkpoint on the
-#                                     # exported episodes (the same data order as on the CPU) for TRAIN_MIN minutes
+#   bash scripts/gpu_train.sh train   # carry [.gpu/b, <the recipe's train.output_dir>]: the default model is put
+#                                     # together, the run resumes from the committed checkpoint on the exported
+#                                     # episodes (the same data order as on the CPU) for TRAIN_MIN minutes
 #                                     # (default 5.5), and the new checkpoint + log come back in $OUT
 #
-# The recipe is configs/general_chat.yaml; on the GPU the same 8 episodes of each step go in one packed micro-batch
+# The recipe and its checkpoint folder are those gpu_pack.py packed (.gpu/b/run.env; default
+# configs/general_chat_long.yaml); on the GPU the same 8 episodes of each step go in one packed micro-batch
 # (batch 8 x accum 1 instead of the CPU's 1 x 8) with train.loss_per=episode, the same objective as 8 accumulated
 # batches of one (tested), under bf16 autocast. Extra arguments are recipe overrides. Stop any CPU run of the same
-# checkpoint first: both would write checkpoints/general-chat.
+# checkpoint first: both would write the same folder.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -49,14 +50,16 @@ case "$mode" in
       || { echo "the two GGUF parts do not make the model: pack again (scripts/gpu_pack.py pack)"; exit 2; }
     export CCMEM_CACHE=/tmp/ccmem-cache
     TRAIN_MIN=${TRAIN_MIN:-5.5}
-    RUN=${RUN:-checkpoints/general-chat}  # (RUN, DEVICE: for a dry run elsewhere)
+    # shellcheck disable=SC1091
+    source .gpu/b/run.env  # RECIPE, RUN, EPISODES, written by gpu_pack.py pack
+    RUN=${RUN_OVERRIDE:-$RUN}  # (RUN_OVERRIDE, DEVICE: for a dry run elsewhere)
     # the training stops itself after TRAIN_MIN minutes; loading, converting and saving get 4 more, inside the
     # device's 10 minutes per command
     limit=$(python3 -c "import sys; t = float(sys.argv[1]) * 60 + 240; print(int(t) if t <= 590 else 'x')" "$TRAIN_MIN")
     [ "$limit" != x ] || { echo "TRAIN_MIN=$TRAIN_MIN leaves no time to save inside one 10-minute call (<= 5.8)"; exit 2; }
     before=$(ls -d "$RUN"/checkpoints/step_[0-9]* 2>/dev/null | grep -v '\.tmp$' | tail -1)
-    timeout "$limit" python3 -m ccmem train configs/general_chat.yaml \
-      data.source=episodes data.path=.gpu/b/general_chat.safetensors.xz \
+    timeout "$limit" python3 -m ccmem train "$RECIPE" \
+      data.source=episodes data.path="$EPISODES" \
       train.batch_size=8 train.grad_accum=1 train.pack=4096 train.loss_per=episode train.mixed_precision=bf16 \
       train.save_every=100 train.max_minutes="$TRAIN_MIN" train.output_dir="$RUN" "$@" --device "${DEVICE:-cuda}" \
       2>&1 | tee "$OUT/gpu_train.log"
