@@ -78,16 +78,16 @@ def pack(args: argparse.Namespace) -> None:
     a, b = GPU / "a", GPU / "b"
     a.mkdir(parents=True, exist_ok=True)
     b.mkdir(parents=True, exist_ok=True)
-    RUN = run_dir()
+    run = run_dir()
     episodes = b / f"{Path(RECIPE).stem}.safetensors.xz"
-    if latest_checkpoint(RUN) is None:
-        sys.exit(f"{RUN} holds no checkpoint: the GPU run resumes one (its init_adapter does not travel); train a "
+    if latest_checkpoint(run) is None:
+        sys.exit(f"{run} holds no checkpoint: the GPU run resumes one (its init_adapter does not travel); train a "
                  f"few steps here first (RECIPE={RECIPE} scripts/continue_general.sh train.stop_at=N) and commit "
                  "the checkpoint")
     for stale in b.glob("*.safetensors.xz"):
         if stale != episodes:
             stale.unlink()  # another recipe's episodes: they would not fit beside these
-    rel = RUN.relative_to(ROOT)
+    rel = run.relative_to(ROOT)
     (b / "run.env").write_text(f"RECIPE={RECIPE}\nRUN={rel}\nEPISODES=.gpu/b/{episodes.name}\n")
     if not episodes.is_file() or args.force:
         subprocess.run([sys.executable, "-m", "ccmem", "data", "export", RECIPE, "-o",
@@ -105,7 +105,7 @@ def pack(args: argparse.Namespace) -> None:
     gguf = (smollm2_gguf_folder() / GGUF_FILE).read_bytes()
     base = _tree_size() if _hidden() else _tree_size() - sum(_size(ROOT / h) for h in HIDDEN)
     room_a = LIMIT - 2 * 2**20 - base - sum(_size(w) for w in a.glob("*.whl"))
-    room_b = LIMIT - 2 * 2**20 - base - _size(episodes) - _size(RUN)
+    room_b = LIMIT - 2 * 2**20 - base - _size(episodes) - _size(run)
     if min(room_a, room_b) < 0 or room_a + room_b < len(gguf):
         sys.exit(f"the model does not fit in two calls: the tree without {', '.join(HIDDEN)} is "
                  f"{base / 2**20:.1f} MiB; move large files out of it (or ignore them) and pack again")
@@ -114,7 +114,7 @@ def pack(args: argparse.Namespace) -> None:
     (b / "gguf.part").write_bytes(gguf[cut:])
     (b / "gguf.sha256").write_text(f"{hashlib.sha256(gguf).hexdigest()}  {GGUF_FILE}\n")
     call_a = base + _size(a)
-    call_b = base + _size(b) + _size(RUN)
+    call_b = base + _size(b) + _size(run)
     print(f"call a: {call_a / 2**20:.1f} MiB, call b: {call_b / 2**20:.1f} MiB (limit 64 MiB each; "
           f"the tree without {', '.join(HIDDEN)} is {base / 2**20:.1f} MiB); recipe {RECIPE}, "
           f"call b carries [.gpu/b, {rel}]")
@@ -172,20 +172,20 @@ def land(args: argparse.Namespace) -> None:
     import torch
 
     step = torch.load(state, weights_only=True, map_location="cpu")["step"]
-    RUN = run_dir()
-    dest = RUN / "checkpoints" / f"step_{step:06d}"
+    run = run_dir()
+    dest = run / "checkpoints" / f"step_{step:06d}"
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name in ("adapter.safetensors", "adapter_config.json", "trainer_state.pt"):
         shutil.copyfile(src / name, tmp / name)  # (the returned files are read-only; their modes are not wanted)
-    for old in (RUN / "checkpoints").glob("step_*"):
+    for old in (run / "checkpoints").glob("step_*"):
         if old != tmp:
             shutil.rmtree(old)
     tmp.rename(dest)
     if (src / "train_log.jsonl").is_file():
-        shutil.copyfile(src / "train_log.jsonl", RUN / "train_log.jsonl")
-    rows = (RUN / "train_log.jsonl").read_text().splitlines()
+        shutil.copyfile(src / "train_log.jsonl", run / "train_log.jsonl")
+    rows = (run / "train_log.jsonl").read_text().splitlines()
     print(f"landed step {step} in {dest}; log has {len(rows)} rows, last {json.loads(rows[-1])['step']}")
 
 
