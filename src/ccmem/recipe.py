@@ -142,6 +142,19 @@ def chitchat_splits(tok: Any, data_cfg: dict) -> tuple[dict, Any]:
     return split_dialogs(kept, seed=data_cfg.get("split_seed", 0)), fmt, report
 
 
+def dialog_episodes(splits: dict, fmt: Any, d: dict, seed: int, eval_dialogs: int,
+                    min_turns: int = 0) -> tuple[Any, list[Any]]:
+    """Training episodes (cut per ``d["cut"]``) and whole validation dialogs of at least ``min_turns`` turns (the
+    first ``d["eval_dialogs"]`` of them): the one way every dialog source (chit-chat, scripts, files) renders its
+    split."""
+    from .data import DialogEpisodes
+
+    train = DialogEpisodes(splits["train"], fmt, seed=seed, cut=d.get("cut", "uniform"))
+    long_enough = [x for x in splits["validation"] if len(x.turns) >= min_turns]
+    val = [fmt.episode(x, len(x.turns)) for x in long_enough[: d.get("eval_dialogs", eval_dialogs)]]
+    return train, val
+
+
 def script_data(tok: Any, d: dict, seed: int) -> tuple[Any, list[Any], Any]:
     """``source: script``: two-party runs of drama (``name: shakespeare``), the training plays of its split by play,
     so that the dialog suites' ``shakespeare:test`` plays stay unseen; cut and rendered as chit-chat is (``format``,
@@ -149,7 +162,6 @@ def script_data(tok: Any, d: dict, seed: int) -> tuple[Any, list[Any], Any]:
     fixed (:data:`ccmem.data.scripts.SPLIT_SEED`): the evaluation's held-out plays are those of that seed."""
     from collections import Counter
 
-    from .data import DialogEpisodes
     from .data.scripts import SOURCES as SCRIPTS
     from .data.scripts import SPLIT_SEED, TRAINABLE, script_splits
 
@@ -163,8 +175,7 @@ def script_data(tok: Any, d: dict, seed: int) -> tuple[Any, list[Any], Any]:
                           f"the plays --dialogs {name}:test holds out); remove split_seed from the part")
     fmt = dialog_format(tok, d)
     splits = script_splits(name, tok, d.get("max_turn_tokens", 128))
-    train = DialogEpisodes(splits["train"], fmt, seed=seed, cut=d.get("cut", "uniform"))
-    val = [fmt.episode(x, len(x.turns)) for x in splits["validation"] if len(x.turns) >= 3][: d.get("eval_dialogs", 16)]
+    train, val = dialog_episodes(splits, fmt, d, seed, eval_dialogs=16, min_turns=3)
     report = Counter({f"{k} runs": len(v) for k, v in splits.items()})
     report["train runs of >= 3 turns"] = len(train)
     return train, val, report
@@ -235,14 +246,12 @@ def build_data(tok: Any, d: dict, seed: int):
     ``parts``, a list of data sections, and mixes them in the ratio of their sizes."""
     from collections import Counter
 
-    from .data import DialogEpisodes, Mixture
+    from .data import Mixture
 
     source = d.get("source")
     if source == "chitchat":
         splits, fmt, report = chitchat_splits(tok, d)
-        train = DialogEpisodes(splits["train"], fmt, seed=seed, cut=d.get("cut", "uniform"))
-        val = [fmt.episode(x, len(x.turns)) for x in splits["validation"][: d.get("eval_dialogs", 64)]]
-        return train, val, report
+        return (*dialog_episodes(splits, fmt, d, seed, eval_dialogs=64), report)
     if source == "recall":
         from .data.recall import RecallEpisodes
 
@@ -359,7 +368,7 @@ def _holdout(eps: list, d: dict, seed: int, report):
 def _dialog_or_episode_file(tok: Any, d: dict, seed: int):
     """``jsonl`` (``kind: dialogs`` or ``episodes``, ccmem.data.sources), ``dailydialog`` and ``soda`` (hub names or
     local files in the hub's schema): dialogs are split by id and cut like the chit-chat corpus."""
-    from .data import DialogEpisodes, load_jsonl_dialogs, load_jsonl_episodes, split_dialogs
+    from .data import load_jsonl_dialogs, load_jsonl_episodes, split_dialogs
     from .data.hub import load_dailydialog, load_soda
 
     source, strict = d["source"], d.get("strict", False)
@@ -378,10 +387,9 @@ def _dialog_or_episode_file(tok: Any, d: dict, seed: int):
                                     max_turn_tokens=d.get("max_turn_tokens", 128))
     splits = split_dialogs(dialogs, seed=d.get("split_seed", 0), test=0.0, val=d.get("eval_fraction", 0.05))
     fmt = dialog_format(tok, d)
-    train = DialogEpisodes(splits["train"], fmt, seed=seed, cut=d.get("cut", "uniform"))
+    train, val = dialog_episodes(splits, fmt, d, seed, eval_dialogs=64)
     if not len(train):
         raise ConfigError(f"data.source {source!r}: no dialog with at least 3 turns left for training")
-    val = [fmt.episode(x, len(x.turns)) for x in splits["validation"][: d.get("eval_dialogs", 64)]]
     return train, val, report
 
 
