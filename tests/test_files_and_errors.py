@@ -286,6 +286,44 @@ def test_memory_for_other_config_is_refused(tmp_path, change):
     assert s.memory is keep  # nothing lost
 
 
+def test_memory_written_by_another_adapter_is_refused(tmp_path):
+    """A memory records the adapter that wrote it: the same adapter loads it (read from its file, in another dtype
+    too); another adapter, or the same one after a training step, is refused naming the fix with nothing lost, unless
+    asked (any_adapter); a file older than the field loads anywhere."""
+    from safetensors import safe_open
+
+    ccm = tiny_ccm("llama")
+    randomize(ccm, seed=1)
+    ccm.save_pretrained(tmp_path / "a")
+    fill(ccm.session()).save(tmp_path / "m.safetensors")
+    same = CompressedModel.from_pretrained(tmp_path / "a", tiny_model("llama"))
+    with safe_open(str(tmp_path / "a" / "adapter.safetensors"), "pt") as f:
+        stored = f.metadata()["sha256"]
+    assert same.adapter_id() == ccm.adapter_id() == stored  # the adapter file's own checksum
+    same.session().load(tmp_path / "m.safetensors")
+    same.model.to(torch.bfloat16)
+    assert same.adapter_id() == ccm.adapter_id()  # a dtype move is not another adapter
+    other = tiny_ccm("llama")
+    randomize(other, seed=2)
+    s = fill(other.session())
+    keep = s.memory
+    with pytest.raises(IncompatibleError, match="another adapter.*load it with the adapter that wrote it") as e:
+        s.load(tmp_path / "m.safetensors")
+    assert e.value.fields == ("adapter",) and s.memory is keep
+    s.load(tmp_path / "m.safetensors", any_adapter=True)
+    assert s.memory.num_slots == fill(ccm.session()).memory.num_slots
+    before = ccm.adapter_id()
+    with torch.no_grad():
+        ccm.trainable_parameters()[0].add_(0.01)  # what an optimizer step does
+    assert ccm.adapter_id() != before
+    with pytest.raises(IncompatibleError, match="another adapter"):
+        ccm.session().load(tmp_path / "m.safetensors")
+    old = fill(other.session())
+    old.memory.adapter = None  # as written before memories recorded their adapter
+    old.save(tmp_path / "old.safetensors")
+    ccm.session().load(tmp_path / "old.safetensors")
+
+
 def test_memory_for_other_model_is_refused(tmp_path):
     fill(tiny_ccm("llama").session()).save(tmp_path / "m.safetensors")
     with pytest.raises(IncompatibleError, match="num_hidden_layers"):

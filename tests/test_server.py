@@ -249,6 +249,27 @@ def test_a_tail_server_keeps_the_newest_message_raw_and_a_server_without_it_refu
     tail.store.close()
 
 
+def test_a_server_with_another_adapter_refuses_a_stored_session_naming_the_fix(tmp_path):
+    """Sessions are stored with the adapter that wrote them: a server restarted on another adapter (e.g. a new
+    default) refuses such a session naming --adapter and DELETE, keeps the file, and serves it anew once deleted."""
+    from conftest import randomize
+
+    from ccmem.errors import IncompatibleError
+
+    e = make_engine(tmp_path / "store")
+    e.chat("o", "s", [U1], max_new_tokens=4, temperature=0)
+    e.store.close()
+    e = make_engine(tmp_path / "store")
+    randomize(e.ccm, seed=3)
+    with pytest.raises(IncompatibleError, match=r"saved by another adapter.*with the --adapter it was saved.*DELETE"
+                       ) as err:
+        e.chat("o", "s", [U2], max_new_tokens=4, temperature=0)
+    assert err.value.fields == ("adapter",) and e.store.get("o", "s").file  # the stored session is kept
+    assert e.forget("o", "s")
+    assert e.chat("o", "s", [U1], max_new_tokens=4, temperature=0).session.turns == 2
+    e.store.close()
+
+
 def test_kill_9_mid_load_loses_no_answered_turn(tmp_path):
     """A real `ccmem serve` process, killed with SIGKILL while clients are mid-conversation, restarted on the same
     store: every answered turn is in its session's memory, every memory file passes its checksum, and a session that

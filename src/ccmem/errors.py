@@ -13,7 +13,8 @@ class ConfigError(CCMError, ValueError):
 
 class IncompatibleError(CCMError, ValueError):
     """An adapter or memory file that was made for another base model or another configuration. ``fields``: the
-    compression-config fields that differ (empty for any other mismatch), so a front end can name its own flag."""
+    compression-config fields that differ, or ``("adapter",)`` for a memory written by another adapter (empty for
+    any other mismatch), so a front end can name its own flag."""
 
     def __init__(self, message: str, fields: tuple[str, ...] = ()) -> None:
         super().__init__(message)

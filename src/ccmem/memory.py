@@ -43,6 +43,8 @@ class CompressedMemory:
     tail: list[list[list[int]]] = field(default_factory=list)  # per row, the raw chunks not yet compressed
     cache_dtype: torch.dtype | None = None  # the model's dtype when the slots are held in fp32 (merge in bf16/fp16)
     raw: torch.Tensor | None = None  # (M,) bool: slots written by add_raw (verbatim tokens, never gated)
+    # sha256 of the adapter that wrote the slots (CompressedModel.adapter_id); None in files older than the field
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         if not self.tail:
@@ -52,7 +54,7 @@ class CompressedMemory:
 
     @classmethod
     def empty(cls, batch_size: int, fingerprint: dict[str, Any], config: CompressionConfig,
-              dtype: torch.dtype, device: torch.device) -> CompressedMemory:
+              dtype: torch.dtype, device: torch.device, adapter: str | None = None) -> CompressedMemory:
         f = fingerprint
         shape = (batch_size, f["num_key_value_heads"], 0, f["head_dim"])
         layers = f["num_hidden_layers"]
@@ -69,6 +71,7 @@ class CompressedMemory:
             config=config,
             fingerprint=dict(fingerprint),
             cache_dtype=cache_dtype,
+            adapter=adapter,
         )
 
     # ---------------------------------------------------------------- size
@@ -182,7 +185,8 @@ class CompressedMemory:
             keys=[k.expand(n, -1, -1, -1) for k in self.keys], values=[v.expand(n, -1, -1, -1) for v in self.values],
             valid=self.valid.expand(n, -1), offset=self.offset.expand(n), steps=self.steps.expand(n),
             has_sink=self.has_sink, config=self.config, fingerprint=dict(self.fingerprint),
-            tail=[[list(c) for c in self.tail[0]] for _ in range(n)], cache_dtype=self.cache_dtype, raw=self.raw)
+            tail=[[list(c) for c in self.tail[0]] for _ in range(n)], cache_dtype=self.cache_dtype, raw=self.raw,
+            adapter=self.adapter)
 
     @classmethod
     def stack(cls, mems: list[CompressedMemory]) -> CompressedMemory:
@@ -195,6 +199,9 @@ class CompressedMemory:
                 raise ValueError("stack takes single-row memories")
             if m.config.to_dict() != first.config.to_dict() or m.fingerprint != first.fingerprint:
                 raise IncompatibleError("memories of different models or compression configs cannot share a batch")
+        written = {m.adapter for m in mems} - {None}  # None: a file older than the field, read by this model
+        if len(written) > 1:
+            raise IncompatibleError("memories written by different adapters cannot share a batch")
         sink = any(m.has_sink for m in mems)
         body = max(m.num_slots - int(m.has_sink) for m in mems)
         ref = first.keys[0]
@@ -222,7 +229,8 @@ class CompressedMemory:
         return cls(keys=keys, values=values, valid=valid, offset=torch.cat([m.offset for m in mems]),
                    steps=torch.cat([m.steps for m in mems]), has_sink=sink, config=first.config,
                    fingerprint=dict(first.fingerprint), tail=[m.tail[0] for m in mems],
-                   cache_dtype=first.cache_dtype, raw=raws.any(0).to(ref.device))
+                   cache_dtype=first.cache_dtype, raw=raws.any(0).to(ref.device),
+                   adapter=next(iter(written), None))
 
     def unstack(self) -> list[CompressedMemory]:
         """Each row as its own single-row memory holding only its valid slots (the inverse of :meth:`stack`)."""
@@ -234,23 +242,29 @@ class CompressedMemory:
                 keys=[k[b:b + 1, :, keep] for k in self.keys], values=[v[b:b + 1, :, keep] for v in self.values],
                 valid=self.valid[b:b + 1, keep], offset=self.offset[b:b + 1], steps=self.steps[b:b + 1],
                 has_sink=has_sink, config=self.config, fingerprint=dict(self.fingerprint),
-                tail=[[list(c) for c in self.tail[b]]], cache_dtype=self.cache_dtype, raw=self.raw[keep]))
+                tail=[[list(c) for c in self.tail[b]]], cache_dtype=self.cache_dtype, raw=self.raw[keep],
+                adapter=self.adapter))
         return out
 
     # ---------------------------------------------------------------- files
     def save(self, path: str | os.PathLike) -> None:
-        """Save to one safetensors file whose JSON header names the model, config and format version."""
+        """Save to one safetensors file whose JSON header names the model, config, adapter and format version."""
         tensors = {"valid": self.valid, "offset": self.offset, "steps": self.steps, "raw": self.raw}
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
             tensors[f"k.{i}"] = k
             tensors[f"v.{i}"] = v
         header = {"format_version": io.FORMAT_VERSION, "kind": "memory", "compression": self.config.to_dict(),
                   "base": self.fingerprint, "has_sink": self.has_sink, "tail": self.tail}
+        if self.adapter is not None:
+            header["adapter"] = self.adapter
         io.save_checked(path, tensors, header)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, ccm: Any) -> CompressedMemory:
-        """Load a memory for ``ccm`` (a CompressedModel); refuses one made for another model or config."""
+    def load(cls, path: str | os.PathLike, ccm: Any, any_adapter: bool = False) -> CompressedMemory:
+        """Load a memory for ``ccm`` (a CompressedModel); refuses one made for another model or config, and one
+        written by another adapter: its slots are that adapter's compression, and read or extended by another they
+        give worse answers with no error to say why. ``any_adapter=True`` loads it all the same (e.g. to carry a
+        session over to a retrained adapter, knowingly)."""
         tensors, header = io.load_checked(path, kind="memory file")
         if header.get("kind") != "memory":
             raise IncompatibleError(f"{path} holds a ccmem {header.get('kind')!r} file, not a memory")
@@ -258,6 +272,12 @@ class CompressedMemory:
             raise IncompatibleError(f"{path} uses memory format {header['format_version']}; upgrade ccmem")
         ccm.check_fingerprint(header["base"], f"memory file {path}")
         ccm.check_config(header["compression"], f"memory file {path}")
+        written = header.get("adapter")  # files older than the field have none: nothing to check
+        if written is not None and not any_adapter and written != ccm.adapter_id():
+            raise IncompatibleError(
+                f"memory file {path} was written by another adapter (sha256 {written[:12]}) than the one this model "
+                f"holds ({ccm.adapter_id()[:12]}); load it with the adapter that wrote it, start a new memory, or "
+                "pass any_adapter=True to read it with this one anyway", fields=("adapter",))
         layers = header["base"]["num_hidden_layers"]
         dev = ccm.device
         return cls(
@@ -272,6 +292,7 @@ class CompressedMemory:
             tail=_tail(header.get("tail"), tensors["valid"].shape[0], path),
             cache_dtype=_cache_dtype(tensors["k.0"].dtype, ccm),
             raw=tensors["raw"].to(dev).bool() if "raw" in tensors else None,  # files before gates have no raw flags
+            adapter=written,
         )
 
 

@@ -71,6 +71,7 @@ class CompressedModel:
         self._prev_attn: str | None = None
         self.backend = "sdpa"
         self._grad_flags: dict[str, bool] = {}
+        self._ids: dict[tuple[int, ...], str] = {}  # adapter_id per state of the weights (their tensor versions)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -174,6 +175,16 @@ class CompressedModel:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.trainable_named_parameters().values())
+
+    def adapter_id(self) -> str:
+        """Which adapter this model holds: the sha256 its adapter file stores while the weights are those loaded from
+        it (whatever dtype or device they were moved to), else a sha256 of the weights as they are (fp32), e.g. after
+        training steps. A memory records it, so a file written by one adapter is not silently read by another."""
+        params = self.trainable_named_parameters()
+        state = tuple(p._version for p in params.values())  # bumped by every in-place change (optimizer, copy_)
+        if state not in self._ids:
+            self._ids = {state: io.digest({k: p.detach().float() for k, p in params.items()})}
+        return self._ids[state]
 
     @property
     def device(self) -> torch.device:
@@ -382,6 +393,7 @@ class CompressedModel:
         params = self._check_tensors(tensors, where)
         for k, p in params.items():
             p.copy_(tensors[k].to(p.dtype))
+        self._ids = {tuple(p._version for p in params.values()): io.digest(tensors)}  # the file's own checksum
 
     def _check_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> dict[str, nn.Parameter]:
         """The trainable parameters, once ``tensors`` are known to hold each of them in its shape (else refused)."""

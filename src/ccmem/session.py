@@ -84,14 +84,17 @@ class Session:
         """Forget everything: an empty memory."""
         dtype = self.ccm.model.get_input_embeddings().weight.dtype
         self.memory = CompressedMemory.empty(
-            self.batch_size, self.ccm.fingerprint(), self.ccm.config, dtype, self.ccm.device
+            self.batch_size, self.ccm.fingerprint(), self.ccm.config, dtype, self.ccm.device,
+            adapter=self.ccm.adapter_id(),
         )
 
     def save(self, path: str | os.PathLike) -> None:
         self.memory.save(path)
 
-    def load(self, path: str | os.PathLike) -> None:
-        mem = CompressedMemory.load(path, self.ccm)
+    def load(self, path: str | os.PathLike, any_adapter: bool = False) -> None:
+        """Continue from a saved memory (see :meth:`CompressedMemory.load`: one written by another adapter is
+        refused unless ``any_adapter``)."""
+        mem = CompressedMemory.load(path, self.ccm, any_adapter=any_adapter)
         self.memory, self.batch_size = mem, mem.batch_size
 
     # ---------------------------------------------------------------- input handling

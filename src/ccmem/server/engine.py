@@ -124,11 +124,14 @@ class Engine:
             except IncompatibleError as e:
                 if not e.fields:  # another base model or file format: the library's message names the fix
                     raise
-                how = "the --raw-tail" if e.fields == ("raw_tail",) else "the adapter and --raw-tail"
+                if e.fields == ("adapter",):
+                    what, how = "by another adapter", "the --adapter"
+                else:
+                    what = f"with another compression config ({', '.join(e.fields)} differ)"
+                    how = "the --raw-tail" if e.fields == ("raw_tail",) else "the adapter and --raw-tail"
                 raise IncompatibleError(  # the fields, not the library's message: that names the server's file path
-                    f"session {sid!r} was saved with another compression config ({', '.join(e.fields)} differ); "
-                    f"serve it with {how} it was saved with, or DELETE /v1/sessions/{sid} to start it anew",
-                    e.fields) from e
+                    f"session {sid!r} was saved {what}; serve it with {how} it was saved with, or "
+                    f"DELETE /v1/sessions/{sid} to start it anew", e.fields) from e
         self.hot[key] = (session, meta)
         return session, meta
 
