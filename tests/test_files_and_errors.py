@@ -322,6 +322,12 @@ def test_memory_written_by_another_adapter_is_refused(tmp_path):
     old.memory.adapter = None  # as written before memories recorded their adapter
     old.save(tmp_path / "old.safetensors")
     ccm.session().load(tmp_path / "old.safetensors")
+    from ccmem.chat import Chat
+
+    chat = Chat.__new__(Chat)  # only /load under test: the chat's session on the trained-further model
+    chat.ccm, chat.session = ccm, ccm.session()
+    said = chat.command("/load " + str(tmp_path / "m.safetensors"))
+    assert "another adapter" in said and "--adapter PATH" in said and chat.session.memory.num_slots == 0
 
 
 def test_memory_for_other_model_is_refused(tmp_path):

@@ -113,8 +113,10 @@ class Chat:
             try:
                 self.session.load(arg)
             except Exception as e:  # show the library's message, keep the current memory
-                hint = (f" (this chat keeps {self.ccm.config.raw_tail} raw tail turn(s): start it with --raw-tail K "
-                        "to match the file)") if getattr(e, "fields", ()) == ("raw_tail",) else ""
+                hints = {("raw_tail",): f" (this chat keeps {self.ccm.config.raw_tail} raw tail turn(s): start it "
+                                        "with --raw-tail K to match the file)",
+                         ("adapter",): " (start the chat with --adapter PATH of the adapter that saved it)"}
+                hint = hints.get(getattr(e, "fields", ()), "")
                 return f"could not load {arg}: {e}{hint}"
             return f"loaded {self.session.memory.num_slots} slots from {arg}"
         if cmd == "variant":
