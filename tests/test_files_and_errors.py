@@ -312,6 +312,11 @@ def test_memory_written_by_another_adapter_is_refused(tmp_path):
     assert e.value.fields == ("adapter",) and s.memory is keep
     s.load(tmp_path / "m.safetensors", any_adapter=True)
     assert s.memory.num_slots == fill(ccm.session()).memory.num_slots
+    s.add_context([30, 31])  # the last writer is recorded: the carried-over session is now the other adapter's
+    s.save(tmp_path / "carried.safetensors")
+    other.session().load(tmp_path / "carried.safetensors")
+    with pytest.raises(IncompatibleError, match="another adapter"):
+        same.session().load(tmp_path / "carried.safetensors")
     before = ccm.adapter_id()
     with torch.no_grad():
         ccm.trainable_parameters()[0].add_(0.01)  # what an optimizer step does
@@ -328,6 +333,50 @@ def test_memory_written_by_another_adapter_is_refused(tmp_path):
     chat.ccm, chat.session = ccm, ccm.session()
     said = chat.command("/load " + str(tmp_path / "m.safetensors"))
     assert "another adapter" in said and "--adapter PATH" in said and chat.session.memory.num_slots == 0
+
+
+def test_a_memory_names_the_adapter_that_last_compressed_into_it(tmp_path):
+    """The id is recorded when slots are written, not when the session is made: an adapter loaded into an open
+    session writes its own id; verbatim tokens (conditional LoRA) are the base model's and record none; an adapter
+    saved from bf16 weights has one id in the process that saved it and in any that loads it; a stage 1 folded into
+    the base is part of the id; batching keeps the id and refuses two; a malformed id is a damaged file."""
+    from ccmem.errors import CorruptFileError
+    from ccmem.memory import CompressedMemory
+
+    a, b = tiny_ccm("llama"), tiny_ccm("llama")
+    randomize(a, seed=1), randomize(b, seed=2)
+    b.save_pretrained(tmp_path / "b")
+    s = a.session()
+    assert s.memory.adapter is None
+    s.add_raw([5, 6, 7])
+    assert s.memory.adapter is None  # only the base model wrote these
+    a.load_adapter(tmp_path / "b")
+    fill(s)
+    assert s.memory.adapter == b.adapter_id() == a.adapter_id()
+    low = tiny_ccm("llama")
+    randomize(low, seed=3)
+    low.model.to(torch.bfloat16)
+    low.save_pretrained(tmp_path / "low")
+    assert CompressedModel.from_pretrained(tmp_path / "low", tiny_model("llama")).adapter_id() == low.adapter_id()
+    folded = tiny_ccm("llama")
+    randomize(folded, seed=2)
+    plain_id = folded.adapter_id()
+    assert plain_id == b.adapter_id()
+    folded.model.config.ccmem_stage1 = {"adapter": "x", "sha256": "0" * 64}
+    assert folded.adapter_id() != plain_id
+    rows = [fill(b.session()), fill(b.session())]
+    for r in rows:
+        r.add_context([40 + len(r.memory.tail)])
+    both = CompressedMemory.stack([r.memory for r in rows])
+    assert both.adapter == b.adapter_id() and {m.adapter for m in both.unstack()} == {b.adapter_id()}
+    assert both.unstack()[0].repeat(2).adapter == b.adapter_id()
+    with pytest.raises(IncompatibleError, match="different adapters"):
+        CompressedMemory.stack([rows[0].memory, fill(tiny_ccm("llama").session()).memory])
+    bad = fill(b.session())
+    bad.memory.adapter = 5
+    bad.save(tmp_path / "bad.safetensors")
+    with pytest.raises(CorruptFileError, match="adapter is malformed"):
+        b.session().load(tmp_path / "bad.safetensors")
 
 
 def test_memory_for_other_model_is_refused(tmp_path):

@@ -265,6 +265,8 @@ def test_a_server_with_another_adapter_refuses_a_stored_session_naming_the_fix(t
                        ) as err:
         e.chat("o", "s", [U2], max_new_tokens=4, temperature=0)
     assert err.value.fields == ("adapter",) and e.store.get("o", "s").file  # the stored session is kept
+    with pytest.raises(IncompatibleError, match="another adapter than this server's.*--adapter that wrote it"):
+        e.import_memory("o", "copy", str(e.store.path(e.store.get("o", "s"))))
     assert e.forget("o", "s")
     assert e.chat("o", "s", [U1], max_new_tokens=4, temperature=0).session.turns == 2
     e.store.close()

@@ -30,6 +30,10 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def save_checked(path: str | os.PathLike, tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> None:
     """Write ``tensors`` with ``header`` (JSON) and a sha256 of the tensor bytes; atomic via a temp file."""
     path = Path(path)

@@ -18,7 +18,7 @@ import torch
 
 from . import io
 from .config import CompressionConfig
-from .errors import IncompatibleError
+from .errors import CorruptFileError, IncompatibleError
 from .merging import running_mean
 
 
@@ -43,7 +43,8 @@ class CompressedMemory:
     tail: list[list[list[int]]] = field(default_factory=list)  # per row, the raw chunks not yet compressed
     cache_dtype: torch.dtype | None = None  # the model's dtype when the slots are held in fp32 (merge in bf16/fp16)
     raw: torch.Tensor | None = None  # (M,) bool: slots written by add_raw (verbatim tokens, never gated)
-    # sha256 of the adapter that wrote the slots (CompressedModel.adapter_id); None in files older than the field
+    # the adapter that last compressed into it (CompressedModel.adapter_id); None while it holds no compressed slot
+    # (verbatim tokens are the base model's) and in files older than the field
     adapter: str | None = None
 
     def __post_init__(self) -> None:
@@ -273,6 +274,8 @@ class CompressedMemory:
         ccm.check_fingerprint(header["base"], f"memory file {path}")
         ccm.check_config(header["compression"], f"memory file {path}")
         written = header.get("adapter")  # files older than the field have none: nothing to check
+        if written is not None and not isinstance(written, str):
+            raise CorruptFileError(f"{path}: the memory header's adapter is malformed; the file is damaged")
         if written is not None and not any_adapter and written != ccm.adapter_id():
             raise IncompatibleError(
                 f"memory file {path} was written by another adapter (sha256 {written[:12]}) than the one this model "

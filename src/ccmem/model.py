@@ -177,14 +177,33 @@ class CompressedModel:
         return list(self.trainable_named_parameters().values())
 
     def adapter_id(self) -> str:
-        """Which adapter this model holds: the sha256 its adapter file stores while the weights are those loaded from
-        it (whatever dtype or device they were moved to), else a sha256 of the weights as they are (fp32), e.g. after
-        training steps. A memory records it, so a file written by one adapter is not silently read by another."""
+        """Which adapter this model holds, so a memory written by one adapter is not silently read by another: a
+        sha256 of the trainable weights in fp32 (for an fp32 adapter file, the checksum the file stores) and of the
+        stage 1 folded into the base, if any. While the weights are those loaded from a file it is the file's, in
+        whatever dtype or on whatever device they were moved to; after training steps it is of the weights as they
+        are. The base model's own weights are not in it (the fingerprint checks only their shapes)."""
         params = self.trainable_named_parameters()
-        state = tuple(p._version for p in params.values())  # bumped by every in-place change (optimizer, copy_)
+        try:
+            state = self._state(params)
+        except RuntimeError:  # inference tensors keep no version counter: hash every time
+            return self._digest(params)
         if state not in self._ids:
-            self._ids = {state: io.digest({k: p.detach().float() for k, p in params.items()})}
+            self._ids = {state: self._digest(params)}
         return self._ids[state]
+
+    def _folded_stage1(self) -> str | None:
+        return (getattr(self.model.config, STAGE1_KEY, None) or {}).get("sha256")
+
+    def _state(self, params: dict[str, nn.Parameter]) -> tuple:
+        """What adapter_id's cache is keyed on: the stage 1 and each weight's version counter, which moves with every
+        in-place change (optimizer steps, copy_) but not with a dtype or device move. Weights swapped without one
+        (assigning ``p.data``) keep the old id."""
+        return self._folded_stage1(), tuple((id(p), p._version) for p in params.values())
+
+    def _digest(self, tensors: dict[str, torch.Tensor]) -> str:
+        own = io.digest({k: t.detach().float() for k, t in tensors.items()})
+        stage1 = self._folded_stage1()
+        return own if stage1 is None else io.sha256_text(f"{own} stage1 {stage1}")
 
     @property
     def device(self) -> torch.device:
@@ -393,7 +412,10 @@ class CompressedModel:
         params = self._check_tensors(tensors, where)
         for k, p in params.items():
             p.copy_(tensors[k].to(p.dtype))
-        self._ids = {tuple(p._version for p in params.values()): io.digest(tensors)}  # the file's own checksum
+        try:  # the file's weights, as adapter_id would hash them
+            self._ids = {self._state(params): self._digest(tensors)}
+        except RuntimeError:  # inference tensors: adapter_id hashes the weights each time
+            self._ids = {}
 
     def _check_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> dict[str, nn.Parameter]:
         """The trainable parameters, once ``tensors`` are known to hold each of them in its shape (else refused)."""

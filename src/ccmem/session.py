@@ -84,9 +84,14 @@ class Session:
         """Forget everything: an empty memory."""
         dtype = self.ccm.model.get_input_embeddings().weight.dtype
         self.memory = CompressedMemory.empty(
-            self.batch_size, self.ccm.fingerprint(), self.ccm.config, dtype, self.ccm.device,
-            adapter=self.ccm.adapter_id(),
+            self.batch_size, self.ccm.fingerprint(), self.ccm.config, dtype, self.ccm.device
         )
+
+    def _stamp(self) -> None:
+        """The memory now holds slots this adapter wrote: record it (the last writer; not while training through
+        the loop, where the weights change every step and the memory is not kept)."""
+        if not self.grad:
+            self.memory.adapter = self.ccm.adapter_id()
 
     def save(self, path: str | os.PathLike) -> None:
         self.memory.save(path)
@@ -200,6 +205,7 @@ class Session:
                 mem.add_sink([la.keys[:, :, m:m + 1] for la in layers], [la.values[:, :, m:m + 1] for la in layers],
                              first)
         mem.add_step([la.keys[:, :, -n:] for la in layers], [la.values[:, :, -n:] for la in layers], active, lens)
+        self._stamp()
 
     @_grad_mode
     def add_raw(self, chunks: Any) -> StepReport:
@@ -215,6 +221,8 @@ class Session:
         m = self.memory.num_slots
         self.memory.add_raw([la.keys[:, :, m:] for la in cache.layers], [la.values[:, :, m:] for la in cache.layers],
                             valid.bool(), lens)
+        if not self.ccm.config.conditional:  # a conditional LoRA leaves verbatim tokens to the base model
+            self._stamp()
         return StepReport(tokens=[len(r) if r else 0 for r in rows], slots=self.memory.slots_per_row(),
                           memory_bytes=self.memory.kv_bytes)
 

@@ -156,7 +156,14 @@ class Engine:
         next request continues from the memory with whatever it sends."""
         with self.model_lock:
             session = self.ccm.session()
-            session.load(path)
+            try:
+                session.load(path)
+            except IncompatibleError as e:
+                if e.fields != ("adapter",):
+                    raise
+                raise IncompatibleError(  # the library's fix (any_adapter=True) is not the client's to take
+                    "it was written by another adapter than this server's; import it into a server started with "
+                    "the --adapter that wrote it", e.fields) from e
             old = self.store.get(owner, sid)
             meta = SessionMeta(owner, sid, created=old.created if old else time.time())
             meta.turns = int(session.memory.steps[0]) + len(session.memory.tail[0])  # compressed + raw tail
