@@ -1,19 +1,47 @@
 #!/usr/bin/env bash
-# The general adapter (issue 10) on every suite beside the training-free methods and kvpress presses at equal KV.
-# It was trained without stage 1, so the baselines run on the plain base model too (--base-adapter none).
+# A general adapter (issue 10) on every suite, as the milestones of its runs are read: beside the training-free
+# methods and kvpress presses at equal KV, the baselines on the plain base model (--base-adapter none), and a
+# reference adapter in the same run (REF, default adapters/general-chat = step 4000, the chat default), so the two
+# meet in paired margins (`adapter_margins`). The dialog suites read both as `ccmem chat` does, with a raw tail of
+# TAIL turns (default 1); ICL reads them without one. --control rows say what the right context's memory is worth.
 #   bash scripts/eval_general.sh [ADAPTER] [SUITES] [NAME]
-#   (default: adapters/general-concat, "chitchat recall icl", general)
-# -> benchmarks/results/eval_{chitchat,recall,icl}_NAME.{json,md,png}
+#   ADAPTER: an adapter or checkpoint folder (default: the newest checkpoint of checkpoints/general-chat-long)
+#   SUITES:  any of office chitchat icl recall (default: all four; about 26 + 32 + 45 + 26 min on a 2-core CPU)
+#   NAME:    suffix of the result files (default: the folder's name) -> benchmarks/results/eval_{SUITE}_general_NAME.*
+#   REF=none scores the adapter alone; DRY=1 prints the commands instead of running them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-adapter=${1:-adapters/general-concat}
-name=${3:-general}
-[ -f "$adapter/adapter.safetensors" ] || {
-  echo "$adapter holds no adapter: train it (scripts/continue_general.sh) or name a checkpoint folder"; exit 2; }
-for suite in ${2:-chitchat recall icl}; do
-  limit=40
-  [ "$suite" = icl ] && limit=100
-  $PY -m ccmem eval --suite "$suite" --adapter ccm_concat="$adapter" --base-adapter none --limit $limit --control \
-    --name "eval_${suite}_${name}"
+adapter=${1:-$(ls -d checkpoints/general-chat-long/checkpoints/step_* 2>/dev/null | sort | tail -n 1)}
+[ -n "$adapter" ] && [ -f "$adapter/adapter.safetensors" ] || {
+  echo "${adapter:-checkpoints/general-chat-long} holds no adapter: train it (scripts/continue_general.sh) or name an adapter folder" >&2
+  exit 2; }
+name=${3:-$(basename "$adapter")}
+ref=${REF:-adapters/general-chat}
+tail=${TAIL:-1}
+pair=(--adapter "ccm_concat=$adapter")
+tails=(--raw-tail "ccm_concat=$tail")
+if [ "$ref" != none ]; then
+  pair+=(--adapter "ccm_concat_ref=$ref")
+  tails+=(--raw-tail "ccm_concat_ref=$tail")
+fi
+suites=${2:-office chitchat icl recall}
+for suite in $suites; do
+  case $suite in office|chitchat|icl|recall) ;; *) echo "unknown suite $suite: choose from office chitchat icl recall" >&2
+    exit 2 ;; esac
+done
+run() {
+  if [ -n "${DRY:-}" ]; then printf '%q ' ccmem "$@"; echo; else $PY -m ccmem "$@"; fi
+}
+for suite in $suites; do
+  case $suite in
+    office) run eval --suite chitchat --dialogs office --format template "${pair[@]}" "${tails[@]}" --base-adapter none \
+              --limit 40 --control --name "eval_chitchat_office_general_$name" ;;
+    chitchat) run eval --suite chitchat --format template "${pair[@]}" "${tails[@]}" --base-adapter none --limit 40 \
+              --control --name "eval_chitchat_general_$name" ;;
+    icl) run eval --suite icl --ts 4,8,16 "${pair[@]}" --base-adapter none --limit 100 --control \
+              --name "eval_icl_general_$name" ;;
+    recall) run eval --suite recall --facts 3 --ts 4,16 --format template "${pair[@]}" "${tails[@]}" \
+              --base-adapter none --presses kvzip --limit 40 --no-generate --name "eval_recall_3facts_general_$name" ;;
+  esac
 done

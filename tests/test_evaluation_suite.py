@@ -725,3 +725,55 @@ def test_chitchat_suite_in_the_chat_template():
         assert g.chunks == ep.chunks and g.queries[0].input == ep.input
         assert g.queries[0].targets == [ep.output[:-1]]  # EOS (the end-of-turn) excluded, as in plain
     assert tmpl.describe()["format"] == "template" and plain.describe()["format"] == "plain"
+
+
+def test_eval_general_script_runs_what_it_says(tmp_path, monkeypatch):
+    """scripts/eval_general.sh: each suite's command parses as `ccmem eval` and asks for the adapter beside the
+    reference, both with the chat's raw tail on dialog suites (none on ICL), baselines on the plain base model and a
+    control; REF=none scores the adapter alone; an unknown suite or a folder without an adapter stops before any run."""
+    import os
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    from ccmem import cli
+
+    root = Path(__file__).resolve().parent.parent
+    adapter = tmp_path / "step_000123"
+    tiny_ccm("llama").save_pretrained(adapter)
+
+    def commands(*args, **env):
+        out = subprocess.run(["bash", "scripts/eval_general.sh", *args], cwd=root, capture_output=True, text=True,
+                             env={**os.environ, "DRY": "1", **env})
+        return out.returncode, [shlex.split(line)[1:] for line in out.stdout.splitlines()], out.stderr
+
+    seen, report = [], tmp_path / "report.md"
+    report.write_text("(report)")
+
+    def run_named(suite, out, name, adapters, limit, ts, **kw):  # only what the commands ask for is under test
+        seen.append((suite, name, adapters, limit, ts, kw))
+        return None, [report] * 3
+
+    monkeypatch.setattr("ccmem.evaluation.runner.run_named", run_named)
+    rc, cmds, _ = commands(str(adapter))
+    assert rc == 0 and len(cmds) == 4
+    for argv in cmds:
+        assert cli.main(argv) == 0
+    by = {name: (suite, adapters, limit, ts, kw) for suite, name, adapters, limit, ts, kw in seen}
+    both = {"ccm_concat": str(adapter), "ccm_concat_ref": "adapters/general-chat"}
+    office = by["eval_chitchat_office_general_step_000123"]
+    assert office[0] == "chitchat" and office[1] == both and office[4]["dialogs"] == "office"
+    assert office[4]["raw_tails"] == {"ccm_concat": 1, "ccm_concat_ref": 1} and office[4]["base_adapter"] is None
+    assert by["eval_chitchat_general_step_000123"][4]["dialogs"] == "chitchat"
+    icl = by["eval_icl_general_step_000123"]
+    assert icl[0] == "icl" and icl[2] == 100 and icl[3] == [4, 8, 16] and icl[4]["raw_tails"] == {}
+    recall = by["eval_recall_3facts_general_step_000123"]
+    assert recall[4]["facts"] == 3 and recall[4]["presses"] == ("kvzip",) and recall[4]["generate"] is False
+    assert all(kw["control"] for *_, kw in by.values() if _[0] != "recall")
+    rc, cmds, _ = commands(str(adapter), "icl", "mine", REF="none")
+    assert rc == 0 and len(cmds) == 1 and "ccm_concat_ref=adapters/general-chat" not in cmds[0]
+    assert cmds[0][cmds[0].index("--name") + 1] == "eval_icl_general_mine"
+    rc, cmds, err = commands(str(adapter), "icl bogus")
+    assert rc == 2 and cmds == [] and "unknown suite bogus" in err
+    rc, cmds, err = commands(str(tmp_path / "nothing"))
+    assert rc == 2 and cmds == [] and "holds no adapter" in err
