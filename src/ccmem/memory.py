@@ -200,7 +200,7 @@ class CompressedMemory:
                 raise ValueError("stack takes single-row memories")
             if m.config.to_dict() != first.config.to_dict() or m.fingerprint != first.fingerprint:
                 raise IncompatibleError("memories of different models or compression configs cannot share a batch")
-        written = {m.adapter for m in mems} - {None}  # None: a file older than the field, read by this model
+        written = {m.adapter for m in mems} - {None}  # None: no compressed slot yet, or a file older than the field
         if len(written) > 1:
             raise IncompatibleError("memories written by different adapters cannot share a batch")
         sink = any(m.has_sink for m in mems)

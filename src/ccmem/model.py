@@ -71,7 +71,7 @@ class CompressedModel:
         self._prev_attn: str | None = None
         self.backend = "sdpa"
         self._grad_flags: dict[str, bool] = {}
-        self._ids: dict[tuple[int, ...], str] = {}  # adapter_id per state of the weights (their tensor versions)
+        self._ids: dict[tuple, str] = {}  # adapter_id for one state of the weights (see _state)
 
     # ------------------------------------------------------------------ construction
     @classmethod
