@@ -55,7 +55,7 @@ class CompressedMemory:
 
     @classmethod
     def empty(cls, batch_size: int, fingerprint: dict[str, Any], config: CompressionConfig,
-              dtype: torch.dtype, device: torch.device, adapter: str | None = None) -> CompressedMemory:
+              dtype: torch.dtype, device: torch.device) -> CompressedMemory:
         f = fingerprint
         shape = (batch_size, f["num_key_value_heads"], 0, f["head_dim"])
         layers = f["num_hidden_layers"]
@@ -72,7 +72,6 @@ class CompressedMemory:
             config=config,
             fingerprint=dict(fingerprint),
             cache_dtype=cache_dtype,
-            adapter=adapter,
         )
 
     # ---------------------------------------------------------------- size
