@@ -272,6 +272,35 @@ def test_a_server_with_another_adapter_refuses_a_stored_session_naming_the_fix(t
     e.store.close()
 
 
+def test_a_refused_session_is_a_400_plain_and_streamed_and_counted_as_400(tmp_path):
+    """Over HTTP the refusal is the same 400 whether the request streams or not: the plain reply's status, the
+    stream's error event (code 400, with the fix named) and /metrics all say 400, never 500."""
+    from conftest import randomize
+
+    e = make_engine(tmp_path / "store")
+    e.chat("public", "s", [U1], max_new_tokens=4, temperature=0)
+    e.store.close()
+    e = make_engine(tmp_path / "store")
+    randomize(e.ccm, seed=3)
+    live = Live(e, keys=())  # without keys every request is the owner "public"
+    try:
+        with pytest.raises(openai.BadRequestError, match="another adapter"):
+            ask(live.client(), "s", [U2])
+        req = urllib.request.Request(
+            live.url + "/v1/chat/completions", method="POST", headers={"Content-Type": "application/json",
+                                                                     "X-Session-Id": "s"},
+            data=json.dumps({"model": "tiny", "messages": [U2], "max_tokens": 4, "stream": True}).encode())
+        with urllib.request.urlopen(req) as r:
+            events = [line.removeprefix(b"data: ") for line in r.read().splitlines() if line.startswith(b"data: ")]
+        error = json.loads(events[-2])["error"]
+        assert events[-1] == b"[DONE]" and error["code"] == 400 and error["type"] == "invalid_request_error"
+        assert "--adapter" in error["message"] and "DELETE" in error["message"]
+        metrics = live.get("/metrics")[1].decode()
+        assert 'ccmem_requests_total{status="400"} 2.0' in metrics and 'status="500"' not in metrics
+    finally:
+        live.stop()
+
+
 def test_kill_9_mid_load_loses_no_answered_turn(tmp_path):
     """A real `ccmem serve` process, killed with SIGKILL while clients are mid-conversation, restarted on the same
     store: every answered turn is in its session's memory, every memory file passes its checksum, and a session that

@@ -180,10 +180,11 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
                 kind, value = await queue.get()
                 if kind == "delta":
                     yield chunk({"content": value})
-                elif kind == "error":
-                    status = "429" if isinstance(value, QueueFull) else "500"
-                    m_requests.labels(status).inc()
-                    yield f"data: {json.dumps({'error': {'message': str(value), 'type': type(value).__name__}})}\n\n"
+                elif kind == "error":  # the status a plain request would have had, in /metrics and the event
+                    status = 429 if isinstance(value, QueueFull) else 400 if isinstance(value, CCMError) else 500
+                    m_requests.labels(str(status)).inc()
+                    etype = {429: "rate_limit_error", 400: "invalid_request_error"}.get(status, "server_error")
+                    yield f"data: {json.dumps({'error': {'message': str(value), 'type': etype, 'code': status}})}\n\n"
                     break
                 else:
                     r = response(value)
