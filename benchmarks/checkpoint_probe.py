@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import markdown_table, write_results  # noqa: E402
+from common import markdown_table, part_name, recipe_parts, write_results  # noqa: E402
 
 from ccmem import CompressedModel  # noqa: E402
 from ccmem.evaluation.core import gap_recovered  # noqa: E402
@@ -43,10 +43,6 @@ RECIPE = "configs/general_chat_long.yaml"
 DEFAULT_ADAPTERS = ("step4000=adapters/general-chat", "plays1000=adapters/general-chat-plays-1000")
 
 
-def part_name(part: dict[str, Any]) -> str:
-    return ":".join(str(x) for x in (part.get("source"), part.get("name") or part.get("path")) if x)
-
-
 def probe_sets(cfg: dict[str, Any], tok: Any, held_out: str | None, dialogs: int, ts: list[int]) -> dict[str, list]:
     """{part name: episodes}: each recipe part's validation episodes (as training builds them, with its seed), then
     for each t the next turn after t compressed turns of the held-out domain's dialogs, in the recipe's dialog
@@ -54,7 +50,7 @@ def probe_sets(cfg: dict[str, Any], tok: Any, held_out: str | None, dialogs: int
     from ccmem.evaluation.suites import ChitchatSuite
 
     seed = cfg.get("train", {}).get("seed", 42)
-    parts = cfg["data"].get("parts") if cfg["data"].get("source") == "mix" else [cfg["data"]]
+    parts = recipe_parts(cfg["data"])
     sets = {part_name(p): build_data(tok, p, seed)[1] for p in parts}
     if held_out:
         fmt = next((p.get("format") for p in parts if p.get("format")), "plain")

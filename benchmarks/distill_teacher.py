@@ -27,7 +27,7 @@ import yaml
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import markdown_table, write_results  # noqa: E402
+from common import markdown_table, part_name, recipe_parts, write_results  # noqa: E402
 
 from ccmem.config import CompressionConfig  # noqa: E402
 from ccmem.data.collate import Collator, kl_at, lm_loss_at, loss_positions  # noqa: E402
@@ -63,15 +63,6 @@ def pooled_diff(sums: list[list[float]], idx: list[int], col: int) -> float:
     return (sum(sums[i][col] for i in idx) - sum(sums[i][0] for i in idx)) / n
 
 
-def parts(data: dict) -> list[dict]:
-    """A recipe's data sections, one per part of a mix."""
-    return list(data["parts"]) if data.get("source") == "mix" else [data]
-
-
-def part_name(d: dict) -> str:
-    return d["source"] + (f":{d['path']}" if isinstance(d.get("path"), str) else "")
-
-
 def score_adapter(name: str, path: str, episodes: int, seed: int, reps: int) -> list[dict]:
     recipe = yaml.safe_load((Path(path) / "recipe.yaml").read_text())
     stage1 = Path(path) / "stage1"  # shipped adapters carry their stage 1 (the recipe's path may be another machine's)
@@ -83,7 +74,7 @@ def score_adapter(name: str, path: str, episodes: int, seed: int, reps: int) -> 
     collate = Collator(ccm.tokens, ccm.config.variant, mode="compress", pad_id=tok.pad_token_id or 0,
                        max_length=recipe["train"].get("max_length", 1024), raw_tail=ccm.config.raw_tail)
     rows = []
-    for d in parts(recipe["data"]):
+    for d in recipe_parts(recipe["data"]):
         _, val, _ = build_data(tok, d, recipe["train"].get("seed", 42))
         val = val[:episodes]
         sums = [part_sums(ccm, collate, e) for e in tqdm(val, desc=f"{name} {part_name(d)}", leave=False)]
