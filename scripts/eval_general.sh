@@ -9,6 +9,8 @@
 #   SUITES:  any of office chitchat icl recall (default: all four; about 26 + 32 + 45 + 26 min on a 2-core CPU)
 #   NAME:    suffix of the result files (default: the folder's name) -> benchmarks/results/eval_{SUITE}_general_NAME.*
 #   REF=none scores the adapter alone; DRY=1 prints the commands instead of running them.
+# The methods without an adapter (no/full context, window, StreamingLLM, kvpress) are read from the score cache
+# (`ccmem eval --score-cache`) when an earlier run scored them on the same model, groups, budgets and code.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -31,7 +33,7 @@ for suite in $suites; do
     exit 2 ;; esac
 done
 run() {
-  if [ -n "${DRY:-}" ]; then printf '%q ' ccmem "$@"; echo; else $PY -m ccmem "$@"; fi
+  if [ -n "${DRY:-}" ]; then printf '%q ' ccmem "$@" --score-cache; echo; else $PY -m ccmem "$@" --score-cache; fi
 }
 for suite in $suites; do
   case $suite in

@@ -770,6 +770,7 @@ def test_eval_general_script_runs_what_it_says(tmp_path, monkeypatch):
     recall = by["eval_recall_3facts_general_step_000123"]
     assert recall[4]["facts"] == 3 and recall[4]["presses"] == ("kvzip",) and recall[4]["generate"] is False
     assert all(kw["control"] for *_, kw in by.values() if _[0] != "recall")
+    assert all(kw["score_cache"].endswith("eval-scores") for *_, kw in by.values())
     rc, cmds, _ = commands(str(adapter), "icl", "mine", REF="none")
     assert rc == 0 and len(cmds) == 1 and "ccm_concat_ref=adapters/general-chat" not in cmds[0]
     assert cmds[0][cmds[0].index("--name") + 1] == "eval_icl_general_mine"
@@ -777,3 +778,70 @@ def test_eval_general_script_runs_what_it_says(tmp_path, monkeypatch):
     assert rc == 2 and cmds == [] and "unknown suite bogus" in err
     rc, cmds, err = commands(str(tmp_path / "nothing"))
     assert rc == 2 and cmds == [] and "holds no adapter" in err
+
+
+def test_score_cache_rescores_only_the_adapters_and_misses_on_any_change(adapters, tmp_path, monkeypatch):
+    """With a score cache a second run scores only the trained method and its control (no kvpress worker) and gives
+    the same rows, margins, intervals and parallel-vs-online checks; other weights, other code or other groups miss;
+    an unreadable entry is scored anew and named in the notes."""
+    import json
+    import sys
+
+    import ccmem.evaluation.runner as runner
+    import ccmem.evaluation.score_cache as score_cache
+
+    monkeypatch.setenv("CCMEM_CACHE", str(tmp_path / "cache"))
+    scored, worker = [], []
+    real_parallel = runner.score_parallel
+    monkeypatch.setattr(runner, "score_parallel", lambda m, *a: (scored.append(m.name), real_parallel(m, *a))[1])
+
+    def fake_kvpress(py, model_dir, presses, jobs, batch_size=32):  # a press keeps the first `budget` tokens
+        worker.append(list(presses))
+        ref = runner.score_online(FullContext("full", "", "reference"), tiny_ccm(seed=0), jobs[0][1], 0)
+        return ({p: {t: ref for t, _, _ in jobs} for p in presses},
+                {p: {t: [3] * len(g) for t, g, _ in jobs} for p in presses})
+
+    monkeypatch.setattr(runner, "run_kvpress", fake_kvpress)
+    cfg = EvalConfig(adapters={"ccm_concat": adapters["ccm_concat"]}, presses=("snapkv",), mode="parallel", check=1,
+                     batch_size=4, bootstrap=50, control=True, kvpress_python=sys.executable,
+                     score_cache=str(tmp_path / "scores"))
+
+    def run(seed=0, suite=None):
+        scored.clear(), worker.clear()
+        return evaluate(suite or TinySuite(), cfg, load_model=lambda: tiny_model(seed=seed), progress=False)
+
+    first = run()
+    assert set(scored) == {"none", "full", "window", "streamingllm", "ccm_concat", "ccm_concat_other"}
+    assert worker == [["snapkv"]]
+    again = run()
+    assert set(scored) == {"ccm_concat", "ccm_concat_other"} and worker == []
+    for k in ("rows", "margins", "peak_margins", "context_value", "agreement"):
+        assert again[k] == first[k], k
+    assert any("score cache" in n and "kvpress_snapkv t=4" in n for n in again["notes"])
+    entry = sorted((tmp_path / "scores").rglob("*.json"))[0]
+    entry.write_text("{not json")
+    res = run()
+    broken = [n for n in res["notes"] if "unreadable score-cache entries" in n]
+    assert len(broken) == 1 and "," not in broken[0].split("anew: ")[1]  # one entry, named
+    assert len(set(scored) - {"ccm_concat", "ccm_concat_other"}) + len(worker) <= 1 and json.loads(entry.read_text())
+    assert res["rows"] == first["rows"]
+    run(seed=1)  # other reference weights: everything scored anew
+    assert {"none", "window"} <= set(scored) and worker == [["snapkv"]]
+    monkeypatch.setattr(score_cache, "code_digest", lambda: "edited")  # the scoring code changed
+    run()
+    assert {"none", "full", "window", "streamingllm"} <= set(scored) and worker == [["snapkv"]]
+
+    class Shorter(TinySuite):
+        ts = (1, 2)
+
+        def groups(self, t):
+            return TinySuite().groups(t)
+
+    run(suite=Shorter())  # t = 1, 2 are the same groups and budgets: served; nothing new to score
+    assert set(scored) == {"ccm_concat", "ccm_concat_other"} and worker == []
+
+    class Redrawn(TinySuite):  # its groups draw other tokens
+        ts = (1, 2)
+
+    run(suite=Redrawn())
+    assert {"none", "full", "window", "streamingllm"} <= set(scored) and worker == [["snapkv"]]

@@ -50,6 +50,7 @@ class EvalConfig:
     bootstrap: int = 1000  # paired bootstrap replicates for the 95 % intervals (0: none)
     bootstrap_seed: int = 0
     control: bool = False  # also score each CCM adapter with another context's memory (see other_context)
+    score_cache: str | None = None  # folder of scores of the methods without an adapter, reused across runs
 
 
 def methods_for(cfg: EvalConfig) -> list[Method]:
@@ -209,6 +210,18 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
                 if hits is not None:
                     generated[(m.name, t)] = hits
                 continue
+            key = cache.key(m, g, b) if cache is not None and m.kind in ("reference", "training-free") else None
+            hit = cache.get(key, f"{m.name} t={t}") if key else None
+            if hit is not None:
+                scores[(m.name, t)] = hit["scores"]
+                if hit.get("hits") is not None:
+                    generated[(m.name, t)] = hit["hits"]
+                if hit.get("agreement") is not None:
+                    agreement[m.name] = max(agreement.get(m.name, 0.0), hit["agreement"])
+                if reference_memo is not None and m.kind == "reference":
+                    reference_memo[(m.name, t)] = (scores[(m.name, t)], generated.get((m.name, t)))
+                continue
+            diff = None
             if isinstance(m, NoContext) and t != ts[0] and _same_queries(g, groups[ts[0]]):
                 scores[(m.name, t)] = scores[(m.name, ts[0])]  # no context and the same queries: same scores
                 if (m.name, ts[0]) in generated:
@@ -225,17 +238,30 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
                     pb = per_unit(b, len(g))[:len(part)]
                     a = score_parallel(m, ccm, part, pb, cfg.batch_size)
                     o = score_online(m, ccm, part, pb, 32)
-                    agreement[m.name] = max(agreement.get(m.name, 0.0), max_abs_diff(a, o))
+                    diff = max_abs_diff(a, o)
+                    agreement[m.name] = max(agreement.get(m.name, 0.0), diff)
+            if key:
+                cache.put(key, scores[(m.name, t)], hits=generated.get((m.name, t)), agreement=diff)
             if reference_memo is not None and m.kind == "reference":
                 reference_memo[(m.name, t)] = (scores[(m.name, t)], generated.get((m.name, t)))
 
     # reference model: no context, full context, training-free budgets
     base = fresh(stage1=True)
     per_slot = bytes_per_slot(base)
+    cache = None
+    if cfg.score_cache:
+        from .score_cache import ScoreCache
+
+        cache = ScoreCache(cfg.score_cache, _cache_setting(base, suite, cfg, mode, tokenizer))
     ref = CompressedModel.attach(base, CompressionConfig(variant="concat_recur", n_tok=cfg.n_tok))
     calib = None
     if any(g.calibration for g in groups[ts[0]]):
-        calib = score_online(NoContext("none", "", "reference"), ref, groups[ts[0]], 0, 64, calibration=True)
+        key = cache.key("calibration", groups[ts[0]], 0) if cache else None
+        hit = cache.get(key, "calibration") if key else None
+        calib = hit["scores"] if hit else score_online(NoContext("none", "", "reference"), ref, groups[ts[0]], 0, 64,
+                                                       calibration=True)
+        if key and not hit:
+            cache.put(key, calib)
     for m in methods:
         if m.kind in ("reference", "training-free") and not isinstance(m, Press):
             run_method(m, ref)
@@ -248,14 +274,31 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
                          "CCMEM_KVPRESS_PYTHON)")
             methods = [m for m in methods if not isinstance(m, Press)]
         else:
-            ref.detach(remove_weights=True)
-            model_dir = export_reference(base, f"{cfg.model}|{_file_hash(cfg.base_adapter)}", tokenizer)
-            jobs = [(t, groups[t], budgets[t]) for t in ts]
-            ps, press_held = run_kvpress(py, model_dir, [m.press for m in presses], jobs, max(cfg.batch_size, 32))
+            keys, hits = {}, {}
+            if cache is not None:
+                versions = _kvpress_versions(py)
+                for m in presses:
+                    for t in ts:
+                        keys[(m.name, t)] = cache.key(m, groups[t], budgets[t], kvpress=versions)
+                        hits[(m.name, t)] = cache.get(keys[(m.name, t)], f"{m.name} t={t}")
+            todo = [m for m in presses if any(hits.get((m.name, t)) is None for t in ts)]
             for m in presses:
-                for t in ts:
-                    scores[(m.name, t)] = ps[m.press][t]
-            notes.append(f"kvpress run from {py} on {model_dir}")
+                press_held[m.press] = {}
+                if m not in todo:
+                    for t in ts:
+                        scores[(m.name, t)], press_held[m.press][t] = hits[(m.name, t)]["scores"], hits[
+                            (m.name, t)]["held"]
+            if todo:
+                ref.detach(remove_weights=True)
+                model_dir = export_reference(base, f"{cfg.model}|{_file_hash(cfg.base_adapter)}", tokenizer)
+                jobs = [(t, groups[t], budgets[t]) for t in ts]
+                ps, held = run_kvpress(py, model_dir, [m.press for m in todo], jobs, max(cfg.batch_size, 32))
+                for m in todo:
+                    for t in ts:
+                        scores[(m.name, t)], press_held[m.press][t] = ps[m.press][t], held[m.press][t]
+                        if keys:
+                            cache.put(keys[(m.name, t)], ps[m.press][t], held=held[m.press][t])
+                notes.append(f"kvpress run from {py} on {model_dir}")
     del ref, base
 
     # trained adapters, one model load each
@@ -269,6 +312,9 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
             if c.kind == "control" and c.adapter == m.adapter and c.peer == m.name:
                 run_method(c, ccm)
         del ccm
+
+    if cache is not None and cache.note():
+        notes.append(cache.note())
 
     # rows
     rows = []
@@ -595,16 +641,33 @@ def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str 
     return res, write(Path(out_dir), res["name"], res, res["methods"], s.metric, s.higher_is_better)
 
 
+def _cache_setting(base: Any, suite: Suite, cfg: EvalConfig, mode: str, tokenizer: Any) -> dict[str, Any]:
+    """What a cached score depends on beyond its method, groups and budget (see :mod:`.score_cache`)."""
+    import transformers
+
+    from ..recipe import vocab_digest
+    from .score_cache import weights_digest
+
+    return {"model": weights_digest(base), "device": str(next(base.parameters()).device), "mode": mode,
+            "batch_size": cfg.batch_size, "check": cfg.check, "generate": cfg.generate and hasattr(suite, "generate"),
+            "suite": suite.describe(), "transformers": transformers.__version__,
+            "vocab": vocab_digest(tokenizer) if tokenizer is not None else None}
+
+
+def _kvpress_versions(py: str) -> str:
+    r = subprocess.run([py, "-c", "import kvpress, transformers, torch; print(kvpress.__version__ if hasattr("
+                        "kvpress, '__version__') else '0.5.5', transformers.__version__, torch.__version__)"],
+                       capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else f"unknown ({py})"
+
+
 def _environment_with_kvpress(cfg: EvalConfig) -> dict[str, Any]:
     from .report import environment
 
     extra = {}
     py = cfg.kvpress_python or default_kvpress_python()
     if py and cfg.presses:
-        r = subprocess.run([py, "-c", "import kvpress, transformers, torch; print(kvpress.__version__ if hasattr("
-                            "kvpress, '__version__') else '0.5.5', transformers.__version__, torch.__version__)"],
-                           capture_output=True, text=True)
-        if r.returncode == 0:
-            k, t, th = r.stdout.split()
-            extra = {"kvpress_env": {"kvpress": k, "transformers": t, "torch": th}}
+        versions = _kvpress_versions(py).split()
+        if len(versions) == 3:
+            extra = {"kvpress_env": dict(zip(("kvpress", "transformers", "torch"), versions))}
     return environment(extra)
