@@ -645,10 +645,12 @@ def _cache_setting(base: Any, suite: Suite, cfg: EvalConfig, mode: str, tokenize
     """What a cached score depends on beyond its method, groups and budget (see :mod:`.score_cache`)."""
     import transformers
 
+    from ..hardware import device_name
     from ..recipe import vocab_digest
     from .score_cache import weights_digest
 
-    return {"model": weights_digest(base), "device": str(next(base.parameters()).device), "mode": mode,
+    device = next(base.parameters()).device
+    return {"model": weights_digest(base), "device": f"{device} {device_name(device)}", "mode": mode,
             "batch_size": cfg.batch_size, "check": cfg.check, "generate": cfg.generate and hasattr(suite, "generate"),
             "suite": suite.describe(), "transformers": transformers.__version__,
             "vocab": vocab_digest(tokenizer) if tokenizer is not None else None}
