@@ -781,9 +781,10 @@ def test_eval_general_script_runs_what_it_says(tmp_path, monkeypatch):
 
 
 def test_score_cache_rescores_only_the_adapters_and_misses_on_any_change(adapters, tmp_path, monkeypatch):
-    """With a score cache a second run scores only the trained method and its control (no kvpress worker) and gives
-    the same rows, margins, intervals and parallel-vs-online checks; other weights, other code or other groups miss;
-    an unreadable entry is scored anew and named in the notes."""
+    """With a score cache a second run scores only the trained method and its control (no calibration, no kvpress
+    worker) and gives the same rows, margins, intervals and parallel-vs-online checks; a press new to the run goes to
+    the worker alone; other weights, code, groups or budgets miss; an unreadable entry is scored anew and named in the
+    notes; a folder that cannot be written leaves the run whole."""
     import json
     import sys
 
@@ -792,44 +793,56 @@ def test_score_cache_rescores_only_the_adapters_and_misses_on_any_change(adapter
 
     monkeypatch.setenv("CCMEM_CACHE", str(tmp_path / "cache"))
     scored, worker = [], []
-    real_parallel = runner.score_parallel
+    real_parallel, real_online = runner.score_parallel, runner.score_online
     monkeypatch.setattr(runner, "score_parallel", lambda m, *a: (scored.append(m.name), real_parallel(m, *a))[1])
+    monkeypatch.setattr(runner, "score_online", lambda m, *a, **kw: (
+        scored.append("calibration") if kw.get("calibration") else None, real_online(m, *a, **kw))[1])
 
-    def fake_kvpress(py, model_dir, presses, jobs, batch_size=32):  # a press keeps the first `budget` tokens
+    def fake_kvpress(py, model_dir, presses, jobs, batch_size=32):  # scores as full context, holds each budget
         worker.append(list(presses))
-        ref = runner.score_online(FullContext("full", "", "reference"), tiny_ccm(seed=0), jobs[0][1], 0)
-        return ({p: {t: ref for t, _, _ in jobs} for p in presses},
-                {p: {t: [3] * len(g) for t, g, _ in jobs} for p in presses})
+        return ({p: {t: real_online(FullContext("full", "", "reference"), tiny_ccm(seed=0), g, 0)
+                     for t, g, _ in jobs} for p in presses},
+                {p: {t: runner.per_unit(b, len(g)) for t, g, b in jobs} for p in presses})
 
     monkeypatch.setattr(runner, "run_kvpress", fake_kvpress)
-    cfg = EvalConfig(adapters={"ccm_concat": adapters["ccm_concat"]}, presses=("snapkv",), mode="parallel", check=1,
-                     batch_size=4, bootstrap=50, control=True, kvpress_python=sys.executable,
-                     score_cache=str(tmp_path / "scores"))
+    monkeypatch.setattr(runner, "_kvpress_versions", lambda py: "0.5.5 5.2.0 2.13.0")
+    baselines = {"none", "full", "window", "streamingllm", "calibration"}
+    adapters_only = {"ccm_concat", "ccm_concat_other"}
 
-    def run(seed=0, suite=None):
+    def run(seed=0, suite=None, presses=("snapkv",), folder="scores", adapter="ccm_concat", check=1):
+        cfg = EvalConfig(adapters={"ccm_concat": adapters[adapter]}, presses=presses, mode="parallel", check=check,
+                         batch_size=4, bootstrap=50, control=True, kvpress_python=sys.executable,
+                         score_cache=str(tmp_path / folder))
         scored.clear(), worker.clear()
         return evaluate(suite or TinySuite(), cfg, load_model=lambda: tiny_model(seed=seed), progress=False)
 
     first = run()
-    assert set(scored) == {"none", "full", "window", "streamingllm", "ccm_concat", "ccm_concat_other"}
-    assert worker == [["snapkv"]]
+    assert set(scored) == baselines | adapters_only and worker == [["snapkv"]]
     again = run()
-    assert set(scored) == {"ccm_concat", "ccm_concat_other"} and worker == []
+    assert set(scored) == adapters_only and worker == []
     for k in ("rows", "margins", "peak_margins", "context_value", "agreement"):
         assert again[k] == first[k], k
-    assert any("score cache" in n and "kvpress_snapkv t=4" in n for n in again["notes"])
-    entry = sorted((tmp_path / "scores").rglob("*.json"))[0]
-    entry.write_text("{not json")
-    res = run()
+    assert any("score cache" in n and "kvpress_snapkv t=4" in n and "calibration" in n for n in again["notes"])
+    both = run(presses=("snapkv", "knorm"))  # only the new press goes to the worker
+    assert set(scored) == adapters_only and worker == [["knorm"]]
+    assert [r for r in both["rows"] if r["method"] != "kvpress_knorm"] == first["rows"]
+    entries = sorted((tmp_path / "scores").rglob("*.json"))
+    entries[0].write_text("{not json")
+    entries[1].write_text(json.dumps({"scores": [[[[0.0, 1]]]]}))  # parses, but fits no groups of the run
+    res = run(presses=("snapkv", "knorm"))
     broken = [n for n in res["notes"] if "unreadable score-cache entries" in n]
-    assert len(broken) == 1 and "," not in broken[0].split("anew: ")[1]  # one entry, named
-    assert len(set(scored) - {"ccm_concat", "ccm_concat_other"}) + len(worker) <= 1 and json.loads(entry.read_text())
-    assert res["rows"] == first["rows"]
+    assert len(broken) == 1 and len(broken[0].split("anew: ")[1].split(", ")) == 2
+    assert len(set(scored) - adapters_only) + sum(len(w) for w in worker) == 2  # each broken entry's method
+    assert res["rows"] == both["rows"] and json.loads(entries[0].read_text())
     run(seed=1)  # other reference weights: everything scored anew
-    assert {"none", "window"} <= set(scored) and worker == [["snapkv"]]
+    assert set(scored) == baselines | adapters_only and worker == [["snapkv"]]
+    run(check=0)  # budgets and weights as before, but the agreement check is part of what an entry holds
+    assert baselines - {"calibration"} <= set(scored)
     monkeypatch.setattr(score_cache, "code_digest", lambda: "edited")  # the scoring code changed
     run()
-    assert {"none", "full", "window", "streamingllm"} <= set(scored) and worker == [["snapkv"]]
+    assert set(scored) == baselines | adapters_only and worker == [["snapkv"]]
+    run(adapter="ccm_concat_tail")  # a raw tail: other budgets for the window and the press
+    assert {"window", "streamingllm"} <= set(scored) and worker == [["snapkv"]] and "none" not in scored
 
     class Shorter(TinySuite):
         ts = (1, 2)
@@ -838,10 +851,39 @@ def test_score_cache_rescores_only_the_adapters_and_misses_on_any_change(adapter
             return TinySuite().groups(t)
 
     run(suite=Shorter())  # t = 1, 2 are the same groups and budgets: served; nothing new to score
-    assert set(scored) == {"ccm_concat", "ccm_concat_other"} and worker == []
+    assert set(scored) == adapters_only and worker == []
 
     class Redrawn(TinySuite):  # its groups draw other tokens
         ts = (1, 2)
 
     run(suite=Redrawn())
-    assert {"none", "full", "window", "streamingllm"} <= set(scored) and worker == [["snapkv"]]
+    assert set(scored) == baselines | adapters_only and worker == [["snapkv"]]
+    (tmp_path / "a_file").write_text("not a folder")  # a cache folder that cannot be made, even by root
+    res = run(folder="a_file/scores")
+    assert any("could not be written" in n for n in res["notes"]) and res["rows"] == first["rows"]
+    assert (tmp_path / "a_file").read_text() == "not a folder"
+
+
+def test_weights_digest_sees_every_tensor_and_dtype_and_0_dim_buffers():
+    """Gemma keeps a 0-dim scale buffer; a bf16 copy of the same weights is another model; one changed value or
+    config field is another model."""
+    import torch
+
+    from ccmem.evaluation.score_cache import config_digest, weights_digest
+
+    m = tiny_model(seed=0)
+    m.register_buffer("scale", torch.tensor(2.0))
+    d = weights_digest(m)
+    twin = tiny_model(seed=0)
+    twin.register_buffer("scale", torch.tensor(2.0))
+    assert weights_digest(twin) == d
+    m.scale.fill_(3.0)
+    assert weights_digest(m) != d
+    m.scale.fill_(2.0)
+    with torch.no_grad():
+        next(m.parameters())[0, 0] += 1e-3
+    assert weights_digest(m) != d
+    assert weights_digest(tiny_model(seed=0).to(torch.bfloat16)) != weights_digest(tiny_model(seed=0))
+    other = tiny_model(seed=0, rms_norm_eps=1e-3)
+    assert config_digest(other) != config_digest(tiny_model(seed=0)) and weights_digest(other) == weights_digest(
+        tiny_model(seed=0))

@@ -124,7 +124,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.score_cache:
         from .models import cache_dir
 
-        kw["score_cache"] = str(cache_dir() / "eval-scores") if args.score_cache == "default" else args.score_cache
+        kw["score_cache"] = str(cache_dir() / "eval-scores") if args.score_cache is True else args.score_cache
     if args.base_adapter is not None:
         kw["base_adapter"] = None if args.base_adapter.lower() == "none" else args.base_adapter
     res, paths = run_named(args.suite, args.out, args.name, adapters, args.limit,
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--frontier", action="store_true",
                    help="every method at 1, 2, 4, 8 KV slots per context step (t = 8, 12 for chitchat; 8, 16 for "
                         "icl / recall) -> frontier_<suite>.{json,md,png}")
-    e.add_argument("--score-cache", nargs="?", const="default", default=None, metavar="DIR",
+    e.add_argument("--score-cache", nargs="?", const=True, default=None, metavar="DIR",
                    help="reuse the scores of the methods without an adapter (no/full context, window, StreamingLLM, "
                         "kvpress presses) from earlier runs with the same model, groups, budgets and code, and keep "
                         "new ones (default folder: ~/.cache/ccmem/eval-scores, or $CCMEM_CACHE/eval-scores)")

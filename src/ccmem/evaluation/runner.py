@@ -210,8 +210,10 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
                 if hits is not None:
                     generated[(m.name, t)] = hits
                 continue
-            key = cache.key(m, g, b) if cache is not None and m.kind in ("reference", "training-free") else None
-            hit = cache.get(key, f"{m.name} t={t}") if key else None
+            key = None
+            if cache is not None and m.kind in ("reference", "training-free"):  # no/full context take no budget
+                key = cache.key(m, g, None if m.kind == "reference" else b)
+            hit = cache.get(key, f"{m.name} t={t}", g) if key else None
             if hit is not None:
                 scores[(m.name, t)] = hit["scores"]
                 if hit.get("hits") is not None:
@@ -241,7 +243,8 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
                     diff = max_abs_diff(a, o)
                     agreement[m.name] = max(agreement.get(m.name, 0.0), diff)
             if key:
-                cache.put(key, scores[(m.name, t)], hits=generated.get((m.name, t)), agreement=diff)
+                cache.put(key, f"{m.name} t={t}", scores[(m.name, t)], hits=generated.get((m.name, t)),
+                          agreement=diff)
             if reference_memo is not None and m.kind == "reference":
                 reference_memo[(m.name, t)] = (scores[(m.name, t)], generated.get((m.name, t)))
 
@@ -257,11 +260,11 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
     calib = None
     if any(g.calibration for g in groups[ts[0]]):
         key = cache.key("calibration", groups[ts[0]], 0) if cache else None
-        hit = cache.get(key, "calibration") if key else None
+        hit = cache.get(key, "calibration", groups[ts[0]], calibration=True) if key else None
         calib = hit["scores"] if hit else score_online(NoContext("none", "", "reference"), ref, groups[ts[0]], 0, 64,
                                                        calibration=True)
         if key and not hit:
-            cache.put(key, calib)
+            cache.put(key, "calibration", calib)
     for m in methods:
         if m.kind in ("reference", "training-free") and not isinstance(m, Press):
             run_method(m, ref)
@@ -275,12 +278,17 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
             methods = [m for m in methods if not isinstance(m, Press)]
         else:
             keys, hits = {}, {}
-            if cache is not None:
-                versions = _kvpress_versions(py)
+            versions = _kvpress_versions(py) if cache is not None else None
+            if versions is not None:  # the worker runs on the CPU whatever the device: its float sums count too
+                from ..hardware import cpu_name
+
+                worker = {"kvpress": versions, "cpu": cpu_name(), "threads": torch.get_num_threads(),
+                          "capability": torch.backends.cpu.get_cpu_capability()}
                 for m in presses:
                     for t in ts:
-                        keys[(m.name, t)] = cache.key(m, groups[t], budgets[t], kvpress=versions)
-                        hits[(m.name, t)] = cache.get(keys[(m.name, t)], f"{m.name} t={t}")
+                        keys[(m.name, t)] = cache.key(m, groups[t], budgets[t], worker=worker)
+                        hits[(m.name, t)] = cache.get(keys[(m.name, t)], f"{m.name} t={t}", groups[t],
+                                                      need=("held",))
             todo = [m for m in presses if any(hits.get((m.name, t)) is None for t in ts)]
             for m in presses:
                 press_held[m.press] = {}
@@ -290,14 +298,16 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
                             (m.name, t)]["held"]
             if todo:
                 ref.detach(remove_weights=True)
-                model_dir = export_reference(base, f"{cfg.model}|{_file_hash(cfg.base_adapter)}", tokenizer)
+                from .score_cache import tokenizer_digest, weights_digest
+
+                model_dir = export_reference(base, f"{weights_digest(base)}|{tokenizer_digest(tokenizer)}", tokenizer)
                 jobs = [(t, groups[t], budgets[t]) for t in ts]
                 ps, held = run_kvpress(py, model_dir, [m.press for m in todo], jobs, max(cfg.batch_size, 32))
                 for m in todo:
                     for t in ts:
                         scores[(m.name, t)], press_held[m.press][t] = ps[m.press][t], held[m.press][t]
                         if keys:
-                            cache.put(keys[(m.name, t)], ps[m.press][t], held=held[m.press][t])
+                            cache.put(keys[(m.name, t)], f"{m.name} t={t}", ps[m.press][t], held=held[m.press][t])
                 notes.append(f"kvpress run from {py} on {model_dir}")
     del ref, base
 
@@ -379,13 +389,6 @@ def _same_queries(a: list[Group], b: list[Group]) -> bool:
         len(x.queries) == len(y.queries)
         and all(p.input == q.input and p.targets == q.targets for p, q in zip(x.queries, y.queries))
         for x, y in zip(a, b))
-
-
-def _file_hash(path: str | None) -> str:
-    if not path:
-        return "none"
-    f = Path(path) / "adapter.safetensors"
-    return hashlib.sha256(f.read_bytes()).hexdigest()[:16] if f.exists() else str(path)
 
 
 def _gap(rows: list[dict], metric: str) -> None:
@@ -646,21 +649,21 @@ def _cache_setting(base: Any, suite: Suite, cfg: EvalConfig, mode: str, tokenize
     import transformers
 
     from ..hardware import device_name
-    from ..recipe import vocab_digest
-    from .score_cache import weights_digest
+    from .score_cache import config_digest, tokenizer_digest, weights_digest
 
     device = next(base.parameters()).device
-    return {"model": weights_digest(base), "device": f"{device} {device_name(device)}", "mode": mode,
-            "batch_size": cfg.batch_size, "check": cfg.check, "generate": cfg.generate and hasattr(suite, "generate"),
-            "suite": suite.describe(), "transformers": transformers.__version__,
-            "vocab": vocab_digest(tokenizer) if tokenizer is not None else None}
+    return {"model": weights_digest(base), "config": config_digest(base), "device": f"{device} {device_name(device)}",
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "mode": mode, "batch_size": cfg.batch_size,
+            "check": cfg.check, "generate": cfg.generate and hasattr(suite, "generate"), "suite": suite.describe(),
+            "transformers": transformers.__version__, "tokenizer": tokenizer_digest(tokenizer)}
 
 
-def _kvpress_versions(py: str) -> str:
-    r = subprocess.run([py, "-c", "import kvpress, transformers, torch; print(kvpress.__version__ if hasattr("
-                        "kvpress, '__version__') else '0.5.5', transformers.__version__, torch.__version__)"],
-                       capture_output=True, text=True)
-    return r.stdout.strip() if r.returncode == 0 else f"unknown ({py})"
+def _kvpress_versions(py: str) -> str | None:
+    """kvpress, transformers and torch versions of kvpress's environment (its package metadata: kvpress has no
+    ``__version__``), or None where that environment cannot say."""
+    r = subprocess.run([py, "-c", "from importlib.metadata import version as v; "
+                        "print(v('kvpress'), v('transformers'), v('torch'))"], capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 and len(r.stdout.split()) == 3 else None
 
 
 def _environment_with_kvpress(cfg: EvalConfig) -> dict[str, Any]:
@@ -669,7 +672,7 @@ def _environment_with_kvpress(cfg: EvalConfig) -> dict[str, Any]:
     extra = {}
     py = cfg.kvpress_python or default_kvpress_python()
     if py and cfg.presses:
-        versions = _kvpress_versions(py).split()
-        if len(versions) == 3:
-            extra = {"kvpress_env": dict(zip(("kvpress", "transformers", "torch"), versions))}
+        versions = _kvpress_versions(py)
+        if versions is not None:
+            extra = {"kvpress_env": dict(zip(("kvpress", "transformers", "torch"), versions.split()))}
     return environment(extra)

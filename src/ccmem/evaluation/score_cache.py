@@ -7,11 +7,12 @@ token id of every context, query, target and calibration query), the budget, the
 model's weights (stage 1 folded in) and dtype, the device (a CPU's model and thread count: they change the order of
 floating-point sums), the scoring mode and batch size, the torch and transformers versions (and kvpress's, for a
 press), and the source of every ccmem module on the scoring path (:func:`code_digest`). A missing, unreadable or
-mismatched entry is scored anew, never an error.
+mismatched entry is scored anew, and a folder that cannot be written only goes unused: never an error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -50,8 +51,27 @@ def weights_digest(model: torch.nn.Module) -> str:
     for name, t in sorted({**dict(model.named_parameters()), **dict(model.named_buffers())}.items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # reshape: 0-dim buffers (Gemma's scale)
     return h.hexdigest()
+
+
+def config_digest(model: torch.nn.Module) -> str:
+    """The model config (rope, norms, windows: what scores depend on beside the weights), its path left out."""
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    return _sha(cfg)
+
+
+def tokenizer_digest(tok: Any) -> str | None:
+    """The whole tokenizer as it encodes and decodes (the recall suite's replies are decoded and matched), with the
+    tokenizers version."""
+    if tok is None:
+        return None
+    import tokenizers
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else sorted(tok.get_vocab().items())
+    return _sha([body, tok.special_tokens_map, getattr(tok, "clean_up_tokenization_spaces", None),
+                 tokenizers.__version__])
 
 
 def groups_digest(groups: list[Group]) -> str:
@@ -68,6 +88,7 @@ class ScoreCache:
         self.setting = {**setting, "torch": torch.__version__, "code": code_digest()}
         self.read: list[str] = []  # labels of the entries served
         self.unreadable: list[str] = []
+        self.unwritable: list[str] = []
 
     def key(self, method: Method | str, groups: list[Group], budget: Any, **extra: Any) -> str:
         m = method if isinstance(method, str) else {"class": type(method).__name__, **dataclasses.asdict(method)}
@@ -77,25 +98,41 @@ class ScoreCache:
     def _path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.json"
 
-    def get(self, key: str, label: str) -> dict[str, Any] | None:
+    def get(self, key: str, label: str, groups: list[Group], calibration: bool = False,
+            need: tuple[str, ...] = ()) -> dict[str, Any] | None:
+        """The entry, if it exists and fits ``groups`` (a score per target of each query, counting its tokens) with
+        the fields in ``need`` of one value per group; else ``None``, an unreadable entry named in :meth:`note`."""
         path = self._path(key)
         if not path.exists():
             return None
         try:
             entry = json.loads(path.read_text())
-            entry["scores"] = [[[(float(ll), int(n)) for ll, n in q] for q in g] for g in entry["scores"]]
+            scores = [[[(float(ll), int(n)) for ll, n in q] for q in g] for g in entry["scores"]]
+            queries = [g.calibration if calibration else g.queries for g in groups]
+            fits = len(scores) == len(groups) and all(
+                len(sg) == len(qs) and all(len(sq) == len(q.targets) and all(n == len(tg) for (_, n), tg in
+                                                                            zip(sq, q.targets))
+                                           for sq, q in zip(sg, qs)) for sg, qs in zip(scores, queries))
+            if not fits or any(not isinstance(entry.get(f), list) or len(entry[f]) != len(groups) for f in need):
+                raise ValueError("the entry does not fit the groups")
         except (OSError, ValueError, KeyError, TypeError):
             self.unreadable.append(label)
             return None
         self.read.append(label)
-        return entry
+        return {**entry, "scores": scores}
 
-    def put(self, key: str, scores: Scores, **extra: Any) -> None:
+    def put(self, key: str, label: str, scores: Scores, **extra: Any) -> None:
+        """Write an entry atomically; a folder that cannot be written loses the entry, not the run."""
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"scores": scores, **extra}))
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"scores": scores, **extra}))
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            self.unwritable.append(label)
 
     def note(self) -> str | None:
         """What the run took from the cache, for the report's notes."""
@@ -105,4 +142,7 @@ class ScoreCache:
                          f"{self.folder} ({', '.join(self.read)})")
         if self.unreadable:
             parts.append(f"unreadable score-cache entries scored anew: {', '.join(self.unreadable)}")
+        if self.unwritable:
+            parts.append(f"score-cache entries that could not be written to {self.folder}: "
+                         f"{', '.join(self.unwritable)}")
         return "; ".join(parts) or None
