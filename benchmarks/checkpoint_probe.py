@@ -7,7 +7,8 @@ EOS excluded, each adapter's own compression config):
 
 - the validation episodes of each part of the run's recipe (its own domains: whole validation dialogs, recall,
   ICL and text episodes), built exactly as training builds them;
-- whole dialogs of a domain no recipe trains on (`--held-out`, The Office by default), in the recipe's format.
+- the next turn after t = 4, 8, 12 compressed turns of dialogs from a domain no recipe trains on (`--held-out`, The
+  Office by default), in the recipe's format: exactly the episodes of the chit-chat suite on that domain.
 
 Per part it reports each adapter's pooled perplexity and the gap it recovers between no context and full context
 (the base model alone, which every adapter shares), and each adapter's paired margin over the reference adapter
@@ -22,7 +23,6 @@ Episode-level perplexity mixes every t; the suites (`ccmem eval`) remain the mea
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import sys
 import time
@@ -35,6 +35,7 @@ from common import markdown_table, part_name, recipe_parts, write_results  # noq
 from ccmem import CompressedModel  # noqa: E402
 from ccmem.evaluation.core import gap_recovered  # noqa: E402
 from ccmem.evaluation.intervals import interval, pooled_ppl_replicates  # noqa: E402
+from ccmem.metrics import perplexity as pooled_ppl  # noqa: E402
 from ccmem.recipe import build_data, load_recipe, prepare_model  # noqa: E402
 from ccmem.scoring import perplexity  # noqa: E402
 from ccmem.training import latest_checkpoint  # noqa: E402
@@ -66,7 +67,7 @@ def score(ccm: CompressedModel, sets: dict[str, list], mode: str, batch: int) ->
 
 
 def pooled(rows: list[tuple[float, int]]) -> float:
-    return math.exp(sum(s for s, _ in rows) / max(1, sum(c for _, c in rows)))
+    return pooled_ppl(sum(s for s, _ in rows), sum(c for _, c in rows))
 
 
 def probe(ccm: CompressedModel, adapters: dict[str, str], sets: dict[str, list], batch: int, bootstrap: int

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..data.episode import Episode
 from .core import Budget, bytes_per_slot, option_logliks, per_unit
 from .methods import Compressed, Method, NoContext, Press, control, flat, variant_view
+from .score_cache import ScoreCache, config_digest, tokenizer_digest, weights_digest
 from .suites import Group, Scores, Suite
 
 
@@ -253,8 +254,6 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
     per_slot = bytes_per_slot(base)
     cache = None
     if cfg.score_cache:
-        from .score_cache import ScoreCache
-
         cache = ScoreCache(cfg.score_cache, _cache_setting(base, suite, cfg, mode, tokenizer))
     ref = CompressedModel.attach(base, CompressionConfig(variant="concat_recur", n_tok=cfg.n_tok))
     calib = None
@@ -298,8 +297,6 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
                             (m.name, t)]["held"]
             if todo:
                 ref.detach(remove_weights=True)
-                from .score_cache import tokenizer_digest, weights_digest
-
                 model_dir = export_reference(base, f"{weights_digest(base)}|{tokenizer_digest(tokenizer)}", tokenizer)
                 jobs = [(t, groups[t], budgets[t]) for t in ts]
                 ps, held = run_kvpress(py, model_dir, [m.press for m in todo], jobs, max(cfg.batch_size, 32))
@@ -649,7 +646,6 @@ def _cache_setting(base: Any, suite: Suite, cfg: EvalConfig, mode: str, tokenize
     import transformers
 
     from ..hardware import device_name
-    from .score_cache import config_digest, tokenizer_digest, weights_digest
 
     device = next(base.parameters()).device
     return {"model": weights_digest(base), "config": config_digest(base), "device": f"{device} {device_name(device)}",

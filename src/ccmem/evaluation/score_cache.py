@@ -4,10 +4,11 @@ groups every time; with a cache only the adapters are scored again.
 
 A score is reused only when everything that made it is the same: the method and its fields, the exact groups (every
 token id of every context, query, target and calibration query), the budget, the suite's description, the reference
-model's weights (stage 1 folded in) and dtype, the device (a CPU's model and thread count: they change the order of
-floating-point sums), the scoring mode and batch size, the torch and transformers versions (and kvpress's, for a
-press), and the source of every ccmem module on the scoring path (:func:`code_digest`). A missing, unreadable or
-mismatched entry is scored anew, and a folder that cannot be written only goes unused: never an error.
+model's weights (stage 1 folded in), dtype and config, the tokenizer, the device (a CPU's model and thread count:
+they change the order of floating-point sums), the scoring mode and batch size, the torch and transformers versions
+(and kvpress's, for a press), and the source of every ccmem module on the scoring path (:func:`code_digest`). A
+missing, unreadable or mismatched entry is scored anew, and a folder that cannot be written only goes unused: never
+an error.
 """
 
 from __future__ import annotations

@@ -41,6 +41,15 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
+def _refusal(e: Exception) -> tuple[int, str]:
+    """(HTTP status, OpenAI error type) of a failed chat request, the same whether it streams or not."""
+    if isinstance(e, QueueFull):
+        return 429, "rate_limit_error"
+    if isinstance(e, CCMError):
+        return 400, "invalid_request_error"
+    return 500, "server_error"
+
+
 def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     app = FastAPI(title="ccmem", version="1")
@@ -137,12 +146,10 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         if not body.get("stream"):
             try:
                 reply = await asyncio.to_thread(engine.chat, owner, sid, messages, **params)
-            except QueueFull as e:
-                m_requests.labels("429").inc()
-                return _error(429, str(e), "rate_limit_error")
-            except CCMError as e:
-                m_requests.labels("400").inc()
-                return _error(400, str(e))
+            except (QueueFull, CCMError) as e:
+                status, etype = _refusal(e)
+                m_requests.labels(str(status)).inc()
+                return _error(status, str(e), etype)
             m_requests.labels("200").inc()
             m_latency.observe(time.perf_counter() - t0)
             return JSONResponse(response(reply), headers=headers)
@@ -181,9 +188,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
                 if kind == "delta":
                     yield chunk({"content": value})
                 elif kind == "error":  # the status a plain request would have had, in /metrics and the event
-                    status = 429 if isinstance(value, QueueFull) else 400 if isinstance(value, CCMError) else 500
+                    status, etype = _refusal(value)
                     m_requests.labels(str(status)).inc()
-                    etype = {429: "rate_limit_error", 400: "invalid_request_error"}.get(status, "server_error")
                     yield f"data: {json.dumps({'error': {'message': str(value), 'type': etype, 'code': status}})}\n\n"
                     break
                 else:
