@@ -30,13 +30,13 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import markdown_table, part_name, recipe_parts, write_results  # noqa: E402
+from common import markdown_table, write_results  # noqa: E402
 
 from ccmem import CompressedModel  # noqa: E402
 from ccmem.evaluation.core import gap_recovered  # noqa: E402
 from ccmem.evaluation.intervals import interval, pooled_ppl_replicates  # noqa: E402
 from ccmem.metrics import perplexity as pooled_ppl  # noqa: E402
-from ccmem.recipe import build_data, load_recipe, prepare_model  # noqa: E402
+from ccmem.recipe import build_data, load_recipe, part_names, prepare_model, recipe_parts  # noqa: E402
 from ccmem.scoring import perplexity  # noqa: E402
 from ccmem.training import latest_checkpoint  # noqa: E402
 
@@ -52,7 +52,7 @@ def probe_sets(cfg: dict[str, Any], tok: Any, held_out: str | None, dialogs: int
 
     seed = cfg.get("train", {}).get("seed", 42)
     parts = recipe_parts(cfg["data"])
-    sets = {part_name(p): build_data(tok, p, seed)[1] for p in parts}
+    sets = {name: build_data(tok, p, seed)[1] for name, p in zip(part_names(parts), parts)}  # the training log's names
     if held_out:
         fmt = next((p.get("format") for p in parts if p.get("format")), "plain")
         suite = ChitchatSuite(tok, dialogs=dialogs, ts=ts, format=fmt, source=held_out)

@@ -20,17 +20,6 @@ def environment() -> dict[str, Any]:
     return env()
 
 
-def recipe_parts(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """A recipe's data sections, one per part of a mix."""
-    return list(data["parts"]) if data.get("source") == "mix" else [data]
-
-
-def part_name(d: dict[str, Any]) -> str:
-    """``source`` or ``source:name`` / ``source:path`` (``script:shakespeare``, ``text:kjv:old``)."""
-    detail = d.get("name") or (d.get("path") if isinstance(d.get("path"), str) else None)
-    return d["source"] + (f":{detail}" if detail else "")
-
-
 def random_smollm2():
     """The SmolLM2-135M architecture with random weights (timings on machines without the model files)."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -39,7 +39,8 @@ def grads_of_step(trainer: Trainer, step: int, bf16: bool) -> tuple[float, float
     total, tokens = 0.0, 0
     for eps in micro:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, _, ntok, _ = trainer._forward_loss(trainer.collate(eps))
+            out = trainer._forward_loss(trainer.collate(eps))
+            loss, ntok = out.loss, out.tokens
         if loss.requires_grad:  # a micro-batch with no ⟨COMP⟩ row (all in a raw tail) adds nothing, as in training
             (loss / len(micro)).backward()
         total += float(loss.detach()) / len(micro)

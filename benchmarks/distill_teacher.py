@@ -27,13 +27,13 @@ import yaml
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import markdown_table, part_name, recipe_parts, write_results  # noqa: E402
+from common import markdown_table, write_results  # noqa: E402
 
 from ccmem.config import CompressionConfig  # noqa: E402
 from ccmem.data.collate import Collator, kl_at, lm_loss_at, loss_positions  # noqa: E402
 from ccmem.evaluation.intervals import interval  # noqa: E402
 from ccmem.model import CompressedModel  # noqa: E402
-from ccmem.recipe import build_data, prepare_model  # noqa: E402
+from ccmem.recipe import build_data, part_names, prepare_model, recipe_parts  # noqa: E402
 
 
 def part_sums(ccm: CompressedModel, collate: Collator, episode) -> list[float]:
@@ -74,13 +74,14 @@ def score_adapter(name: str, path: str, episodes: int, seed: int, reps: int) -> 
     collate = Collator(ccm.tokens, ccm.config.variant, mode="compress", pad_id=tok.pad_token_id or 0,
                        max_length=recipe["train"].get("max_length", 1024), raw_tail=ccm.config.raw_tail)
     rows = []
-    for d in recipe_parts(recipe["data"]):
+    parts = recipe_parts(recipe["data"])
+    for pname, d in zip(part_names(parts), parts):
         _, val, _ = build_data(tok, d, recipe["train"].get("seed", 42))
         val = val[:episodes]
-        sums = [part_sums(ccm, collate, e) for e in tqdm(val, desc=f"{name} {part_name(d)}", leave=False)]
+        sums = [part_sums(ccm, collate, e) for e in tqdm(val, desc=f"{name} {pname}", leave=False)]
 
         n = sum(x[-1] for x in sums)
-        row = {"adapter": name, "path": path, "part": part_name(d), "episodes": len(val), "target_tokens": n,
+        row = {"adapter": name, "path": path, "part": pname, "episodes": len(val), "target_tokens": n,
                "student_ce": sum(x[0] for x in sums) / n}
         for key, col in (("", 1), ("memory_", 3)):  # the raw teacher, then the raw+memory one
             rng = random.Random(seed)

@@ -160,6 +160,11 @@ def test_general_recipe_runs_and_resumes(tmp_path, tiny_folder):
     assert summary["trained_samples"] == 3 and summary["trained_tokens"] == sum(r["tokens"] for r in rows) > 0
     assert list(summary["hardware"]) == [rows[0]["hardware"]] and summary["hardware"][rows[0]["hardware"]]["steps"] == 3
     assert "threads" in rows[0]["hardware"]
+    # the mix's parts are logged apart (`ccmem train-curve`), pooled in the summary and drawn beside the log
+    names = {"chitchat", "recall", "icl"}
+    assert all(r["part_loss"].keys() <= names and sum(r["part_tokens"].values()) > 0 for r in rows)
+    assert summary["part_loss"].keys() == {k for r in rows for k in r["part_loss"]}
+    assert (tmp_path / "run" / "train_curve.png").stat().st_size > 1000
     # shipping the checkpoint as an adapter: the same recipe at max_steps = its step trains nothing and writes it
     from safetensors.torch import load_file
 

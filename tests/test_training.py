@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -223,6 +224,12 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert sum(not torch.equal(w1[k], start[k]) for k in w1) > len(w1) // 2  # training moved the weights
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-5), (k, (w1[k] - w2[k]).abs().max())
+    # each part's loss of a step is summed over both ranks' episodes: the same as one process saw
+    h1, h2 = (json.loads((tmp_path / d / "history.json").read_text()) for d in ("one", "two"))
+    assert [r["part_tokens"] for r in h1] == [r["part_tokens"] for r in h2]
+    assert any(len(r["part_tokens"]) == 2 for r in h1)
+    for a, b in zip(h1, h2):
+        assert a["part_loss"] == pytest.approx(b["part_loss"], abs=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["concat_recur", "merge_recur"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .data.scripts import DIALOG_CHOICES
 
@@ -79,6 +80,19 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_recipe(args.config, args.overrides)
     out = run_recipe(cfg, device=args.device)
     print(f"[ccmem] adapter written to {out}")
+    return 0
+
+
+def _train_curve(args: argparse.Namespace) -> int:
+    from . import train_log
+
+    rows = train_log.read_log(args.run)
+    wins = train_log.windows(rows, args.window or train_log.default_window(len(rows)))
+    print(train_log.table(wins), end="")
+    src = Path(args.run)
+    out = Path(args.output) if args.output else (src if src.is_dir() else src.parent) / "train_curve.png"
+    train_log.plot(wins, out, title=f"{src.name}: training loss per {wins[0]['steps']} steps")
+    print(f"[ccmem] plot written to {out}")
     return 0
 
 
@@ -180,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("overrides", nargs="*", help="e.g. train.max_steps=100 compression.n_tok=4")
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     t.set_defaults(fn=_train)
+    tc = sub.add_parser("train-curve", help="a run's training loss per window of steps, overall and per part of its "
+                                            "data mix: a table and a plot (works while the run goes on)")
+    tc.add_argument("run", help="run folder (train.output_dir), adapter folder or train_log.jsonl")
+    tc.add_argument("-o", "--output", default=None, help="PNG to write (default: train_curve.png beside the log)")
+    tc.add_argument("--window", type=int, default=0, help="steps per window (default: about 20 windows, >= 10 steps)")
+    tc.set_defaults(fn=_train_curve)
     da = sub.add_parser("data", help="training data as one file: `ccmem data export RECIPE -o FILE`")
     da_sub = da.add_subparsers(dest="data_cmd", required=True)
     dx = da_sub.add_parser("export", help="write a recipe's training episodes (N epochs) and validation episodes to "

@@ -297,8 +297,26 @@ def build_data(tok: Any, d: dict, seed: int):
             report.update({f"{part.get('source')}: {k}": v for k, v in rep.items()})
         if not parts:
             raise ConfigError("data.source 'mix' needs data.parts, a list of data sections")
-        return Mixture(parts), vals, report
+        return Mixture(parts, part_names(d["parts"])), vals, report
     raise ConfigError(f"unknown data source {source!r}; known: {', '.join(SOURCES)}")
+
+
+def recipe_parts(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """A recipe's data sections, one per part of a mix."""
+    return list(data["parts"]) if data.get("source") == "mix" else [data]
+
+
+def part_name(d: dict[str, Any]) -> str:
+    """``source`` or ``source:name`` / ``source:path`` (``script:shakespeare``, ``text:kjv:old``)."""
+    detail = d.get("name") or (d.get("path") if isinstance(d.get("path"), str) else None)
+    return d["source"] + (f":{detail}" if detail else "")
+
+
+def part_names(parts: list[dict[str, Any]]) -> list[str]:
+    """One name per part of a mix, for the per-part losses of the training log: :func:`part_name`, numbered
+    (``chitchat#2``) where two parts would share one."""
+    names = [part_name(p) for p in parts]
+    return [f"{n}#{names[:j].count(n) + 1}" if names.count(n) > 1 else n for j, n in enumerate(names)]
 
 
 SOURCES = ("chitchat", "recall", "script", "text", "icl", "jsonl", "dailydialog", "soda", "metaicl", "lamp", "episodes",
@@ -412,6 +430,14 @@ def training_totals(history: list[dict], per_step: int) -> dict[str, Any]:
             "hardware": {k: {"steps": hw[k], "hours": round(hours[k], 3)} for k in hw}}
 
 
+def pooled_part_loss(history: list[dict]) -> dict[str, float]:
+    """Each part's training cross-entropy over a run's log rows, pooled over its target tokens (empty when the data
+    was not a mix, or for rows logged before parts were)."""
+    from .train_log import windows
+
+    return windows(history, max(len(history), 1))[0]["parts"] if history else {}
+
+
 def with_warm_start(totals: dict[str, Any], init: str | None) -> dict[str, Any]:
     """This run's totals plus, for a run warm-started from another adapter, that adapter's own and the sums over both,
     so the folder says what all its weights have seen. The start's totals come from its ``train_summary.json`` (read
@@ -491,12 +517,19 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
                             ignore=shutil.ignore_patterns("stage1", "checkpoints", "*.pt", "*.jsonl"))
         if log.exists():
             shutil.copy(log, out / "train_log.jsonl")
+            if trainer.history:  # the run's loss per window of steps, per part of a mix (`ccmem train-curve`)
+                from . import train_log
+
+                rows = train_log.read_log(log)
+                train_log.plot(train_log.windows(rows, train_log.default_window(len(rows))),
+                               log.parent / "train_curve.png", title=f"{out.name}: training loss")
         (out / "recipe.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         per_step = tcfg.batch_size * tcfg.grad_accum * trainer.acc.num_processes
         (out / "train_summary.json").write_text(json.dumps(
             {"steps": trainer.step, "final_train_loss": trainer.history[-1]["loss"] if trainer.history else None,
              "validation_ppl": final_ppl, "validation_dialogs": len(val), "train_dialogs": len(train),
              "data_report": dict(report), "device": str(trainer.acc.device),
+             **({"part_loss": parts} if (parts := pooled_part_loss(trainer.history)) else {}),
              **with_warm_start(training_totals(trainer.history, per_step), cfg.get("init_adapter"))},
             indent=2) + "\n")
     trainer.close()  # under torchrun / accelerate launch: no rank exits with its process group alive

@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from .data.collate import Collator, kl_at, lm_loss_at, loss_positions
+from .data.collate import Collator, kl_at, lm_loss_at, loss_by_owner, loss_positions
 from .data.episode import Episode, strip_eos
 from .errors import CCMError, ConfigError
 from .metrics import perplexity
@@ -85,6 +85,17 @@ class TrainConfig:
         if self.distill and self.mode != "compress":
             raise ValueError("train.distill needs train.mode 'compress': in stage 1 the model already reads the raw "
                              "past, so there is nothing to distill")
+
+
+class StepLoss(NamedTuple):
+    """One micro-batch's forward: the loss to train on, its labelled and attended token counts, the plain
+    cross-entropy (differs from ``loss`` under distillation) and, when asked, each episode's (sum, count)."""
+
+    loss: Any
+    labels: int
+    tokens: int
+    ce: torch.Tensor
+    per_episode: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Source:
@@ -158,7 +169,10 @@ class Trainer:
         self.out = Path(config.output_dir)
 
     # ------------------------------------------------------------------ one step
-    def _forward_loss(self, batch: dict[str, torch.Tensor], reduction: str = "mean", distill: float = 0.0):
+    def _forward_loss(self, batch: dict[str, torch.Tensor], reduction: str = "mean", distill: float = 0.0,
+                      episodes: int = 0) -> StepLoss:
+        """The loss of one micro-batch; with ``episodes`` (how many it holds) also each episode's detached (sum,
+        count) of cross-entropy, for the per-part losses of the log."""
         batch = {k: v.to(self.acc.device) for k, v in batch.items()}
         ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         seg, w = batch.get("segments"), batch.get("loss_weights")
@@ -177,15 +191,34 @@ class Trainer:
                                      **self.ccm.parallel_inputs(ids, am, segments=seg, **how)).logits
                 self.model.train(training)
             loss = (1 - distill) * loss + distill * kl_at(logits, teacher, labels, keep, weights=w)
-        return loss, int((labels != -100).sum()), int(am.sum()), ce  # ce: for the log beside the mixed loss
+        per_episode = None
+        if episodes and "owner" in batch:
+            with torch.no_grad():
+                per_episode = loss_by_owner(logits.detach(), labels, keep, batch["owner"], episodes)
+        # ce: for the log beside the mixed loss
+        return StepLoss(loss, int((labels != -100).sum()), int(am.sum()), ce, per_episode)
 
-    def _micro_batches(self, step: int) -> list[list[Episode]]:
+    def _micro_pairs(self, step: int) -> list[list[tuple[int, int]]]:
+        """(index, epoch) of this rank's episodes of ``step``, one list per micro-batch."""
         world, rank, c = self.acc.num_processes, self.acc.process_index, self.cfg
         size = c.batch_size * c.grad_accum * world
         pairs = global_batch(step, len(self.train), size, c.seed)
         micro = [pairs[j * c.batch_size:(j + 1) * c.batch_size] for j in range(c.grad_accum * world)]
-        mine = [m for j, m in enumerate(micro) if j % world == rank]
-        return [[self.train.get(i, e) for i, e in m] for m in mine]
+        return [m for j, m in enumerate(micro) if j % world == rank]
+
+    def _micro_batches(self, step: int) -> list[list[Episode]]:
+        return [[self.train.get(i, e) for i, e in m] for m in self._micro_pairs(step)]
+
+    def _part_losses(self, sums: torch.Tensor) -> dict:
+        """Log fields of a mixture's per-part (sum, count) over one step, summed over ranks: each part's mean
+        next-token cross-entropy (``part_loss``) and its target tokens (``part_tokens``), for the parts the step
+        drew."""
+        if self.acc.num_processes > 1:
+            sums = self.acc.reduce(sums.to(self.acc.device), reduction="sum").cpu()
+        names = self.train.data.names
+        seen = [j for j in range(len(names)) if sums[j, 1] > 0]
+        return {"part_loss": {names[j]: float(sums[j, 0] / sums[j, 1]) for j in seen},
+                "part_tokens": {names[j]: int(sums[j, 1]) for j in seen}}
 
     @functools.cached_property
     def hardware(self) -> str:
@@ -198,18 +231,25 @@ class Trainer:
     def train_step(self) -> dict:
         self.model.train()
         t0 = time.perf_counter()
-        micro = self._micro_batches(self.step)
+        micro = self._micro_pairs(self.step)
+        mixed = hasattr(self.train.data, "part_of") and hasattr(self.train.data, "names")
+        parts = torch.zeros(len(self.train.data.names) if mixed else 0, 2, dtype=torch.float64)
         total, tokens, ce = 0.0, 0, 0.0
-        for a, eps in enumerate(micro):
+        for a, pairs in enumerate(micro):
             sync = a == len(micro) - 1
             ctx = self.acc.no_sync(self.model) if not sync and self.acc.num_processes > 1 else _null()
+            eps = [self.train.get(i, e) for i, e in pairs]
             with ctx:
-                loss, _, ntok, ce_part = self._forward_loss(self.collate(eps), distill=self.cfg.distill)
+                out = self._forward_loss(self.collate(eps), distill=self.cfg.distill, episodes=len(eps) if mixed else 0)
+                loss = out.loss
                 if loss.requires_grad:  # a micro-batch with no ⟨COMP⟩ row (e.g. all chunks in the raw tail) adds 0
                     self.acc.backward(loss / len(micro))
             total += float(loss.detach()) / len(micro)
-            ce += float(ce_part.detach()) / len(micro)
-            tokens += ntok
+            ce += float(out.ce.detach()) / len(micro)
+            tokens += out.tokens
+            if out.per_episode is not None:
+                for (i, _), s, c in zip(pairs, *(x.cpu() for x in out.per_episode)):
+                    parts[self.train.data.part_of(i)] += torch.stack([s, c])
         loss_t = torch.tensor([total], device=self.acc.device)
         loss_all = float(self.acc.reduce(loss_t, reduction="mean")) if self.acc.num_processes > 1 else total
         if not math.isfinite(loss_all):
@@ -229,7 +269,8 @@ class Trainer:
         return {"step": self.step, "loss": loss_all, "lr": self.sched.get_last_lr()[0],
                 "grad_norm": float(norm), "tokens_per_s": tokens * world / dt, "seconds": dt,
                 "samples": self.cfg.batch_size * self.cfg.grad_accum * world, "tokens": tokens * world,
-                "hardware": self.hardware, **({"ce": ce} if self.cfg.distill else {})}
+                "hardware": self.hardware, **({"ce": ce} if self.cfg.distill else {}),
+                **(self._part_losses(parts) if len(parts) else {})}
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_after: int | None = None) -> list[dict]:
@@ -272,7 +313,7 @@ class Trainer:
         nll, count = 0.0, 0
         for i in range(0, len(episodes), bs):
             eps = [strip_eos(e, eos) for e in episodes[i:i + bs]]
-            (s, c), _, _, _ = self._forward_loss(self.collate(eps), reduction="sum")
+            s, c = self._forward_loss(self.collate(eps), reduction="sum").loss
             nll += float(s)
             count += int(c)
         self.model.train()

@@ -27,7 +27,8 @@ class Collator:
     packs the episodes into rows of at most L tokens (with ``segments``) instead of padding each to the longest.
     ``loss_per="episode"`` adds ``loss_weights`` (1 / the episode's target tokens on each of them), so the loss is
     the mean over episodes of each episode's mean: a batch of B then trains exactly like B batches of 1
-    accumulated, whatever the layout (``"token"``, the default, weighs every target token alike).
+    accumulated, whatever the layout (``"token"``, the default, weighs every target token alike). ``owner`` holds
+    the index of the episode each label belongs to (-1 elsewhere), so a loss can be split by episode in any layout.
     """
 
     def __init__(self, tokens: CompTokens | None, variant: str = "concat_recur", mode: str = "compress",
@@ -74,9 +75,11 @@ class Collator:
             place = [(b, ids.shape[1] - len(r[0])) for b, r in enumerate(rows)]
         if self.loss_per == "episode":
             out["loss_weights"] = torch.zeros(ids.shape, dtype=torch.float32)
-        for (b, start), (_, lab) in zip(place, rows):
+        out["owner"] = torch.full_like(ids, -1)
+        for j, ((b, start), (_, lab)) in enumerate(zip(place, rows)):
             t = torch.tensor(lab, dtype=torch.long)
             out["labels"][b, start:start + len(lab)] = t
+            out["owner"][b, start:start + len(lab)] = torch.where(t != IGNORE, j, -1)
             if self.loss_per == "episode":
                 n = int((t != IGNORE).sum())
                 out["loss_weights"][b, start:start + len(lab)] = (t != IGNORE).float() / max(n, 1)
@@ -137,6 +140,20 @@ def lm_loss_at(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tens
     if reduction == "sum":
         return loss, count
     return loss / count.clamp(min=1)
+
+
+def loss_by_owner(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor, owner: torch.Tensor,
+                  n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum, count) of the next-token cross-entropy for each of ``n`` episodes of a batch (``owner``: the collator's
+    episode index of every label), in any layout: padded rows, or several episodes packed in one row."""
+    target, own = _at(labels, positions).reshape(-1), _at(owner, positions).reshape(-1)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target,
+                                           ignore_index=IGNORE, reduction="none")
+    keep = own >= 0
+    sums = torch.zeros(n, dtype=torch.float64, device=ce.device).index_add_(0, own[keep], ce[keep].double())
+    counts = torch.zeros(n, dtype=torch.float64, device=ce.device).index_add_(
+        0, own[keep], torch.ones_like(ce[keep], dtype=torch.float64))
+    return sums, counts
 
 
 def kl_at(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor,

@@ -145,12 +145,16 @@ def split_dialogs(dialogs: Sequence[Dialog], seed: int = 0, test: float = 0.1, v
 
 class Mixture:
     """Several indexable sources as one: item i belongs to the source whose index range holds it (so the mix ratio
-    is the ratio of the sources' sizes, and the trainer's per-epoch shuffle interleaves them)."""
+    is the ratio of the sources' sizes, and the trainer's per-epoch shuffle interleaves them). ``names`` (one per
+    source, unique) let the trainer log each source's loss apart."""
 
-    def __init__(self, parts: Sequence[Any]):
+    def __init__(self, parts: Sequence[Any], names: Sequence[str] | None = None):
         if not parts:
             raise ValueError("a mixture needs at least one source")
         self.parts = list(parts)
+        self.names = list(names) if names is not None else [f"part{j}" for j in range(len(self.parts))]
+        if len(self.names) != len(self.parts) or len(set(self.names)) != len(self.names):
+            raise ValueError(f"a mixture needs one unique name per source; got {self.names} for {len(self.parts)}")
         self.starts = [0]
         for p in self.parts:
             self.starts.append(self.starts[-1] + len(p))
@@ -158,9 +162,13 @@ class Mixture:
     def __len__(self) -> int:
         return self.starts[-1]
 
-    def get(self, i: int, epoch: int = 0) -> Episode:
+    def part_of(self, i: int) -> int:
+        """The index of the source that item ``i`` comes from."""
         import bisect
 
-        j = bisect.bisect_right(self.starts, i) - 1
+        return bisect.bisect_right(self.starts, i) - 1
+
+    def get(self, i: int, epoch: int = 0) -> Episode:
+        j = self.part_of(i)
         part, k = self.parts[j], i - self.starts[j]
         return part.get(k, epoch) if hasattr(part, "get") else part[k]
