@@ -63,33 +63,46 @@ def test_bad_files_are_refused(tmp_path):
     save_file({"x": np.zeros(2, dtype=np.int32)}, str(other), metadata={"format": "something-else"})
     with pytest.raises(InputError, match="not a ccmem episode file"):
         EpisodeFile(other)
+    with pytest.raises(AttributeError, match="not exported from a mixture"):
+        EpisodeFile(path).part_of(0)
+
+    class Parts(_Source):  # a mixture whose part table does not cover its episodes
+        names, starts = ["a", "b"], [0, 2, 9]
+
+    bad = write_episodes(tmp_path / "parts.safetensors", Parts(5), [], epochs=1, meta={}, progress=False)
+    with pytest.raises(CorruptFileError, match="mixture parts .* do not fit its 5 episodes"):
+        EpisodeFile(bad)
 
 
 
 def test_training_from_the_file_equals_training_from_the_sources(tmp_path, tiny_folder):
-    """The same recipe trained on its live sources and on their export: identical losses step by step, across an
-    epoch boundary (dialogs are cut differently in each epoch)."""
+    """The same recipe (a mix of two dialog files) trained on its live sources and on their export: identical
+    losses step by step, each part's too, across an epoch boundary (dialogs are cut differently in each epoch)."""
     rows = [{"id": f"d{i}", "turns": [f"hello {i}", f"hi there {i}", f"how are you {i}", "fine", f"bye {i}"]}
             for i in range(12)]
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = {"model": str(tiny_folder), "data": {"source": "jsonl", "path": str(tmp_path / "d.jsonl"),
-                                                  "eval_fraction": 0.2},
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))
+    (tmp_path / "e.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[8:]))
+    parts = [{"source": "jsonl", "path": str(tmp_path / n), "eval_fraction": 0.2} for n in ("d.jsonl", "e.jsonl")]
+    recipe = {"model": str(tiny_folder), "data": {"source": "mix", "parts": parts},
               "compression": {"variant": "concat_recur", "n_tok": 1},
               "train": {"max_steps": 4, "batch_size": 4, "mixed_precision": "no", "eval_batches": 1}}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     out = tmp_path / "eps.safetensors.xz"
     assert main(["data", "export", str(tmp_path / "recipe.yaml"), "-o", str(out), "--epochs", "3"]) == 0
     f = EpisodeFile(out)
-    assert f.meta["data"]["source"] == "jsonl" and f.epochs == 3 and len(f.val) >= 1
+    assert f.meta["data"]["source"] == "mix" and f.epochs == 3 and len(f.val) >= 1
+    assert f.names == [f"jsonl:{tmp_path}/d.jsonl", f"jsonl:{tmp_path}/e.jsonl"] and f.part_of(len(f) - 1) == 1
 
-    def train(name: str, *extra: str) -> list[float]:
+    def train(name: str, *extra: str) -> list[tuple]:
         assert main(["train", str(tmp_path / "recipe.yaml"), f"train.output_dir={tmp_path}/{name}",
                      f"output={tmp_path}/{name}/adapter", *extra, "--device", "cpu"]) == 0
-        return [json.loads(r)["loss"] for r in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+        log = [json.loads(r) for r in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+        return [(r["loss"], r["part_loss"], r["part_tokens"]) for r in log]
 
     live = train("live")
     assert len(f) * 1 < 4 * 4  # the 4 steps of 4 episodes cross an epoch boundary
     assert train("file", "data.source=episodes", f"data.path={out}") == live
+    assert {k for _, p, _ in live for k in p} == set(f.names)
 
     from ccmem.recipe import build_data
 

@@ -65,6 +65,8 @@ def write_episodes(path: str | Path, train: Any, val: Sequence[Episode], epochs:
               "val_seg_len": np.asarray(va[1], dtype=np.int32), "val_n_seg": np.asarray(va[2], dtype=np.int32)}
     header = {"format": FORMAT, "version": str(VERSION), "size": str(n), "epochs": str(epochs),
               "meta": json.dumps(meta, sort_keys=True)}
+    if hasattr(train, "names") and hasattr(train, "starts"):  # a mixture: its parts, for the per-part training log
+        header["parts"] = json.dumps({"names": list(train.names), "starts": list(train.starts)})
     blob = save(arrays, metadata=header)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,9 +113,29 @@ class EpisodeFile:
                              f"{self.size} x {self.epochs} epochs; export it again")
         self.val = [val.episode(j, f"val:{j}") for j in range(len(val))]
         self._warned = False
+        if "parts" in header:  # exported from a mixture: which part each index came from
+            try:
+                parts = json.loads(header["parts"])
+                self.names, self.starts = [str(x) for x in parts["names"]], [int(x) for x in parts["starts"]]
+                ok = (len(self.starts) == len(self.names) + 1 and self.starts[0] == 0
+                      and self.starts[-1] == self.size and self.starts == sorted(self.starts)
+                      and len(set(self.names)) == len(self.names))
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if not ok:
+                raise CorruptFileError(f"{self.path}: its mixture parts {header['parts'][:200]!r} do not fit its "
+                                       f"{self.size} episodes; export it again with `ccmem data export`")
 
     def __len__(self) -> int:
         return self.size
+
+    def part_of(self, i: int) -> int:
+        """The mixture part that index ``i`` came from (files exported from a mix only)."""
+        import bisect
+
+        if not hasattr(self, "starts"):
+            raise AttributeError(f"{self.path} was not exported from a mixture: it has no parts")
+        return bisect.bisect_right(self.starts, i) - 1
 
     def get(self, i: int, epoch: int = 0) -> Episode:
         if epoch >= self.epochs and not self._warned:
