@@ -301,3 +301,39 @@ def test_plays_recipe_adds_the_training_plays_to_the_general_mix(tmp_path, tiny_
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
     assert summary["steps"] == 2 and summary["data_report"]["train runs of >= 3 turns"] > 2000
     assert summary["validation_dialogs"] == 2
+
+
+def test_weighted_part_reads_its_source_weight_times_an_epoch():
+    """A part's ``weight`` changes its share of the mix, not its data: weight 2 reads every item twice an epoch
+    (under two of the source's epochs), weight 0.5 half of them, the rest in the next epoch, in shuffled order."""
+    from ccmem.data import Weighted
+    from ccmem.errors import ConfigError
+    from ccmem.models import load_tokenizer
+    from ccmem.recipe import build_data
+
+    class Src:
+        def __len__(self) -> int:
+            return 10
+
+        def get(self, i: int, epoch: int = 0) -> tuple[int, int]:
+            return i, epoch
+
+    twice = Weighted(Src(), 2)
+    assert len(twice) == 20 and sorted(twice.get(i) for i in range(20)) == [(i, e) for i in range(10) for e in (0, 1)]
+    assert sorted(twice.get(i, 1) for i in range(20)) == [(i, e) for i in range(10) for e in (2, 3)]
+    half = Weighted(Src(), 0.5)
+    first, second = ([half.get(i, e) for i in range(5)] for e in (0, 1))
+    assert sorted(first + second) == [(i, 0) for i in range(10)] and first != [(i, 0) for i in range(5)]
+    for bad in (0, -1, True, "2"):
+        with pytest.raises(ValueError, match="number > 0"):
+            Weighted(Src(), bad)
+
+    tok = load_tokenizer()
+    icl = {"source": "icl", "train_episodes": 40, "eval_episodes": 2}
+    train, val, report = build_data(tok, {"source": "mix", "parts": [icl, {**icl, "weight": 1.5}]}, seed=0)
+    assert len(train) == 40 + 60 and train.names == ["icl#1", "icl#2"] and report["icl: weight"] == 1.5
+    assert len(val) == 4
+    with pytest.raises(ConfigError, match="data part text: a part's weight must be a number > 0"):
+        build_data(tok, {"source": "mix", "parts": [{"source": "text", "weight": 0}]}, seed=0)
+    with pytest.raises(ConfigError, match="each of data.parts"):
+        build_data(tok, {"source": "mix", "parts": ["chitchat"]}, seed=0)

@@ -243,10 +243,11 @@ def recall_types(d: dict) -> tuple[str, ...]:
 
 def build_data(tok: Any, d: dict, seed: int):
     """(train source, validation episodes, data report) of a recipe's ``data`` section. ``source: mix`` takes
-    ``parts``, a list of data sections, and mixes them in the ratio of their sizes."""
+    ``parts``, a list of data sections, and mixes them in the ratio of their sizes (a part's ``weight: w`` counts it
+    w times: read w times an epoch, or a fraction of it per epoch for w < 1)."""
     from collections import Counter
 
-    from .data import Mixture
+    from .data import Mixture, Weighted
 
     source = d.get("source")
     if source == "chitchat":
@@ -291,7 +292,17 @@ def build_data(tok: Any, d: dict, seed: int):
     if source == "mix":
         parts, vals, report = [], [], Counter()
         for part in d.get("parts") or []:
+            if not isinstance(part, dict) or "source" not in part:
+                raise ConfigError(f"each of data.parts is a data section with a source; got {part!r}")
+            part = dict(part)
+            try:  # checked before the part's data is built (which can take minutes)
+                weight = Weighted.check(part.pop("weight", 1))
+            except ValueError as e:
+                raise ConfigError(f"data part {part_name(part)}: {e}") from None
             tr, va, rep = build_data(tok, part, seed)
+            if weight != 1:  # the part read `weight` times an epoch: its share of the mix, its data unchanged
+                tr = Weighted(tr, weight)
+                report[f"{part_name(part)}: weight"] = weight
             parts.append(tr)
             vals += va
             report.update({f"{part.get('source')}: {k}": v for k, v in rep.items()})

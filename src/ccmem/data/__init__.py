@@ -1,7 +1,7 @@
 """Data: one episode schema, the sources that produce it, and the collator that lays episodes out for training."""
 
 from .collate import Collator, lm_loss
-from .dialog import Dialog, DialogEpisodes, DialogFormat, Mixture, split_dialogs
+from .dialog import Dialog, DialogEpisodes, DialogFormat, Mixture, Weighted, split_dialogs
 from .episode import Episode
 from .episode_file import EpisodeFile, write_episodes
 from .hub import (
@@ -27,6 +27,7 @@ __all__ = [
     "LAMP2_LABELS",
     "Mixture",
     "RowError",
+    "Weighted",
     "clean_text",
     "lamp2_entry",
     "lamp2_episodes",

@@ -3,6 +3,7 @@ compressed context (method.md §7.2). Turns are rendered as ``A: text`` / ``B: t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from collections.abc import Callable, Sequence
@@ -141,6 +142,42 @@ def split_dialogs(dialogs: Sequence[Dialog], seed: int = 0, test: float = 0.1, v
         u = int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
         out["test" if u < test else "validation" if u < test + val else "train"].append(d)
     return out
+
+
+class Weighted:
+    """A source read ``weight`` times per epoch, so a mix can weigh a part without changing its data. Epoch e of the
+    weighted source is positions [e*m, (e+1)*m) (m = round(weight * len)) of the source's endless stream: its epoch
+    0 in a shuffled order, then its epoch 1 in another, and so on. Weight 3 sees every item three times an epoch
+    (a dialog source cuts each at other turns each time); weight 0.5 half of them, the other half in the next."""
+
+    def __init__(self, source: Any, weight: float):
+        self.source, self.weight, self.n = source, self.check(weight), len(source)
+        if self.n == 0:
+            raise ValueError("cannot weigh an empty source")
+        self.m = max(1, round(self.weight * self.n))
+
+    @staticmethod
+    def check(weight: Any) -> float:
+        """``weight`` as a float, or ValueError if it is not a number > 0."""
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ValueError(f"a part's weight must be a number > 0, got {weight!r}")
+        return float(weight)
+
+    def __len__(self) -> int:
+        return self.m
+
+    def get(self, i: int, epoch: int = 0) -> Episode:
+        e, k = divmod(epoch * self.m + i, self.n)
+        k = _order(self.n, e)[k]
+        return self.source.get(k, e) if hasattr(self.source, "get") else self.source[k]
+
+
+@functools.lru_cache(maxsize=8)
+def _order(n: int, epoch: int) -> tuple[int, ...]:
+    """The order a weighted source reads its items in, one per epoch of the source."""
+    perm = list(range(n))
+    random.Random(f"weighted:{epoch}").shuffle(perm)
+    return tuple(perm)
 
 
 class Mixture:
