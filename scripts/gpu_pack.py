@@ -70,6 +70,28 @@ def _tree_size() -> int:
     return sum((ROOT / f).stat().st_size for f in files if f and (ROOT / f).is_file() and not (ROOT / f).is_symlink())
 
 
+def _export_is_current(episodes: Path) -> bool:
+    """Whether an earlier export holds what the recipe trains on now: its data section and seed, and (for a mix)
+    the parts table that the per-part training log needs (exports from before it lack one)."""
+    if not episodes.is_file():
+        return False
+    from ccmem.data import EpisodeFile
+    from ccmem.errors import CCMError
+    from ccmem.recipe import load_recipe
+    from ccmem.training import TrainConfig
+
+    cfg = load_recipe(ROOT / RECIPE)
+    try:
+        f = EpisodeFile(episodes)
+    except CCMError:
+        return False
+    current = f.meta.get("data") == cfg["data"] and f.meta.get("seed") == TrainConfig(**cfg["train"]).seed
+    if not current or (cfg["data"].get("source") == "mix" and not hasattr(f, "names")):
+        print(f"[gpu_pack] {episodes.name} was exported for other data or before mix parts were kept: exporting again")
+        return False
+    return True
+
+
 def pack(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT / "src"))
     from ccmem.models import GGUF_FILE, smollm2_gguf_folder
@@ -89,7 +111,7 @@ def pack(args: argparse.Namespace) -> None:
             stale.unlink()  # another recipe's episodes: they would not fit beside these
     rel = run.relative_to(ROOT)
     (b / "run.env").write_text(f"RECIPE={RECIPE}\nRUN={rel}\nEPISODES=.gpu/b/{episodes.name}\n")
-    if not episodes.is_file() or args.force:
+    if args.force or not _export_is_current(episodes):
         subprocess.run([sys.executable, "-m", "ccmem", "data", "export", RECIPE, "-o",
                         str(episodes), "--epochs", str(args.epochs)], cwd=ROOT, check=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT / "src")})

@@ -137,3 +137,36 @@ def test_resume_drops_log_rows_after_the_checkpoint(tmp_path, tiny_folder):
     assert main(["train", str(tmp_path / "recipe.yaml"), "train.max_steps=3", "--device", "cpu"]) == 0
     got = [json.loads(r) for r in log.read_text().splitlines()]
     assert [r["step"] for r in got] == [1, 2, 3] and got[-1]["loss"] > 0
+
+
+def test_gpu_pack_exports_again_when_the_file_is_stale(tmp_path, monkeypatch):
+    """scripts/gpu_pack.py reuses an earlier export only if it holds the recipe's data section and seed and, for a
+    mix, the parts table the per-part training log needs."""
+    import sys
+    from pathlib import Path
+
+    from ccmem.data import Mixture
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+    import gpu_pack
+
+    data = {"source": "mix", "parts": [{"source": "jsonl", "path": "a"}, {"source": "jsonl", "path": "b"}]}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"data": data, "train": {"seed": 5}}))
+    monkeypatch.setattr(gpu_pack, "RECIPE", str(recipe))
+    from ccmem.recipe import load_recipe
+
+    data = load_recipe(recipe)["data"]  # as `ccmem data export` records it (the recipe over the defaults)
+    out = tmp_path / "eps.safetensors"
+    assert not gpu_pack._export_is_current(out)  # none yet
+    mix = Mixture([_Source(3), _Source(2)], names=["jsonl:a", "jsonl:b"])
+    write_episodes(out, mix, [], 1, {"data": data, "seed": 5}, progress=False)
+    assert gpu_pack._export_is_current(out)
+    write_episodes(out, _Source(5), [], 1, {"data": data, "seed": 5}, progress=False)  # an export without parts
+    assert not gpu_pack._export_is_current(out)
+    write_episodes(out, mix, [], 1, {"data": data, "seed": 6}, progress=False)
+    assert not gpu_pack._export_is_current(out)
+    write_episodes(out, mix, [], 1, {"data": {**data, "parts": data["parts"][:1]}, "seed": 5}, progress=False)
+    assert not gpu_pack._export_is_current(out)
+    out.write_bytes(b"not an episode file")
+    assert not gpu_pack._export_is_current(out)

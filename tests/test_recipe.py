@@ -324,16 +324,18 @@ def test_weighted_part_reads_its_source_weight_times_an_epoch():
     half = Weighted(Src(), 0.5)
     first, second = ([half.get(i, e) for i in range(5)] for e in (0, 1))
     assert sorted(first + second) == [(i, 0) for i in range(10)] and first != [(i, 0) for i in range(5)]
-    for bad in (0, -1, True, "2"):
+    assert [Weighted(Src(), 0.5, seed=1).get(i) for i in range(5)] != first  # the recipe's seed orders it
+    for bad in (0, -1, True, "2", float("inf")):
         with pytest.raises(ValueError, match="number > 0"):
             Weighted(Src(), bad)
 
     tok = load_tokenizer()
     icl = {"source": "icl", "train_episodes": 40, "eval_episodes": 2}
     train, val, report = build_data(tok, {"source": "mix", "parts": [icl, {**icl, "weight": 1.5}]}, seed=0)
-    assert len(train) == 40 + 60 and train.names == ["icl#1", "icl#2"] and report["icl: weight"] == 1.5
+    assert len(train) == 40 + 60 and train.names == ["icl#1", "icl#2"]
+    assert report["icl#2: weight (episodes an epoch / its episodes)"] == 1.5
     assert len(val) == 4
-    with pytest.raises(ConfigError, match="data part text: a part's weight must be a number > 0"):
+    with pytest.raises(ConfigError, match="data part text: a part's weight must be a finite number > 0"):
         build_data(tok, {"source": "mix", "parts": [{"source": "text", "weight": 0}]}, seed=0)
     with pytest.raises(ConfigError, match="each of data.parts"):
         build_data(tok, {"source": "mix", "parts": ["chitchat"]}, seed=0)

@@ -104,6 +104,11 @@ def test_train_curve_cli_and_damaged_logs(tmp_path, capsys):
     bad.write_text(json.dumps({"step": 1, "loss": float("nan")}) + "\n")
     with pytest.raises(InputError, match=r":1: a log row needs"):
         train_log.read_log(bad)
+    bad.write_text(json.dumps({"step": 1, "loss": 2.0, "part_loss": {"a": None}}) + "\n")
+    with pytest.raises(InputError, match="must map part names to numbers"):
+        train_log.read_log(bad)
     bad.write_text("\n")
     with pytest.raises(InputError, match="empty"):
         train_log.read_log(bad)
+    bad.write_text(json.dumps(rows()[0]) + "\n" + json.dumps(rows()[1])[:20])  # the trainer mid-way through a row
+    assert train_log.read_log(bad) == rows()[:1]

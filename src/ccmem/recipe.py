@@ -291,24 +291,28 @@ def build_data(tok: Any, d: dict, seed: int):
         return episode_file_data(tok, d, seed)
     if source == "mix":
         parts, vals, report = [], [], Counter()
-        for part in d.get("parts") or []:
-            if not isinstance(part, dict) or "source" not in part:
-                raise ConfigError(f"each of data.parts is a data section with a source; got {part!r}")
+        given = d.get("parts") or []
+        if any(not isinstance(p, dict) or "source" not in p for p in given):
+            raise ConfigError(f"each of data.parts is a data section with a source; got {given!r}")
+        names = part_names(given)
+        for j, part in enumerate(given):
             part = dict(part)
             try:  # checked before the part's data is built (which can take minutes)
                 weight = Weighted.check(part.pop("weight", 1))
             except ValueError as e:
-                raise ConfigError(f"data part {part_name(part)}: {e}") from None
+                raise ConfigError(f"data part {names[j]}: {e}") from None
             tr, va, rep = build_data(tok, part, seed)
             if weight != 1:  # the part read `weight` times an epoch: its share of the mix, its data unchanged
-                tr = Weighted(tr, weight)
-                report[f"{part_name(part)}: weight"] = weight
+                if not len(tr):
+                    raise ConfigError(f"data part {names[j]} has no training episodes to weigh: drop its weight")
+                tr = Weighted(tr, weight, seed=f"{seed}:{j}")
+                report[f"{names[j]}: weight (episodes an epoch / its episodes)"] = len(tr) / tr.n
             parts.append(tr)
             vals += va
             report.update({f"{part.get('source')}: {k}": v for k, v in rep.items()})
         if not parts:
             raise ConfigError("data.source 'mix' needs data.parts, a list of data sections")
-        return Mixture(parts, part_names(d["parts"])), vals, report
+        return Mixture(parts, names), vals, report
     raise ConfigError(f"unknown data source {source!r}; known: {', '.join(SOURCES)}")
 
 
@@ -531,9 +535,13 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
             if trainer.history:  # the run's loss per window of steps, per part of a mix (`ccmem train-curve`)
                 from . import train_log
 
-                rows = train_log.read_log(log)
-                train_log.plot(train_log.windows(rows, train_log.default_window(len(rows))),
-                               log.parent / "train_curve.png", title=f"{out.name}: training loss")
+                try:  # a picture: never worth losing the summary below or hanging the other ranks for
+                    rows = train_log.read_log(log)
+                    train_log.plot(train_log.windows(rows, train_log.default_window(len(rows))),
+                                   log.parent / "train_curve.png", title=f"{out.name}: training loss")
+                except Exception as e:  # noqa: BLE001
+                    print(f"[ccmem] no train_curve.png ({type(e).__name__}: {e}); `ccmem train-curve "
+                          f"{log.parent}` draws it later")
         (out / "recipe.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         per_step = tcfg.batch_size * tcfg.grad_accum * trainer.acc.num_processes
         (out / "train_summary.json").write_text(json.dumps(

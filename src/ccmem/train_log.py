@@ -20,8 +20,12 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
     if not p.is_file():
         raise InputError(f"{p}: no training log; give a run folder (train.output_dir), an adapter folder or a "
                          "train_log.jsonl file")
+    text = p.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()  # a row the running trainer is still writing
     rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -30,6 +34,10 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
             raise InputError(f"{p}:{n}: not a JSON row ({e.msg}); the file is damaged: remove that line") from None
         if not isinstance(row, dict) or not isinstance(row.get("step"), int) or not _finite(row.get("loss")):
             raise InputError(f"{p}:{n}: a log row needs an integer 'step' and a numeric 'loss'; remove that line")
+        parts = [row.get("part_loss") or {}, row.get("part_tokens") or {}]
+        if not all(isinstance(x, dict) and all(_finite(v) for v in x.values()) for x in parts):
+            raise InputError(f"{p}:{n}: 'part_loss' and 'part_tokens' must map part names to numbers; remove that "
+                             "line")
         rows.append(row)
     if not rows:
         raise InputError(f"{p}: the training log is empty (the run has not finished a step yet)")
@@ -80,7 +88,8 @@ def table(wins: list[dict[str, Any]]) -> str:
 
 
 def plot(wins: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Loss per window of steps (the mean step loss, and each part's pooled loss where the log has it) as a PNG."""
+    """Loss per window of steps as a PNG: the mean of the steps' losses, and each part's loss pooled over its target
+    tokens where the log has it (so the first line need not lie between the others)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,7 +98,7 @@ def plot(wins: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     mid = [(w["first"] + w["last"]) / 2 for w in wins]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(mid, [w["loss"] for w in wins], color="black", linewidth=2, marker="o", markersize=3,
-            label="all (step mean)")
+            label="all parts (mean of step losses)")
     for name in sorted({k for w in wins for k in w["parts"]}):
         pts = [(m, w["parts"][name]) for m, w in zip(mid, wins) if name in w["parts"]]
         ax.plot(*zip(*pts), marker=".", linewidth=1, label=name)

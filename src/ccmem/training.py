@@ -214,8 +214,8 @@ class Trainer:
         next-token cross-entropy (``part_loss``) and its target tokens (``part_tokens``), for the parts the step
         drew."""
         if self.acc.num_processes > 1:
-            sums = self.acc.reduce(sums.to(self.acc.device), reduction="sum").cpu()
-        names = self.train.data.names
+            sums = self.acc.reduce(sums, reduction="sum")
+        sums, names = sums.cpu(), self.train.data.names
         seen = [j for j in range(len(names)) if sums[j, 1] > 0]
         return {"part_loss": {names[j]: float(sums[j, 0] / sums[j, 1]) for j in seen},
                 "part_tokens": {names[j]: int(sums[j, 1]) for j in seen}}
@@ -233,7 +233,7 @@ class Trainer:
         t0 = time.perf_counter()
         micro = self._micro_pairs(self.step)
         mixed = hasattr(self.train.data, "part_of") and hasattr(self.train.data, "names")
-        parts = torch.zeros(len(self.train.data.names) if mixed else 0, 2, dtype=torch.float64)
+        parts = torch.zeros(len(self.train.data.names) if mixed else 0, 2, dtype=torch.float64, device=self.acc.device)
         total, tokens, ce = 0.0, 0, 0.0
         for a, pairs in enumerate(micro):
             sync = a == len(micro) - 1
@@ -247,9 +247,9 @@ class Trainer:
             total += float(loss.detach()) / len(micro)
             ce += float(out.ce.detach()) / len(micro)
             tokens += out.tokens
-            if out.per_episode is not None:
-                for (i, _), s, c in zip(pairs, *(x.cpu() for x in out.per_episode)):
-                    parts[self.train.data.part_of(i)] += torch.stack([s, c])
+            if out.per_episode is not None:  # (sum, count) of each episode onto its part, kept on the device
+                pid = torch.tensor([self.train.data.part_of(i) for i, _ in pairs], device=parts.device)
+                parts.index_add_(0, pid, torch.stack(out.per_episode, 1))
         loss_t = torch.tensor([total], device=self.acc.device)
         loss_all = float(self.acc.reduce(loss_t, reduction="mean")) if self.acc.num_processes > 1 else total
         if not math.isfinite(loss_all):

@@ -147,12 +147,12 @@ def loss_by_owner(logits: torch.Tensor, labels: torch.Tensor, positions: torch.T
     """(sum, count) of the next-token cross-entropy for each of ``n`` episodes of a batch (``owner``: the collator's
     episode index of every label), in any layout: padded rows, or several episodes packed in one row."""
     target, own = _at(labels, positions).reshape(-1), _at(owner, positions).reshape(-1)
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target,
-                                           ignore_index=IGNORE, reduction="none")
-    keep = own >= 0
-    sums = torch.zeros(n, dtype=torch.float64, device=ce.device).index_add_(0, own[keep], ce[keep].double())
+    rows = (own >= 0).nonzero().squeeze(-1)  # labelled rows only: no cross-entropy of padding or context rows
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1])[rows].float(), target[rows],
+                                           reduction="none")
+    sums = torch.zeros(n, dtype=torch.float64, device=ce.device).index_add_(0, own[rows], ce.double())
     counts = torch.zeros(n, dtype=torch.float64, device=ce.device).index_add_(
-        0, own[keep], torch.ones_like(ce[keep], dtype=torch.float64))
+        0, own[rows], torch.ones_like(ce, dtype=torch.float64))
     return sums, counts
 
 

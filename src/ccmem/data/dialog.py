@@ -3,8 +3,8 @@ compressed context (method.md §7.2). Turns are rendered as ``A: text`` / ``B: t
 
 from __future__ import annotations
 
-import functools
 import hashlib
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -147,20 +147,22 @@ def split_dialogs(dialogs: Sequence[Dialog], seed: int = 0, test: float = 0.1, v
 class Weighted:
     """A source read ``weight`` times per epoch, so a mix can weigh a part without changing its data. Epoch e of the
     weighted source is positions [e*m, (e+1)*m) (m = round(weight * len)) of the source's endless stream: its epoch
-    0 in a shuffled order, then its epoch 1 in another, and so on. Weight 3 sees every item three times an epoch
-    (a dialog source cuts each at other turns each time); weight 0.5 half of them, the other half in the next."""
+    0 in a shuffled order (seeded by ``seed``), then its epoch 1 in another, and so on. Weight 3 sees every item
+    three times an epoch, under three of the source's epochs (a dialog source with ``cut: uniform`` cuts each at
+    other turns each time); weight 0.5 half of them, the other half in the next."""
 
-    def __init__(self, source: Any, weight: float):
-        self.source, self.weight, self.n = source, self.check(weight), len(source)
+    def __init__(self, source: Any, weight: float, seed: int | str = 0):
+        self.source, self.weight, self.n, self.seed = source, self.check(weight), len(source), seed
         if self.n == 0:
-            raise ValueError("cannot weigh an empty source")
+            raise ValueError("an empty source cannot be weighted")
         self.m = max(1, round(self.weight * self.n))
+        self._orders: dict[int, list[int]] = {}
 
     @staticmethod
     def check(weight: Any) -> float:
-        """``weight`` as a float, or ValueError if it is not a number > 0."""
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            raise ValueError(f"a part's weight must be a number > 0, got {weight!r}")
+        """``weight`` as a float, or ValueError if it is not a finite number > 0."""
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+            raise ValueError(f"a part's weight must be a finite number > 0, got {weight!r}")
         return float(weight)
 
     def __len__(self) -> int:
@@ -168,16 +170,16 @@ class Weighted:
 
     def get(self, i: int, epoch: int = 0) -> Episode:
         e, k = divmod(epoch * self.m + i, self.n)
-        k = _order(self.n, e)[k]
+        k = self._order(e)[k]
         return self.source.get(k, e) if hasattr(self.source, "get") else self.source[k]
 
-
-@functools.lru_cache(maxsize=8)
-def _order(n: int, epoch: int) -> tuple[int, ...]:
-    """The order a weighted source reads its items in, one per epoch of the source."""
-    perm = list(range(n))
-    random.Random(f"weighted:{epoch}").shuffle(perm)
-    return tuple(perm)
+    def _order(self, epoch: int) -> list[int]:
+        """The order the source's epoch ``epoch`` is read in (a batch spans few epochs: the newest few are kept)."""
+        if epoch not in self._orders:
+            perm = list(range(self.n))
+            random.Random(f"{self.seed}:weighted:{epoch}").shuffle(perm)
+            self._orders = {**dict(list(self._orders.items())[-(math.ceil(self.weight) + 2):]), epoch: perm}
+        return self._orders[epoch]
 
 
 class Mixture:
