@@ -13,6 +13,7 @@ from test_training import key_task, make_toy_ccm
 from ccmem import train_log
 from ccmem.cli import main
 from ccmem.data import Episode, Mixture
+from ccmem.data.dialog import part_of
 from ccmem.errors import InputError
 from ccmem.training import TrainConfig, Trainer, global_batch
 
@@ -34,7 +35,7 @@ def test_part_losses_are_each_parts_own_cross_entropy(tmp_path, batch_size, pack
     for step, row in enumerate(tr.history):
         drawn: dict[str, list[Episode]] = {}
         for i, e in global_batch(step, len(mix), 8, cfg.seed):
-            drawn.setdefault(mix.names[mix.part_of(i)], []).append(mix.get(i, e))
+            drawn.setdefault(mix.names[part_of(mix.starts, i)], []).append(mix.get(i, e))
         assert row["part_loss"].keys() == drawn.keys()
         for name, eps in drawn.items():  # lr 0: the weights the step scored with, scored again one part at a time
             assert row["part_tokens"][name] == sum(len(e.output) for e in eps)
@@ -46,7 +47,7 @@ def test_part_losses_are_each_parts_own_cross_entropy(tmp_path, batch_size, pack
 
 def test_mixture_names_and_parts():
     mix = Mixture([[1, 2], [], [3]], names=["a", "b", "c"])
-    assert [mix.part_of(i) for i in range(3)] == [0, 0, 2] and [mix.get(i) for i in range(3)] == [1, 2, 3]
+    assert [part_of(mix.starts, i) for i in range(3)] == [0, 0, 2] and [mix.get(i) for i in range(3)] == [1, 2, 3]
     assert Mixture([[1]]).names == ["part0"]
     with pytest.raises(ValueError, match="unique name"):
         Mixture([[1], [2]], names=["a", "a"])
@@ -75,7 +76,7 @@ def test_windows_pool_each_part_over_its_tokens(tmp_path):
     assert wins[0]["loss"] == pytest.approx(2.5) and wins[1]["loss"] == pytest.approx(1.75)
     assert wins[0]["parts"] == {"a": 1.0, "b": 4.0}
     assert wins[1]["parts"] == {"a": 3.0, "b": 2.0} and wins[1]["part_tokens"] == {"a": 30, "b": 10}
-    whole = train_log.windows(rows(), 10)[0]["parts"]
+    whole = train_log.pooled_parts(rows())
     assert whole == {"a": pytest.approx((10 + 90) / 40), "b": pytest.approx((120 + 20) / 40)}
     md = train_log.table(wins)
     assert md.splitlines()[0] == "| steps | loss | a | b |" and "| 3-4 | 1.750 | 3.000 | 2.000 |" in md

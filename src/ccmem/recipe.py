@@ -445,14 +445,6 @@ def training_totals(history: list[dict], per_step: int) -> dict[str, Any]:
             "hardware": {k: {"steps": hw[k], "hours": round(hours[k], 3)} for k in hw}}
 
 
-def pooled_part_loss(history: list[dict]) -> dict[str, float]:
-    """Each part's training cross-entropy over a run's log rows, pooled over its target tokens (empty when the data
-    was not a mix, or for rows logged before parts were)."""
-    from .train_log import windows
-
-    return windows(history, max(len(history), 1))[0]["parts"] if history else {}
-
-
 def with_warm_start(totals: dict[str, Any], init: str | None) -> dict[str, Any]:
     """This run's totals plus, for a run warm-started from another adapter, that adapter's own and the sums over both,
     so the folder says what all its weights have seen. The start's totals come from its ``train_summary.json`` (read
@@ -489,6 +481,7 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
     """Train the adapter a recipe describes; returns the adapter folder."""
     import torch
 
+    from . import train_log
     from .model import CompressedModel
     from .training import TrainConfig, Trainer, latest_checkpoint
 
@@ -532,23 +525,21 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
                             ignore=shutil.ignore_patterns("stage1", "checkpoints", "*.pt", "*.jsonl"))
         if log.exists():
             shutil.copy(log, out / "train_log.jsonl")
-            if trainer.history:  # the run's loss per window of steps, per part of a mix (`ccmem train-curve`)
-                from . import train_log
-
-                try:  # a picture: never worth losing the summary below or hanging the other ranks for
-                    rows = train_log.read_log(log)
-                    train_log.plot(train_log.windows(rows, train_log.default_window(len(rows))),
-                                   log.parent / "train_curve.png", title=f"{out.name}: training loss")
-                except Exception as e:  # noqa: BLE001
-                    print(f"[ccmem] no train_curve.png ({type(e).__name__}: {e}); `ccmem train-curve "
-                          f"{log.parent}` draws it later")
+        if trainer.history:  # the run's loss per window of steps, per part of a mix (`ccmem train-curve`)
+            try:  # a picture: never worth losing the summary below or hanging the other ranks for
+                rows = trainer.history
+                train_log.plot(train_log.windows(rows, train_log.default_window(len(rows))),
+                               log.parent / "train_curve.png", title=f"{out.name}: training loss")
+            except Exception as e:  # noqa: BLE001
+                print(f"[ccmem] no train_curve.png ({type(e).__name__}: {e}); `ccmem train-curve {log.parent}` "
+                      "draws it later")
         (out / "recipe.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         per_step = tcfg.batch_size * tcfg.grad_accum * trainer.acc.num_processes
         (out / "train_summary.json").write_text(json.dumps(
             {"steps": trainer.step, "final_train_loss": trainer.history[-1]["loss"] if trainer.history else None,
              "validation_ppl": final_ppl, "validation_dialogs": len(val), "train_dialogs": len(train),
              "data_report": dict(report), "device": str(trainer.acc.device),
-             **({"part_loss": parts} if (parts := pooled_part_loss(trainer.history)) else {}),
+             **({"part_loss": parts} if (parts := train_log.pooled_parts(trainer.history)) else {}),
              **with_warm_start(training_totals(trainer.history, per_step), cfg.get("init_adapter"))},
             indent=2) + "\n")
     trainer.close()  # under torchrun / accelerate launch: no rank exits with its process group alive

@@ -70,6 +70,11 @@ def windows(rows: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
     return out
 
 
+def pooled_parts(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Each part's loss over all ``rows``, pooled over its target tokens (empty when the data was not a mix)."""
+    return windows(rows, len(rows))[0]["parts"] if rows else {}
+
+
 def default_window(n_rows: int) -> int:
     """About 20 windows over the run, at least 10 steps each."""
     return max(10, math.ceil(n_rows / 20))

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .data.collate import Collator, kl_at, lm_loss_at, loss_by_owner, loss_positions
+from .data.dialog import part_of
 from .data.episode import Episode, strip_eos
 from .errors import CCMError, ConfigError
 from .metrics import perplexity
@@ -195,7 +196,6 @@ class Trainer:
         if episodes and "owner" in batch:
             with torch.no_grad():
                 per_episode = loss_by_owner(logits.detach(), labels, keep, batch["owner"], episodes)
-        # ce: for the log beside the mixed loss
         return StepLoss(loss, int((labels != -100).sum()), int(am.sum()), ce, per_episode)
 
     def _micro_pairs(self, step: int) -> list[list[tuple[int, int]]]:
@@ -232,7 +232,7 @@ class Trainer:
         self.model.train()
         t0 = time.perf_counter()
         micro = self._micro_pairs(self.step)
-        mixed = hasattr(self.train.data, "part_of") and hasattr(self.train.data, "names")
+        mixed = hasattr(self.train.data, "names") and hasattr(self.train.data, "starts")  # a Mixture or its export
         parts = torch.zeros(len(self.train.data.names) if mixed else 0, 2, dtype=torch.float64, device=self.acc.device)
         total, tokens, ce = 0.0, 0, 0.0
         for a, pairs in enumerate(micro):
@@ -248,7 +248,7 @@ class Trainer:
             ce += float(out.ce.detach()) / len(micro)
             tokens += out.tokens
             if out.per_episode is not None:  # (sum, count) of each episode onto its part, kept on the device
-                pid = torch.tensor([self.train.data.part_of(i) for i, _ in pairs], device=parts.device)
+                pid = torch.tensor([part_of(self.train.data.starts, i) for i, _ in pairs], device=parts.device)
                 parts.index_add_(0, pid, torch.stack(out.per_episode, 1))
         loss_t = torch.tensor([total], device=self.acc.device)
         loss_all = float(self.acc.reduce(loss_t, reduction="mean")) if self.acc.num_processes > 1 else total

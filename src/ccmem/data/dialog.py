@@ -178,14 +178,23 @@ class Weighted:
         if epoch not in self._orders:
             perm = list(range(self.n))
             random.Random(f"{self.seed}:weighted:{epoch}").shuffle(perm)
-            self._orders = {**dict(list(self._orders.items())[-(math.ceil(self.weight) + 2):]), epoch: perm}
+            self._orders[epoch] = perm
+            if len(self._orders) > math.ceil(self.weight) + 2:
+                del self._orders[min(self._orders)]
         return self._orders[epoch]
+
+
+def part_of(starts: Sequence[int], i: int) -> int:
+    """Which part item ``i`` of a mix belongs to, given where each part starts (``starts[-1]``: the mix's size)."""
+    import bisect
+
+    return bisect.bisect_right(starts, i) - 1
 
 
 class Mixture:
     """Several indexable sources as one: item i belongs to the source whose index range holds it (so the mix ratio
     is the ratio of the sources' sizes, and the trainer's per-epoch shuffle interleaves them). ``names`` (one per
-    source, unique) let the trainer log each source's loss apart."""
+    source, unique) and ``starts`` let the trainer log each source's loss apart (:func:`part_of`)."""
 
     def __init__(self, parts: Sequence[Any], names: Sequence[str] | None = None):
         if not parts:
@@ -201,13 +210,7 @@ class Mixture:
     def __len__(self) -> int:
         return self.starts[-1]
 
-    def part_of(self, i: int) -> int:
-        """The index of the source that item ``i`` comes from."""
-        import bisect
-
-        return bisect.bisect_right(self.starts, i) - 1
-
     def get(self, i: int, epoch: int = 0) -> Episode:
-        j = self.part_of(i)
+        j = part_of(self.starts, i)
         part, k = self.parts[j], i - self.starts[j]
         return part.get(k, epoch) if hasattr(part, "get") else part[k]

@@ -113,7 +113,7 @@ class EpisodeFile:
                              f"{self.size} x {self.epochs} epochs; export it again")
         self.val = [val.episode(j, f"val:{j}") for j in range(len(val))]
         self._warned = False
-        if "parts" in header:  # exported from a mixture: which part each index came from
+        if "parts" in header:  # exported from a mixture: its part names and where each starts, as a Mixture has
             try:
                 parts = json.loads(header["parts"])
                 self.names, self.starts = [str(x) for x in parts["names"]], [int(x) for x in parts["starts"]]
@@ -128,14 +128,6 @@ class EpisodeFile:
 
     def __len__(self) -> int:
         return self.size
-
-    def part_of(self, i: int) -> int:
-        """The mixture part that index ``i`` came from (files exported from a mix only)."""
-        import bisect
-
-        if not hasattr(self, "starts"):
-            raise AttributeError(f"{self.path} was not exported from a mixture: it has no parts")
-        return bisect.bisect_right(self.starts, i) - 1
 
     def get(self, i: int, epoch: int = 0) -> Episode:
         if epoch >= self.epochs and not self._warned:
