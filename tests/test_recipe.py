@@ -339,3 +339,5 @@ def test_weighted_part_reads_its_source_weight_times_an_epoch():
         build_data(tok, {"source": "mix", "parts": [{"source": "text", "weight": 0}]}, seed=0)
     with pytest.raises(ConfigError, match="each of data.parts"):
         build_data(tok, {"source": "mix", "parts": ["chitchat"]}, seed=0)
+    with pytest.raises(ConfigError, match=r"data.weight \(2\) weighs one part of a mix.*drop it"):
+        build_data(tok, {**icl, "weight": 2}, seed=0)  # outside a mix it would be silently ignored

@@ -103,6 +103,27 @@ def test_embedding_learning_rate_is_separate(tmp_path):
     assert groups[1]["lr"] / groups[0]["lr"] == pytest.approx(50)  # one schedule scales both
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback is for CPUs")
+@pytest.mark.parametrize("emulated", [True, False])
+def test_bf16_recipe_trains_in_fp32_on_a_cpu_without_native_bf16(tmp_path, monkeypatch, capsys, emulated):
+    """A recipe tuned with bf16 on an AVX512-BF16 CPU ran 25x slower on an AVX2 one (7 against 175 tokens/s): there
+    the trainer takes fp32, says so, and every log row records the precision it ran in."""
+    from accelerate.state import AcceleratorState
+
+    import ccmem.hardware
+
+    monkeypatch.setattr(ccmem.hardware, "cpu_bf16_is_emulated", lambda: emulated)
+    AcceleratorState._reset_state(True)  # accelerate keeps one precision per process
+    try:
+        tr = Trainer(make_toy_ccm(), key_task(8, 0), TrainConfig(output_dir=str(tmp_path), max_steps=1, batch_size=2,
+                                                                mixed_precision="bf16"))
+        row = tr.train_step()
+    finally:
+        AcceleratorState._reset_state(True)
+    assert row["precision"] == ("no" if emulated else "bf16")
+    assert ("no native bf16" in capsys.readouterr().out) is emulated
+
+
 def test_memory_gate_trains_with_its_own_learning_rate(tmp_path):
     """Gates start nearly closed (-4): the recall task is still learned (the memory is read through them) and the
     gates move at their own learning rate."""

@@ -24,3 +24,16 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def cpu_bf16_is_emulated() -> bool:
+    """True on an x86 CPU with neither AVX512-BF16 nor AMX, where oneDNN emulates bf16 matmuls: there bf16 autocast
+    trains about 25x slower than fp32 (seen: 7 against 175 tokens/s, AVX2 EPYC, configs/general_chat_long.yaml),
+    where native bf16 is 1.4x faster (benchmarks/results/cpu_precision.md). Other CPUs (ARM) are not judged: False."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(c is None for c in checks):  # a torch without the probes: do not second-guess the recipe
+        return False
+    return not any(c() for c in checks)

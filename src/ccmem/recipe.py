@@ -250,6 +250,10 @@ def build_data(tok: Any, d: dict, seed: int):
     from .data import Mixture, Weighted
 
     source = d.get("source")
+    if "weight" in d:  # a mix pops its parts' weights before building them: anywhere else it would do nothing
+        raise ConfigError(f"data.weight ({d['weight']!r}) weighs one part of a mix against the others; a data "
+                          "section outside data.parts has nothing to weigh against: drop it, or make the section a "
+                          "part of `source: mix`")
     if source == "chitchat":
         splits, fmt, report = chitchat_splits(tok, d)
         return (*dialog_episodes(splits, fmt, d, seed, eval_dialogs=64), report)

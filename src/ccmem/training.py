@@ -89,11 +89,10 @@ class TrainConfig:
 
 
 class StepLoss(NamedTuple):
-    """One micro-batch's forward: the loss to train on, its labelled and attended token counts, the plain
-    cross-entropy (differs from ``loss`` under distillation) and, when asked, each episode's (sum, count)."""
+    """One micro-batch's forward: the loss to train on, its attended token count, the plain cross-entropy
+    (differs from ``loss`` under distillation) and, when asked, each episode's (sum, count)."""
 
     loss: Any
-    labels: int
     tokens: int
     ce: torch.Tensor
     per_episode: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -137,7 +136,15 @@ class Trainer:
         from accelerate import Accelerator
 
         self.ccm, self.cfg = ccm, config
-        self.acc = accelerator or Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+        self.precision = config.mixed_precision
+        if accelerator is None and self.precision == "bf16" and not torch.cuda.is_available():
+            from .hardware import cpu_bf16_is_emulated
+
+            if cpu_bf16_is_emulated():  # a recipe tuned on a bf16 CPU must not run 25x slower on another one
+                self.precision = "no"
+                print("[ccmem] this CPU has no native bf16 (neither AVX512-BF16 nor AMX), where bf16 autocast "
+                      "trains about 25x slower than fp32: training in fp32 instead of the recipe's bf16")
+        self.acc = accelerator or Accelerator(mixed_precision=self.precision, cpu=not torch.cuda.is_available())
         if getattr(ccm, "backend", "sdpa") == "flex" and self.acc.device.type == "cpu":
             raise ConfigError("the flex attention backend cannot train on a CPU (FlexAttention has no CPU backward in "
                               "torch 2.13); attach with attn_implementation='sdpa' here, 'flex' on a GPU")
@@ -196,7 +203,7 @@ class Trainer:
         if episodes and "owner" in batch:
             with torch.no_grad():
                 per_episode = loss_by_owner(logits.detach(), labels, keep, batch["owner"], episodes)
-        return StepLoss(loss, int((labels != -100).sum()), int(am.sum()), ce, per_episode)
+        return StepLoss(loss, int(am.sum()), ce, per_episode)
 
     def _micro_pairs(self, step: int) -> list[list[tuple[int, int]]]:
         """(index, epoch) of this rank's episodes of ``step``, one list per micro-batch."""
@@ -269,7 +276,8 @@ class Trainer:
         return {"step": self.step, "loss": loss_all, "lr": self.sched.get_last_lr()[0],
                 "grad_norm": float(norm), "tokens_per_s": tokens * world / dt, "seconds": dt,
                 "samples": self.cfg.batch_size * self.cfg.grad_accum * world, "tokens": tokens * world,
-                "hardware": self.hardware, **({"ce": ce} if self.cfg.distill else {}),
+                "hardware": self.hardware, "precision": self.acc.mixed_precision,
+                **({"ce": ce} if self.cfg.distill else {}),
                 **(self._part_losses(parts) if len(parts) else {})}
 
     # ------------------------------------------------------------------ loop
