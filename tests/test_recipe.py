@@ -158,7 +158,8 @@ def test_general_recipe_runs_and_resumes(tmp_path, tiny_folder):
     assert len(rows) == 3  # resumed at step 2
     summary = json.loads((tmp_path / "adapter" / "train_summary.json").read_text())
     assert summary["trained_samples"] == 3 and summary["trained_tokens"] == sum(r["tokens"] for r in rows) > 0
-    assert list(summary["hardware"]) == [rows[0]["hardware"]] and summary["hardware"][rows[0]["hardware"]]["steps"] == 3
+    where = f"{rows[0]['hardware']}, {'fp32' if rows[0]['precision'] == 'no' else rows[0]['precision']}"
+    assert list(summary["hardware"]) == [where] and summary["hardware"][where]["steps"] == 3
     assert "threads" in rows[0]["hardware"]
     # the mix's parts are logged apart (`ccmem train-curve`), pooled in the summary and drawn beside the log
     names = {"chitchat", "recall", "icl"}
@@ -309,7 +310,7 @@ def test_weighted_part_reads_its_source_weight_times_an_epoch():
     from ccmem.data import Weighted
     from ccmem.errors import ConfigError
     from ccmem.models import load_tokenizer
-    from ccmem.recipe import build_data
+    from ccmem.recipe import build_data, recipe_parts
 
     class Src:
         def __len__(self) -> int:
@@ -341,3 +342,6 @@ def test_weighted_part_reads_its_source_weight_times_an_epoch():
         build_data(tok, {"source": "mix", "parts": ["chitchat"]}, seed=0)
     with pytest.raises(ConfigError, match=r"data.weight \(2\) weighs one part of a mix.*drop it"):
         build_data(tok, {**icl, "weight": 2}, seed=0)  # outside a mix it would be silently ignored
+    mix = {"source": "mix", "parts": [icl, {**icl, "weight": 1.5}]}
+    alone = [build_data(tok, p, seed=0)[0] for p in recipe_parts(mix)]  # as the probe reads a mix's parts
+    assert [len(a) for a in alone] == [40, 40]

@@ -20,21 +20,27 @@ def cpu_name() -> str:
 
 
 def device_name(device: torch.device) -> str:
-    """A GPU's name, or the CPU's with its thread count and the vector instructions torch dispatches to (two CPUs of
-    one name differed 25x in bf16 training: AVX512 with bf16 against AVX2)."""
+    """A GPU's name, or the CPU's with its thread count, the vector instructions torch dispatches to and whether its
+    bf16 is native (two CPUs of one name differed 25x in bf16 training: AVX512 with bf16 against AVX2)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_name()} ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})"
+    isa = torch.backends.cpu.get_cpu_capability() + (", native bf16" if cpu_bf16_native() else "")
+    return f"{cpu_name()} ({torch.get_num_threads()} threads, {isa})"
+
+
+def cpu_bf16_native() -> bool | None:
+    """Whether an x86 CPU has native bf16 (AVX512-BF16 or AMX); None where torch cannot say (ARM, an older torch)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return None
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(c is None for c in checks):
+        return None
+    return any(c() for c in checks)
 
 
 def cpu_bf16_is_emulated() -> bool:
-    """True on an x86 CPU with neither AVX512-BF16 nor AMX, where oneDNN emulates bf16 matmuls: there bf16 autocast
-    trains about 25x slower than fp32 (seen: 7 against 175 tokens/s, AVX2 EPYC, configs/general_chat_long.yaml),
-    where native bf16 is 1.4x faster (benchmarks/results/cpu_precision.md). Other CPUs (ARM) are not judged: False."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
-        return False
-    cpu = getattr(torch, "cpu", None)
-    checks = [getattr(cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if any(c is None for c in checks):  # a torch without the probes: do not second-guess the recipe
-        return False
-    return not any(c() for c in checks)
+    """True on an x86 CPU without native bf16, where oneDNN emulates bf16 matmuls: there bf16 autocast trains about
+    25x slower than fp32 (seen: 7 against 175 tokens/s, AVX2 EPYC, configs/general_chat_long_decay.yaml), where
+    native bf16 is 1.4x faster (benchmarks/results/cpu_precision.md). A CPU torch cannot judge is not second-guessed."""
+    return cpu_bf16_native() is False

@@ -321,8 +321,10 @@ def build_data(tok: Any, d: dict, seed: int):
 
 
 def recipe_parts(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """A recipe's data sections, one per part of a mix."""
-    return list(data["parts"]) if data.get("source") == "mix" else [data]
+    """A recipe's data sections, one per part of a mix, each as it builds alone (a part's mix ``weight`` dropped)."""
+    if data.get("source") != "mix":
+        return [data]
+    return [{k: v for k, v in p.items() if k != "weight"} for p in data["parts"]]
 
 
 def part_name(d: dict[str, Any]) -> str:
@@ -433,7 +435,7 @@ def _dialog_or_episode_file(tok: Any, d: dict, seed: int):
 def training_totals(history: list[dict], per_step: int) -> dict[str, Any]:
     """Samples, tokens and hours a run has seen, and on which hardware, from its log rows. Rows written before the
     log recorded these count ``per_step`` samples (the recipe's global batch), tokens from tokens/s x seconds, and
-    hardware 'unrecorded'."""
+    hardware 'unrecorded'; rows that record their precision are counted per hardware and precision."""
     from collections import Counter
 
     hw: Counter = Counter()
@@ -441,6 +443,8 @@ def training_totals(history: list[dict], per_step: int) -> dict[str, Any]:
     samples = tokens = 0
     for r in history:
         where = r.get("hardware", "unrecorded")
+        if "precision" in r:  # the trainer may run a bf16 recipe in fp32 (a CPU without native bf16)
+            where += f", {'fp32' if r['precision'] == 'no' else r['precision']}"
         hw[where] += 1
         hours[where] += r.get("seconds", 0.0) / 3600
         samples += r.get("samples", per_step)
