@@ -21,7 +21,7 @@ def cpu_name() -> str:
 
 def device_name(device: torch.device) -> str:
     """A GPU's name, or the CPU's with its thread count, the vector instructions torch dispatches to and whether its
-    bf16 is native (two CPUs of one name differed 25x in bf16 training: AVX512 with bf16 against AVX2)."""
+    bf16 is native (two CPUs of one name differed 20x in bf16 training: AVX512 with bf16 against AVX2)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     isa = torch.backends.cpu.get_cpu_capability() + (", native bf16" if cpu_bf16_native() else "")
@@ -29,7 +29,10 @@ def device_name(device: torch.device) -> str:
 
 
 def cpu_bf16_native() -> bool | None:
-    """Whether an x86 CPU has native bf16 (AVX512-BF16 or AMX); None where torch cannot say (ARM, an older torch)."""
+    """Whether an x86 CPU has native bf16 (AVX512-BF16 or AMX); None where torch cannot say (ARM, an older torch).
+    Without it oneDNN emulates bf16 matmuls and bf16 autocast trains about 20x slower than fp32 (seen: 7 against a
+    mean 149 tokens/s, AVX2 EPYC, configs/general_chat_long_decay.yaml), where native bf16 is 1.4x faster
+    (benchmarks/results/cpu_precision.md)."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return None
     cpu = getattr(torch, "cpu", None)
@@ -38,9 +41,3 @@ def cpu_bf16_native() -> bool | None:
         return None
     return any(c() for c in checks)
 
-
-def cpu_bf16_is_emulated() -> bool:
-    """True on an x86 CPU without native bf16, where oneDNN emulates bf16 matmuls: there bf16 autocast trains about
-    25x slower than fp32 (seen: 7 against 175 tokens/s, AVX2 EPYC, configs/general_chat_long_decay.yaml), where
-    native bf16 is 1.4x faster (benchmarks/results/cpu_precision.md). A CPU torch cannot judge is not second-guessed."""
-    return cpu_bf16_native() is False

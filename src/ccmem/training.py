@@ -138,14 +138,15 @@ class Trainer:
         self.ccm, self.cfg = ccm, config
         precision, fell_back = config.mixed_precision, False
         if accelerator is None and precision == "bf16" and not torch.cuda.is_available():
-            from .hardware import cpu_bf16_is_emulated
+            from .hardware import cpu_bf16_native
 
-            # a recipe tuned on a CPU with bf16 must not run 25x slower on one without
-            precision, fell_back = ("no", True) if cpu_bf16_is_emulated() else (precision, False)
+            # a recipe tuned on a CPU with bf16 must not run 20x slower on one without (None: cannot tell, trust it)
+            fell_back = cpu_bf16_native() is False
+            precision = "no" if fell_back else precision
         self.acc = accelerator or Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
         if fell_back and self.acc.is_main_process:
             print("[ccmem] this CPU has no native bf16 (neither AVX512-BF16 nor AMX), where bf16 autocast trains "
-                  "about 25x slower than fp32: training in fp32 instead of the recipe's bf16")
+                  "about 20x slower than fp32: training in fp32 instead of the recipe's bf16")
         if getattr(ccm, "backend", "sdpa") == "flex" and self.acc.device.type == "cpu":
             raise ConfigError("the flex attention backend cannot train on a CPU (FlexAttention has no CPU backward in "
                               "torch 2.13); attach with attn_implementation='sdpa' here, 'flex' on a GPU")
