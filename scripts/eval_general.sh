@@ -32,6 +32,13 @@ for suite in $suites; do
   case $suite in office|chitchat|icl|recall) ;; *) echo "unknown suite $suite: choose from office chitchat icl recall" >&2
     exit 2 ;; esac
 done
+# The suites compare against kvpress presses, which run in their own environment: without it every press row would be
+# skipped (the results would say so in a note only), so build it first (about a minute) unless $CCMEM_KVPRESS_PYTHON
+# names one.
+if [ -z "${DRY:-}" ] && [ -z "${CCMEM_KVPRESS_PYTHON:-}" ] && [ ! -f .venv-kvpress/.installed ]; then
+  echo "[eval_general] no kvpress environment: building it (make kvpress-env)" >&2
+  make kvpress-env
+fi
 run() {
   if [ -n "${DRY:-}" ]; then printf '%q ' ccmem "$@" --score-cache; echo; else $PY -m ccmem "$@" --score-cache; fi
 }
