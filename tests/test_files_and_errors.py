@@ -499,8 +499,8 @@ def test_shipped_adapters_are_found_or_named(tmp_path, monkeypatch):
 
 
 def test_chat_prefers_the_general_adapter(tmp_path, monkeypatch):
-    """chat and serve load the general adapter (trained in the chat template) for concat once it exists; the
-    chit-chat one before that and for merge."""
+    """chat and serve load the newest general adapter (trained in the chat template) for concat once one exists;
+    the chit-chat one before that and for merge."""
     from ccmem.demo import chat_adapter
 
     monkeypatch.setenv("CCMEM_ADAPTERS", str(tmp_path))
@@ -508,6 +508,8 @@ def test_chat_prefers_the_general_adapter(tmp_path, monkeypatch):
     tiny_ccm("llama").save_pretrained(tmp_path / "general-chat")
     assert chat_adapter("concat") == tmp_path / "general-chat" and chat_adapter() == tmp_path / "general-chat"
     assert chat_adapter("merge") == tmp_path / "chitchat-merge"
+    tiny_ccm("llama").save_pretrained(tmp_path / "general-chat-decay")  # the newer general adapter comes first
+    assert chat_adapter("concat") == tmp_path / "general-chat-decay" and chat_adapter("merge").name == "chitchat-merge"
 
 
 def test_chat_reads_the_general_adapter_with_a_tail_of_one_turn(tmp_path, monkeypatch):
@@ -520,6 +522,7 @@ def test_chat_reads_the_general_adapter_with_a_tail_of_one_turn(tmp_path, monkey
     tiny_ccm("llama").save_pretrained(tmp_path / "general-chat")
     assert chat_raw_tail(tmp_path / "general-chat") == 1 == chat_raw_tail(str(tmp_path / "." / "general-chat"))
     assert chat_raw_tail(tmp_path / "chitchat-concat") is None and chat_raw_tail("org/some-adapter") is None
+    assert chat_raw_tail(tmp_path / "general-chat-decay") == 1  # every shipped general adapter, present or not
     monkeypatch.setattr("ccmem.demo.adapters_dir", lambda: (_ for _ in ()).throw(FileNotFoundError("no checkout")))
     assert chat_raw_tail("org/some-adapter") is None  # an install without the shipped adapters still chats
     monkeypatch.undo()

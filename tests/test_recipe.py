@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from ccmem import CompressedModel
 from ccmem.cli import main
@@ -273,6 +274,15 @@ def test_warm_start_totals_from_a_checkpoint_read_its_trainer_state(tmp_path):
                                               "gpu": {"steps": 1, "hours": 0.5}}}
     assert (out["total_samples"], out["total_tokens"]) == (19, 7370)
     assert with_warm_start(own, None) == own
+    # that run was itself warm-started (its run folder's recipe.yaml says from what): its start's totals count too
+    first = tmp_path / "first"
+    first.mkdir()
+    (first / "train_summary.json").write_text(json.dumps({"trained_samples": 40, "trained_tokens": 9000,
+                                                          "total_samples": 100, "total_tokens": 20000}))
+    (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump({"init_adapter": str(first)}))
+    out = with_warm_start(own, str(ck))
+    assert out["warm_start"]["total_samples"] == 11 + 100 and out["warm_start"]["total_tokens"] == 7270 + 20000
+    assert (out["total_samples"], out["total_tokens"]) == (8 + 11 + 100, 100 + 7270 + 20000)
 
 
 def test_warm_start_totals_of_the_general_chat_start():

@@ -2,7 +2,8 @@
 compressed into n slots once it leaves the raw tail (the newest turn, verbatim, for the shipped general adapter;
 ``--raw-tail 0`` compresses every turn as soon as it is answered); commands start with a slash (/help). Turns are
 rendered with the tokenizer's chat template (ChatML for SmolLM2), the format the default adapter
-(``adapters/general-chat``, :func:`ccmem.demo.chat_adapter`) was trained on; ``--plain`` uses ``A: / B:`` lines."""
+(``adapters/general-chat-decay``, :func:`ccmem.demo.chat_adapter`) was trained on; ``--plain`` uses ``A: / B:``
+lines."""
 
 from __future__ import annotations
 

@@ -36,13 +36,20 @@ def default_adapter(variant: str) -> Path:
     return adapters_dir() / f"chitchat-{variant}"
 
 
+# The general adapters, trained in the chat template, newest first: the first one present is what ``ccmem chat`` and
+# ``ccmem serve`` load for concat (README, "Shipped adapters": general-chat-decay is the long run's cool-down branch,
+# ahead of general-chat on The Office and on its own chit-chat).
+GENERAL_CHAT = ("general-chat-decay", "general-chat")
+
+
 def chat_adapter(variant: str = "concat") -> Path:
-    """What ``ccmem chat`` and ``ccmem serve`` load by default: for concat the general adapter, trained in the chat
-    template they render (``adapters/general-chat``; see the README for its measurements), where it exists; the
-    chit-chat adapter otherwise and for merge, which has no general adapter yet."""
-    general = adapters_dir() / "general-chat"
-    if variant == "concat" and (general / "adapter.safetensors").is_file():
-        return general
+    """What ``ccmem chat`` and ``ccmem serve`` load by default: for concat the newest general adapter
+    (:data:`GENERAL_CHAT`), trained in the chat template they render, where one exists; the chit-chat adapter
+    otherwise and for merge, which has no general adapter yet."""
+    if variant == "concat":
+        for name in GENERAL_CHAT:
+            if (adapters_dir() / name / "adapter.safetensors").is_file():
+                return adapters_dir() / name
     return default_adapter(variant)
 
 
@@ -51,13 +58,14 @@ CHAT_RAW_TAIL = 1
 
 def chat_raw_tail(adapter: str | Path) -> int | None:
     """The raw tail ``ccmem chat`` reads an adapter with when none is asked for: the newest turn verbatim for the
-    shipped general adapter (trained without a tail, it is ahead of itself read without one at every t on its own
-    chit-chat test dialogs, The Office and Shakespeare: README, "Evaluation"), the adapter's own for any other."""
+    shipped general adapters (general-chat, trained without a tail, is ahead of itself read without one at every t
+    on its own chit-chat test dialogs, The Office and Shakespeare: README, "Evaluation"; its cool-down branch is
+    measured as it is read, with this tail), the adapter's own for any other."""
     try:
-        general = adapters_dir() / "general-chat"
+        general = {(adapters_dir() / name).resolve() for name in GENERAL_CHAT}
     except FileNotFoundError:  # an install without the shipped adapters: the adapter given is read as saved
         return None
-    return CHAT_RAW_TAIL if Path(adapter).resolve() == general.resolve() else None
+    return CHAT_RAW_TAIL if Path(adapter).resolve() in general else None
 
 
 def stop_ids(tok: Any) -> list[int]:

@@ -453,14 +453,14 @@ def training_totals(history: list[dict], per_step: int) -> dict[str, Any]:
             "hardware": {k: {"steps": hw[k], "hours": round(hours[k], 3)} for k in hw}}
 
 
-def with_warm_start(totals: dict[str, Any], init: str | None) -> dict[str, Any]:
+def with_warm_start(totals: dict[str, Any], init: str | None, depth: int = 0) -> dict[str, Any]:
     """This run's totals plus, for a run warm-started from another adapter, that adapter's own and the sums over both,
     so the folder says what all its weights have seen. The start's totals come from its ``train_summary.json`` (read
     when this run ends) or, for a training checkpoint, from the history its ``trainer_state.pt`` carries."""
     if not init:
         return totals
     start: dict[str, Any] = {"adapter": str(init)}
-    before = _start_summary(Path(init))
+    before = _start_summary(Path(init), depth)
     if before is None:  # its folder gone or never summarised: the sums would be this run's alone
         return {**totals, "warm_start": {**start, "totals": "unknown (no train_summary.json or trainer state)"}}
     for k in ("steps", "trained_samples", "trained_tokens", "hardware", "total_samples", "total_tokens"):
@@ -471,9 +471,11 @@ def with_warm_start(totals: dict[str, Any], init: str | None) -> dict[str, Any]:
             "total_tokens": totals["trained_tokens"] + before.get("total_tokens", before.get("trained_tokens", 0))}
 
 
-def _start_summary(init: Path) -> dict[str, Any] | None:
+def _start_summary(init: Path, depth: int = 0) -> dict[str, Any] | None:
     """A start adapter's summary: its own file, or a checkpoint's totals over the history it was saved with (rows
-    from before the log kept samples count that run's global batch); None if neither."""
+    from before the log kept samples count that run's global batch), plus, where that run was itself warm-started
+    (``init_adapter`` in the ``recipe.yaml`` of its run folder), its start's totals, so a branch of a branch still
+    counts its whole lineage; None if neither."""
     if (init / "train_summary.json").exists():
         return json.loads((init / "train_summary.json").read_text())
     if not (init / "trainer_state.pt").exists():
@@ -482,7 +484,13 @@ def _start_summary(init: Path) -> dict[str, Any] | None:
 
     st = torch.load(init / "trainer_state.pt", weights_only=True)
     per_step = st["config"]["batch_size"] * st["config"]["grad_accum"]
-    return {"steps": st["step"], **training_totals(st.get("history", []), per_step)}
+    summary = {"steps": st["step"], **training_totals(st.get("history", []), per_step)}
+    run_recipe_file = init.parent.parent / "recipe.yaml"  # <output_dir>/checkpoints/step_N -> <output_dir>
+    if depth < 8 and init.parent.name == "checkpoints" and run_recipe_file.is_file():
+        start = (yaml.safe_load(run_recipe_file.read_text()) or {}).get("init_adapter")
+        if start:
+            return with_warm_start(summary, start, depth + 1)
+    return summary
 
 
 def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:

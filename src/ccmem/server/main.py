@@ -42,7 +42,8 @@ def build(args: argparse.Namespace):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local folder or a hub id")
-    p.add_argument("--adapter", default=None, help="adapter folder (default: adapters/general-chat)")
+    p.add_argument("--adapter", default=None,
+                   help="adapter folder (default: the newest general adapter, adapters/general-chat-decay)")
     from ..cli import turn_count
 
     p.add_argument("--raw-tail", type=turn_count, default=None,
