@@ -37,8 +37,8 @@ def default_adapter(variant: str) -> Path:
 
 
 # The general adapters, trained in the chat template, newest first: the first one present is what ``ccmem chat`` and
-# ``ccmem serve`` load for concat (README, "Shipped adapters": general-chat-decay is the long run's cool-down branch,
-# ahead of general-chat on The Office and on its own chit-chat).
+# ``ccmem serve`` load for concat (README, "Shipped adapters": general-chat-decay, the long run's cool-down branch, is
+# ahead of general-chat on The Office and level with it or better on the other suites).
 GENERAL_CHAT = ("general-chat-decay", "general-chat")
 
 
