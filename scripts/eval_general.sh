@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A general adapter (issue 10) on every suite, as the milestones of its runs are read: beside the training-free
 # methods and kvpress presses at equal KV, the baselines on the plain base model (--base-adapter none), and a
-# reference adapter in the same run (REF, default adapters/general-chat = step 4000, the chat default), so the two
-# meet in paired margins (`adapter_margins`). The dialog suites read both as `ccmem chat` does, with a raw tail of
+# reference adapter in the same run (REF, default adapters/general-chat = step 4000, the previous chat default), so
+# the two meet in paired margins (`adapter_margins`). The dialog suites read both as `ccmem chat` does, with a raw tail of
 # TAIL turns (default 1); ICL reads them without one. --control rows say what the right context's memory is worth.
 #   bash scripts/eval_general.sh [ADAPTER] [SUITES] [NAME]
 #   ADAPTER: an adapter or checkpoint folder (default: the newest checkpoint of checkpoints/general-chat-long)
@@ -35,9 +35,10 @@ done
 # The suites compare against kvpress presses, which run in their own environment: without it every press row would be
 # skipped (the results would say so in a note only), so build it first (about a minute) unless $CCMEM_KVPRESS_PYTHON
 # names one.
-if [ -z "${DRY:-}" ] && [ -z "${CCMEM_KVPRESS_PYTHON:-}" ] && [ ! -f .venv-kvpress/.installed ]; then
+if [ -z "${DRY:-}${NO_KVPRESS:-}" ] && [ -z "${CCMEM_KVPRESS_PYTHON:-}" ] && [ ! -f .venv-kvpress/.installed ]; then
   echo "[eval_general] no kvpress environment: building it (make kvpress-env)" >&2
-  make kvpress-env
+  make kvpress-env || { echo "[eval_general] could not build .venv-kvpress: set CCMEM_KVPRESS_PYTHON to a python with" \
+    "kvpress, or NO_KVPRESS=1 to run without the press rows" >&2; exit 2; }
 fi
 run() {
   if [ -n "${DRY:-}" ]; then printf '%q ' ccmem "$@" --score-cache; echo; else $PY -m ccmem "$@" --score-cache; fi

@@ -538,3 +538,9 @@ def test_chat_reads_the_general_adapter_with_a_tail_of_one_turn(tmp_path, monkey
             pass
     assert seen == [(tmp_path / "general-chat", 1), (tmp_path / "general-chat", 0), (tmp_path / "general-chat", 2),
                     (str(tmp_path / "other"), None)]
+    tiny_ccm("llama").save_pretrained(tmp_path / "general-chat-decay")  # the newer general adapter, read the same way
+    try:
+        Chat()
+    except AttributeError:
+        pass
+    assert seen[-1] == (tmp_path / "general-chat-decay", 1)

@@ -253,7 +253,7 @@ def test_tail_recipe_warm_starts_from_an_adapter_without_a_tail(tmp_path, tiny_f
     assert summary["trained_samples"] == 1 and summary["trained_tokens"] > 0
     assert summary["warm_start"] == {"adapter": f"{tmp_path}/start", "steps": 5, "trained_samples": 40,
                                      "trained_tokens": 9000, "hardware": before["hardware"], "total_samples": 100,
-                                     "total_tokens": 20000}
+                                     "total_tokens": 20000, "warm_start": {"adapter": "older"}}  # its own start too
     assert summary["total_samples"] == 101 and summary["total_tokens"] == summary["trained_tokens"] + 20000
 
 
@@ -283,6 +283,14 @@ def test_warm_start_totals_from_a_checkpoint_read_its_trainer_state(tmp_path):
     out = with_warm_start(own, str(ck))
     assert out["warm_start"]["total_samples"] == 11 + 100 and out["warm_start"]["total_tokens"] == 7270 + 20000
     assert (out["total_samples"], out["total_tokens"]) == (8 + 11 + 100, 100 + 7270 + 20000)
+    assert out["warm_start"]["warm_start"]["adapter"] == str(first)  # the chain of starts, named
+    # an ancestor that is gone or unreadable is marked unknown, not dropped; a cycle is counted once
+    for recipe, why in ((f"init_adapter: {tmp_path / 'gone'}\n", "no train_summary"), ("[not, a, mapping]\n", None),
+                        (f"init_adapter: {ck}\n", "cycle")):
+        (tmp_path / "run" / "recipe.yaml").write_text(recipe)
+        out = with_warm_start(own, str(ck))
+        assert out["warm_start"]["trained_samples"] == 11 and out["total_samples"] == 8 + 11
+        assert why is None or why in out["warm_start"]["warm_start"]["totals"]
 
 
 def test_warm_start_totals_of_the_general_chat_start():

@@ -453,17 +453,25 @@ def training_totals(history: list[dict], per_step: int) -> dict[str, Any]:
             "hardware": {k: {"steps": hw[k], "hours": round(hours[k], 3)} for k in hw}}
 
 
-def with_warm_start(totals: dict[str, Any], init: str | None, depth: int = 0) -> dict[str, Any]:
+def with_warm_start(totals: dict[str, Any], init: str | None, _seen: frozenset[Path] = frozenset()
+                    ) -> dict[str, Any]:
     """This run's totals plus, for a run warm-started from another adapter, that adapter's own and the sums over both,
     so the folder says what all its weights have seen. The start's totals come from its ``train_summary.json`` (read
-    when this run ends) or, for a training checkpoint, from the history its ``trainer_state.pt`` carries."""
+    when this run ends) or, for a training checkpoint, from the history its ``trainer_state.pt`` carries plus that
+    run's own start. A start that is gone, unreadable or already counted (a cycle) is marked unknown, never summed."""
     if not init:
         return totals
     start: dict[str, Any] = {"adapter": str(init)}
-    before = _start_summary(Path(init), depth)
-    if before is None:  # its folder gone or never summarised: the sums would be this run's alone
-        return {**totals, "warm_start": {**start, "totals": "unknown (no train_summary.json or trainer state)"}}
-    for k in ("steps", "trained_samples", "trained_tokens", "hardware", "total_samples", "total_tokens"):
+    key = Path(init).resolve()
+    try:
+        before = None if key in _seen else _start_summary(Path(init), _seen | {key})
+    except Exception as e:  # noqa: BLE001 - a damaged ancestor must not cost the run its summary
+        before = None
+        start["error"] = f"{type(e).__name__}: {e}"
+    if before is None:  # its folder gone, never summarised or met before: the sums would be this run's alone
+        why = "already counted (a cycle)" if key in _seen else "no train_summary.json or trainer state"
+        return {**totals, "warm_start": {**start, "totals": f"unknown ({why})"}}
+    for k in ("steps", "trained_samples", "trained_tokens", "hardware", "total_samples", "total_tokens", "warm_start"):
         if k in before:
             start[k] = before[k]
     return {**totals, "warm_start": start,
@@ -471,11 +479,11 @@ def with_warm_start(totals: dict[str, Any], init: str | None, depth: int = 0) ->
             "total_tokens": totals["trained_tokens"] + before.get("total_tokens", before.get("trained_tokens", 0))}
 
 
-def _start_summary(init: Path, depth: int = 0) -> dict[str, Any] | None:
+def _start_summary(init: Path, seen: frozenset[Path]) -> dict[str, Any] | None:
     """A start adapter's summary: its own file, or a checkpoint's totals over the history it was saved with (rows
     from before the log kept samples count that run's global batch), plus, where that run was itself warm-started
-    (``init_adapter`` in the ``recipe.yaml`` of its run folder), its start's totals, so a branch of a branch still
-    counts its whole lineage; None if neither."""
+    (``init_adapter`` in its run folder's ``recipe.yaml``), its start's totals, so a branch of a branch still counts
+    its whole lineage; None if neither."""
     if (init / "train_summary.json").exists():
         return json.loads((init / "train_summary.json").read_text())
     if not (init / "trainer_state.pt").exists():
@@ -485,11 +493,10 @@ def _start_summary(init: Path, depth: int = 0) -> dict[str, Any] | None:
     st = torch.load(init / "trainer_state.pt", weights_only=True)
     per_step = st["config"]["batch_size"] * st["config"]["grad_accum"]
     summary = {"steps": st["step"], **training_totals(st.get("history", []), per_step)}
-    run_recipe_file = init.parent.parent / "recipe.yaml"  # <output_dir>/checkpoints/step_N -> <output_dir>
-    if depth < 8 and init.parent.name == "checkpoints" and run_recipe_file.is_file():
-        start = (yaml.safe_load(run_recipe_file.read_text()) or {}).get("init_adapter")
-        if start:
-            return with_warm_start(summary, start, depth + 1)
+    f = recipe_file(init) if init.parent.name == "checkpoints" else None
+    cfg = yaml.safe_load(f.read_text()) if f is not None else None
+    if isinstance(cfg, dict) and cfg.get("init_adapter"):
+        return with_warm_start(summary, cfg["init_adapter"], seen)
     return summary
 
 
