@@ -291,6 +291,10 @@ def test_warm_start_totals_from_a_checkpoint_read_its_trainer_state(tmp_path):
         out = with_warm_start(own, str(ck))
         assert out["warm_start"]["trained_samples"] == 11 and out["total_samples"] == 8 + 11
         assert why is None or why in out["warm_start"]["warm_start"]["totals"]
+    (tmp_path / "run" / "recipe.yaml").write_text(f"init_adapter: {first}\n")
+    (first / "train_summary.json").write_text("{damaged")  # an unreadable start: its error named, the run's kept
+    out = with_warm_start(own, str(ck))
+    assert "JSONDecodeError" in out["warm_start"]["warm_start"]["totals"] and out["total_samples"] == 8 + 11
 
 
 def test_warm_start_totals_of_the_general_chat_start():

@@ -469,7 +469,8 @@ def with_warm_start(totals: dict[str, Any], init: str | None, _seen: frozenset[P
         before = None
         start["error"] = f"{type(e).__name__}: {e}"
     if before is None:  # its folder gone, never summarised or met before: the sums would be this run's alone
-        why = "already counted (a cycle)" if key in _seen else "no train_summary.json or trainer state"
+        why = ("already counted (a cycle)" if key in _seen else start.get("error")
+               or "no train_summary.json or trainer state")
         return {**totals, "warm_start": {**start, "totals": f"unknown ({why})"}}
     for k in ("steps", "trained_samples", "trained_tokens", "hardware", "total_samples", "total_tokens", "warm_start"):
         if k in before:
@@ -493,7 +494,7 @@ def _start_summary(init: Path, seen: frozenset[Path]) -> dict[str, Any] | None:
     st = torch.load(init / "trainer_state.pt", weights_only=True)
     per_step = st["config"]["batch_size"] * st["config"]["grad_accum"]
     summary = {"steps": st["step"], **training_totals(st.get("history", []), per_step)}
-    f = recipe_file(init) if init.parent.name == "checkpoints" else None
+    f = recipe_file(init)  # the run folder's, for <run>/checkpoints/step_N
     cfg = yaml.safe_load(f.read_text()) if f is not None else None
     if isinstance(cfg, dict) and cfg.get("init_adapter"):
         return with_warm_start(summary, cfg["init_adapter"], seen)
