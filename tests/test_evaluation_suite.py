@@ -891,3 +891,29 @@ def test_weights_digest_sees_every_tensor_and_dtype_and_0_dim_buffers():
     other = tiny_model(seed=0, rms_norm_eps=1e-3)
     assert config_digest(other) != config_digest(tiny_model(seed=0)) and weights_digest(other) == weights_digest(
         tiny_model(seed=0))
+
+
+def test_eval_without_a_kvpress_environment_stops_before_scoring(monkeypatch, capsys):
+    """Presses asked for (the default) but no kvpress environment: the run stops before it scores anything, naming
+    `make kvpress-env` and `--presses ''`, instead of writing a headline that silently leaves the presses out; the
+    ``ccmem`` command prints it as one line (exit status 2), and `--presses ''` goes on."""
+    from ccmem.cli import console, main
+    from ccmem.errors import ConfigError
+    from ccmem.evaluation import runner
+
+    monkeypatch.delenv("CCMEM_KVPRESS_PYTHON", raising=False)
+    monkeypatch.delenv("CCMEM_DEBUG", raising=False)
+    monkeypatch.setattr(runner, "default_kvpress_python", lambda: None)
+    monkeypatch.setattr(runner, "build_suite", lambda *a: pytest.fail("suite built before the refusal"))
+    with pytest.raises(ConfigError, match="make kvpress-env"):
+        main(["eval", "--suite", "chitchat"])
+    assert console(["eval", "--suite", "chitchat", "--presses", "snapkv"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ccmem: error: the comparison includes the kvpress presses snapkv") and "Traceback" not in err
+
+    def stop(*a):
+        raise KeyboardInterrupt  # past the check: the suite is being built
+
+    monkeypatch.setattr(runner, "build_suite", stop)
+    with pytest.raises(KeyboardInterrupt):
+        main(["eval", "--suite", "chitchat", "--presses", ""])

@@ -367,3 +367,19 @@ def test_weighted_part_reads_its_source_weight_times_an_epoch():
     mix = {"source": "mix", "parts": [icl, {**icl, "weight": 1.5}]}
     alone = [build_data(tok, p, seed=0)[0] for p in recipe_parts(mix)]  # as the probe reads a mix's parts
     assert [len(a) for a in alone] == [40, 40]
+
+
+def test_the_command_prints_a_user_error_as_one_line(tmp_path, monkeypatch, capsys):
+    """`ccmem train` on a recipe that is not there: one line naming the file and the error type (not raised on purpose,
+    so with the CCMEM_DEBUG hint), exit status 2; with CCMEM_DEBUG=1 the exception itself, for its traceback."""
+    from ccmem.cli import console
+
+    missing = tmp_path / "nope.yaml"
+    monkeypatch.delenv("CCMEM_DEBUG", raising=False)
+    assert console(["train", str(missing)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("ccmem: error: FileNotFoundError") and str(missing) in err[0]
+    assert err[1] == "ccmem: run again with CCMEM_DEBUG=1 for the traceback"
+    monkeypatch.setenv("CCMEM_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        console(["train", str(missing)])

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from .data.scripts import DIALOG_CHOICES
+from .errors import CCMError
 
 
 def _demo_tiny(args: argparse.Namespace) -> int:
@@ -265,5 +267,21 @@ def main(argv: list[str] | None = None) -> int:
     return args.fn(args)
 
 
+def console(argv: list[str] | None = None) -> int:
+    """The ``ccmem`` command: :func:`main`, with a user's error (ccmem's own, which names the fix, a missing or
+    unreadable file, a bad value) printed as one line instead of a traceback, exit status 2. ``CCMEM_DEBUG=1`` shows
+    the traceback. :func:`main` itself raises, for callers and tests that want the exception."""
+    try:
+        return main(argv)
+    except (CCMError, OSError, ValueError) as e:
+        if os.environ.get("CCMEM_DEBUG"):
+            raise
+        kind = "" if isinstance(e, CCMError) else f"{type(e).__name__}: "
+        print(f"ccmem: error: {kind}{e}", file=sys.stderr)
+        if not isinstance(e, CCMError):  # not raised on purpose: it may be a bug, whose traceback is wanted
+            print("ccmem: run again with CCMEM_DEBUG=1 for the traceback", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.episode import Episode
+from ..errors import ConfigError
 from .core import Budget, bytes_per_slot, option_logliks, per_unit
 from .methods import Compressed, Method, NoContext, Press, control, flat, variant_view
 from .score_cache import ScoreCache, config_digest, tokenizer_digest, weights_digest
@@ -608,6 +609,11 @@ def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str 
     cfg = EvalConfig(adapters=present,
                      peers={k: v for k, v in d["peers"].items() if v in present}, **cfg_kw)
     seen_domain({**present, "base adapter": cfg.base_adapter}, dialogs)
+    if cfg.presses and not (cfg.kvpress_python or default_kvpress_python()):  # before any scoring, not in the notes
+        raise ConfigError(f"the comparison includes the kvpress presses {', '.join(cfg.presses)}, but there is no "
+                          "kvpress environment (.venv-kvpress of the checkout, or $CCMEM_KVPRESS_PYTHON); build it "
+                          "with `make kvpress-env`, or pass --presses '' to compare without them (the headline then "
+                          "leaves them out)")
     tok = load_tokenizer(cfg.model)
     format, format_notes = dialog_format_of(present, format, suite)
     notes += format_notes
