@@ -523,6 +523,15 @@ def test_chat_reads_the_general_adapter_with_a_tail_of_one_turn(tmp_path, monkey
     assert chat_raw_tail(tmp_path / "general-chat") == 1 == chat_raw_tail(str(tmp_path / "." / "general-chat"))
     assert chat_raw_tail(tmp_path / "chitchat-concat") is None and chat_raw_tail("org/some-adapter") is None
     assert chat_raw_tail(tmp_path / "general-chat-decay") == 1  # every shipped general adapter, present or not
+    import shutil
+
+    copy = shutil.copytree(tmp_path / "general-chat", tmp_path / "run" / "checkpoints" / "step_000600")
+    assert chat_raw_tail(copy) == 1  # the same weights elsewhere (a training checkpoint): known by their sha256
+    tiny_ccm("llama", seed=1).save_pretrained(tmp_path / "other")
+    assert chat_raw_tail(tmp_path / "other") is None  # other weights of the same shape: their own tail
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter.safetensors").write_bytes(b"not a safetensors file")
+    assert chat_raw_tail(tmp_path / "broken") is None  # left for loading to refuse with its own error
     monkeypatch.setattr("ccmem.demo.adapters_dir", lambda: (_ for _ in ()).throw(FileNotFoundError("no checkout")))
     assert chat_raw_tail("org/some-adapter") is None  # an install without the shipped adapters still chats
     monkeypatch.undo()

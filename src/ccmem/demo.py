@@ -60,12 +60,33 @@ def chat_raw_tail(adapter: str | Path) -> int | None:
     """The raw tail ``ccmem chat`` reads an adapter with when none is asked for: the newest turn verbatim for the
     shipped general adapters (general-chat, trained without a tail, is ahead of itself read without one at every t
     on its own chit-chat test dialogs, The Office and Shakespeare: README, "Evaluation"; its cool-down branch is
-    measured as it is read, with this tail), the adapter's own for any other."""
+    measured as it is read, with this tail), the adapter's own for any other. A shipped adapter is known by its
+    folder or by its weights (the sha256 its file stores), so the same weights given as a training checkpoint or a
+    copy are read the same way."""
     try:
-        general = {(adapters_dir() / name).resolve() for name in GENERAL_CHAT}
+        general = [(adapters_dir() / name).resolve() for name in GENERAL_CHAT]
     except FileNotFoundError:  # an install without the shipped adapters: the adapter given is read as saved
         return None
-    return CHAT_RAW_TAIL if Path(adapter).resolve() in general else None
+    if Path(adapter).resolve() in general:
+        return CHAT_RAW_TAIL
+    mine = _weights_sha256(Path(adapter))
+    if mine is not None and mine in {_weights_sha256(g) for g in general}:
+        return CHAT_RAW_TAIL
+    return None
+
+
+def _weights_sha256(folder: Path) -> str | None:
+    """The sha256 of the tensors an adapter file records in its header (None: no such file, or none recorded)."""
+    from safetensors import safe_open
+
+    f = folder / "adapter.safetensors"
+    if not f.is_file():
+        return None
+    try:
+        with safe_open(str(f), "pt") as h:
+            return (h.metadata() or {}).get("sha256")
+    except Exception:  # a damaged file: loading it gives the error that names the problem
+        return None
 
 
 def stop_ids(tok: Any) -> list[int]:
