@@ -1,5 +1,6 @@
 """Server load (issue 14): concurrent chat sessions against ``ccmem serve`` on loopback, ccmem memory vs the same
-server keeping full history (every message's raw keys/values), on the real default model and adapter.
+server keeping full history (every message's raw keys/values), on the real default model and the adapter ``ccmem
+serve`` loads by default (``ccmem.demo.chat_adapter``; ``--adapter`` for another).
 
 Each session is a real chit-chat dialog (test split): its user turns are sent one request at a time (only the new
 message, with ``X-Session-Id``), the server answers (greedy, ``--max-tokens``) and keeps the turn. Measured per turn
@@ -47,8 +48,7 @@ def user_turns(sessions: int, turns: int) -> list[list[str]]:
     return [[d.turns[2 * i] for i in range(turns)] for d in dialogs]
 
 
-def run_mode(mode: str, convos: list[list[str]], max_tokens: int, time_limit: float) -> dict[str, Any]:
-    from ccmem.demo import default_adapter
+def run_mode(mode: str, convos: list[list[str]], max_tokens: int, time_limit: float, adapter: str) -> dict[str, Any]:
     from ccmem.model import CompressedModel
     from ccmem.models import load_model
     from ccmem.server import Engine, ServerConfig, create_app
@@ -57,7 +57,7 @@ def run_mode(mode: str, convos: list[list[str]], max_tokens: int, time_limit: fl
     from ccmem.server.store import SessionStore
 
     model, tok = load_model("smollm2")
-    ccm = CompressedModel.from_pretrained(default_adapter("concat"), model, tokenizer=tok)
+    ccm = CompressedModel.from_pretrained(adapter, model, tokenizer=tok)
     tmp = tempfile.TemporaryDirectory()
     engine = Engine(ccm, SessionStore(tmp.name), Limits(max_queue=len(convos) + 4, max_new_tokens=max_tokens),
                     full_history=mode == "full_history")
@@ -138,7 +138,8 @@ def report(res: dict[str, Any], name: str) -> None:
           "One model serves every session: one engine worker runs up to 8 waiting sessions per batched step, so "
           "latency includes queueing behind the other sessions. A turn = the user message read and kept, a greedy "
           "reply of at most "
-          f"{res['config']['max_tokens']} tokens, the reply kept, the session saved to disk.", "",
+          f"{res['config']['max_tokens']} tokens, the reply kept, the session saved to disk. Adapter: "
+          f"`{res['config'].get('adapter', 'adapters/chitchat-concat')}`.", "",
           markdown_table([{"mode": r["mode"], "turns_done": r["turns_done"], "wall_s": r["wall_s"],
                            "turns_per_s": r["turns_per_s"]} for r in res["runs"]],
                          ["mode", "turns_done", "wall_s", "turns_per_s"]), "",
@@ -178,13 +179,19 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--time-limit", type=float, default=1800, help="seconds per server")
     ap.add_argument("--name", default="serve_load")
+    ap.add_argument("--adapter", default=None, help="adapter folder (default: what `ccmem serve` loads)")
     ap.add_argument("--report", action="store_true", help="only re-render the table and plot from the JSON")
     args = ap.parse_args()
     if args.report:
         report(json.loads((RESULTS / f"{args.name}.json").read_text()), args.name)
         return
+    if args.adapter is None:
+        from ccmem.demo import chat_adapter
+
+        a = chat_adapter("concat").resolve()
+        args.adapter = str(a.relative_to(Path.cwd()) if a.is_relative_to(Path.cwd()) else a)
     convos = user_turns(args.sessions, args.turns)
-    runs = [run_mode(m, convos, args.max_tokens, args.time_limit) for m in MODES]
+    runs = [run_mode(m, convos, args.max_tokens, args.time_limit, args.adapter) for m in MODES]
     res = {"name": args.name, "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
            "environment": environment(), "config": {k: v for k, v in vars(args).items() if k != "report"},
            "runs": runs}
