@@ -210,19 +210,25 @@ def test_chat_general_recipe_warm_starts_from_an_adapter(tmp_path, tiny_folder):
                   f"train.output_dir={tmp_path}/c1", f"init_adapter={tmp_path}/start", "--device", "cpu"])
     assert not (tmp_path / "chat").exists()
     # one Adam step moves each weight by about its lr (1e-3; the gates 1e-2): the run starts from the given weights,
-    # not a fresh init (LoRA B = 0, about 0.08 away from these at the largest); then a resume whose init_adapter
-    # no longer exists
+    # not a fresh init (LoRA B = 0, about 0.08 away from these at the largest); then a resume that names another
+    # init_adapter and another time limit: it reads its checkpoint, and the run's record keeps its real start
     assert main(["train", "configs/general_chat.yaml", *common, "train.max_steps=1", "train.warmup_ratio=0",
                  f"train.output_dir={tmp_path}/c0", f"init_adapter={tmp_path}/start", "--device", "cpu"]) == 0
     a, b = load_file(tmp_path / "start" / "adapter.safetensors"), load_file(tmp_path / "chat" / "adapter.safetensors")
     assert a.keys() == b.keys()
     moved = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     assert 0 < moved < 0.015, moved
+    first = (tmp_path / "c0" / "recipe.yaml").read_text()
     assert main(["train", "configs/general_chat.yaml", *common, "train.max_steps=2", "train.warmup_ratio=0",
-                 f"train.output_dir={tmp_path}/c0", f"init_adapter={tmp_path}/gone", "--device", "cpu"]) == 0
+                 f"train.output_dir={tmp_path}/c0", f"init_adapter={tmp_path}/gone", "train.max_minutes=7",
+                 "--device", "cpu"]) == 0
+    record = yaml.safe_load((tmp_path / "c0" / "recipe.yaml").read_text())
+    assert record["init_adapter"] == f"{tmp_path}/start" and record["train"]["max_minutes"] == 55
+    assert record == {**yaml.safe_load(first), "train": {**yaml.safe_load(first)["train"], "max_steps": 2}}
+    assert yaml.safe_load((tmp_path / "chat" / "recipe.yaml").read_text()) == record
     summary = json.loads((tmp_path / "chat" / "train_summary.json").read_text())
-    assert summary["steps"] == 2 and "total_samples" not in summary  # the start's totals are unknown now
-    assert summary["warm_start"] == {"adapter": f"{tmp_path}/gone",
+    assert summary["steps"] == 2 and "total_samples" not in summary  # the start has no totals of its own to add
+    assert summary["warm_start"] == {"adapter": f"{tmp_path}/start",
                                      "totals": "unknown (no train_summary.json or trainer state)"}
 
 
@@ -383,3 +389,17 @@ def test_the_command_prints_a_user_error_as_one_line(tmp_path, monkeypatch, caps
     monkeypatch.setenv("CCMEM_DEBUG", "1")
     with pytest.raises(FileNotFoundError):
         console(["train", str(missing)])
+
+
+def test_run_record_keeps_the_runs_start_and_first_time_limit():
+    """A resume's record: the run's own ``init_adapter`` (even none) and first sitting's ``train.max_minutes`` stay;
+    anything else is the new recipe's; no record (a first sitting) or an unreadable one is the recipe as given."""
+    from ccmem.recipe import run_record
+
+    cfg = {"init_adapter": "b", "train": {"max_minutes": 9, "max_steps": 20}, "output": "o2"}
+    assert run_record(cfg, None) == cfg and run_record(cfg, None) is not cfg
+    assert run_record(cfg, ["not", "a", "mapping"]) == cfg
+    prev = {"init_adapter": "a", "train": {"max_minutes": 55, "max_steps": 10}, "output": "o1"}
+    assert run_record(cfg, prev) == {"init_adapter": "a", "train": {"max_minutes": 55, "max_steps": 20}, "output": "o2"}
+    assert run_record(cfg, {"train": {"max_steps": 10}})["init_adapter"] is None  # started fresh: it stays so
+    assert cfg["init_adapter"] == "b" and cfg["train"]["max_minutes"] == 9  # the recipe itself untouched

@@ -501,6 +501,21 @@ def _start_summary(init: Path, seen: frozenset[Path]) -> dict[str, Any] | None:
     return summary
 
 
+def run_record(cfg: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+    """What a run folder's ``recipe.yaml`` keeps: the recipe, and on a resume (``previous``: the run's record so far)
+    the run's own start, ``init_adapter``, as it was (a resume reads its checkpoint and ignores it, so the lineage
+    totals must not follow a new value), and the first sitting's ``train.max_minutes`` (a limit per sitting, not
+    part of the run: a sitting of another length leaves the file as it was)."""
+    out = copy.deepcopy(cfg)
+    if isinstance(previous, dict):
+        if "init_adapter" in previous or "init_adapter" in out:
+            out["init_adapter"] = previous.get("init_adapter")
+        before = (previous.get("train") or {}).get("max_minutes") if isinstance(previous.get("train"), dict) else None
+        if before is not None and isinstance(out.get("train"), dict):
+            out["train"]["max_minutes"] = before
+    return out
+
+
 def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
     """Train the adapter a recipe describes; returns the adapter folder."""
     import torch
@@ -517,7 +532,8 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
     model, tok = prepare_model(cfg["model"], cfg.get("base_adapter"),
                                device=device or ("cuda" if torch.cuda.is_available() else None))
     ccm = CompressedModel.attach(model, comp, tokenizer=tok)
-    if cfg.get("init_adapter") and latest_checkpoint(tcfg.output_dir) is None:
+    resuming = latest_checkpoint(tcfg.output_dir) is not None
+    if cfg.get("init_adapter") and not resuming:
         # a warm start (same compression config, weights of an earlier run; a resumed run reads its checkpoint)
         ccm.load_adapter(cfg["init_adapter"])
         print(f"[ccmem] starting from the weights of {cfg['init_adapter']}")
@@ -531,8 +547,15 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
             f.write(json.dumps(rec) + "\n")
 
     trainer = Trainer(ccm, train, tcfg, eval_data=val, pad_id=tok.pad_token_id or 0, on_log=on_log)
+    record_file, previous = Path(tcfg.output_dir) / "recipe.yaml", None
+    if resuming and record_file.is_file():
+        try:
+            previous = yaml.safe_load(record_file.read_text())
+        except yaml.YAMLError:  # a damaged record: this recipe replaces it
+            previous = None
+    record = run_record(cfg, previous)  # what the run is: its lineage follows the start it really had
     if trainer.acc.is_main_process:  # the run folder says what its checkpoints were trained on (their dialog format)
-        (Path(tcfg.output_dir) / "recipe.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        record_file.write_text(yaml.safe_dump(record, sort_keys=False))
     if trainer.resume():
         print(f"[ccmem] resumed at step {trainer.step}")
         trainer.write_log(log)  # the checkpoint's history: rows of steps a killed run did after it are redone
@@ -557,14 +580,14 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
             except Exception as e:  # noqa: BLE001
                 print(f"[ccmem] no train_curve.png ({type(e).__name__}: {e}); `ccmem train-curve {log.parent}` "
                       "draws it later")
-        (out / "recipe.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        (out / "recipe.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
         per_step = tcfg.batch_size * tcfg.grad_accum * trainer.acc.num_processes
         (out / "train_summary.json").write_text(json.dumps(
             {"steps": trainer.step, "final_train_loss": trainer.history[-1]["loss"] if trainer.history else None,
              "validation_ppl": final_ppl, "validation_dialogs": len(val), "train_dialogs": len(train),
              "data_report": dict(report), "device": str(trainer.acc.device),
              **({"part_loss": parts} if (parts := train_log.pooled_parts(trainer.history)) else {}),
-             **with_warm_start(training_totals(trainer.history, per_step), cfg.get("init_adapter"))},
+             **with_warm_start(training_totals(trainer.history, per_step), record.get("init_adapter"))},
             indent=2) + "\n")
     trainer.close()  # under torchrun / accelerate launch: no rank exits with its process group alive
     return out
