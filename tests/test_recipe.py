@@ -403,3 +403,49 @@ def test_run_record_keeps_the_runs_start_and_first_time_limit():
     assert run_record(cfg, prev) == {"init_adapter": "a", "train": {"max_minutes": 55, "max_steps": 20}, "output": "o2"}
     assert run_record(cfg, {"train": {"max_steps": 10}})["init_adapter"] is None  # started fresh: it stays so
     assert cfg["init_adapter"] == "b" and cfg["train"]["max_minutes"] == 9  # the recipe itself untouched
+
+
+def test_a_merge_run_warm_starts_from_a_concat_adapter_only_when_asked(tmp_path, tiny_folder):
+    """``init_across_variants``: a merge model takes a concat adapter's LoRA, gates and ⟨COMP⟩ rows, keeping its own
+    SUM rows (and back: a concat model takes a merge adapter's ⟨COMP⟩ rows); without it the other variant is refused
+    with nothing changed, and a recipe's refusal names the key; n_tok must still agree."""
+    from ccmem import CompressionConfig
+    from ccmem.errors import IncompatibleError
+
+    def attach(variant: str, seed: int, n_tok: int = 2) -> CompressedModel:
+        ccm = CompressedModel.attach(load_model(str(tiny_folder))[0], CompressionConfig(
+            variant=variant, n_tok=n_tok, sink=True, memory_gate=-4.0))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in ccm.trainable_parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        return ccm
+
+    concat = attach("concat_recur", 0)
+    concat.save_pretrained(tmp_path / "concat")
+    merge = attach("merge_recur", 1)
+    before = {k: v.detach().clone() for k, v in merge.trainable_named_parameters().items()}
+    with pytest.raises(IncompatibleError, match="variant"):
+        merge.load_adapter(tmp_path / "concat")
+    assert all(torch.equal(before[k], v) for k, v in merge.trainable_named_parameters().items())
+    merge.load_adapter(tmp_path / "concat", across_variants=True)
+    got, src = merge.trainable_named_parameters(), concat.trainable_named_parameters()
+    assert got.keys() == src.keys()
+    for k in src:
+        if k == "comp_embedding":  # 2 ⟨COMP⟩ rows from the concat adapter, the 2 SUM rows the merge model's own
+            assert torch.equal(got[k][:2], src[k]) and torch.equal(got[k][2:], before[k][2:])
+        else:
+            assert torch.equal(got[k], src[k]), k
+    merge.save_pretrained(tmp_path / "merge")
+    back = attach("concat_recur", 2)
+    back.load_adapter(tmp_path / "merge", across_variants=True)
+    assert torch.equal(back.trainable_named_parameters()["comp_embedding"], got["comp_embedding"][:2])
+    with pytest.raises(IncompatibleError, match="n_tok"):
+        attach("merge_recur", 3, n_tok=1).load_adapter(tmp_path / "concat", across_variants=True)
+    import ccmem.recipe
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ccmem.recipe, "build_data", lambda *a: pytest.fail("data built before the refusal"))
+        with pytest.raises(IncompatibleError, match="init_across_variants: true"):
+            main(["train", "configs/general_chat.yaml", f"model={tiny_folder}", "compression.variant=merge_recur",
+                  f"init_adapter={tmp_path / 'concat'}", f"train.output_dir={tmp_path}/run", "--device", "cpu"])

@@ -399,12 +399,28 @@ class CompressedModel:
             raise
         return self
 
-    def load_adapter(self, path_or_id: str | os.PathLike, revision: str | None = None) -> None:
+    def load_adapter(self, path_or_id: str | os.PathLike, revision: str | None = None,
+                     across_variants: bool = False) -> None:
         """Load saved trainable weights into this already attached model (configs must agree, except the raw tail:
-        a reading layout, not a weight, so a run with a tail can warm-start from an adapter trained without one)."""
+        a reading layout, not a weight, so a run with a tail can warm-start from an adapter trained without one).
+
+        ``across_variants``: a warm start of one memory update from an adapter of another (a merge run from a concat
+        adapter): the LoRA, the gates and the n ⟨COMP⟩ embeddings are the same weights in both; a merge model's SUM
+        placeholder rows, which a concat adapter lacks, keep this model's own initialisation (dropped the other way).
+        """
         tensors, header = self.read_adapter(path_or_id, revision)
         self.check_fingerprint(header["base"], f"adapter {path_or_id}")
-        self.check_config({**header["compression"], "raw_tail": self.config.raw_tail}, f"adapter {path_or_id}")
+        theirs = {**header["compression"], "raw_tail": self.config.raw_tail}
+        if across_variants and theirs.get("variant") != self.config.variant:
+            theirs["variant"] = self.config.variant
+            tensors = dict(tensors)
+            mine = self.trainable_named_parameters()["comp_embedding"]
+            emb, n = tensors.get("comp_embedding"), self.config.n_tok
+            if emb is not None and emb.shape[0] != mine.shape[0] and emb.shape[1:] == mine.shape[1:]:
+                rows = mine.detach().to(emb.dtype).clone()
+                rows[:n] = emb[:n]  # the ⟨COMP⟩ rows come first in both tables
+                tensors["comp_embedding"] = rows
+        self.check_config(theirs, f"adapter {path_or_id}")
         self._load_tensors(tensors, str(path_or_id))
 
     @torch.no_grad()

@@ -13,12 +13,13 @@ from typing import Any
 import yaml
 
 from .config import CompressionConfig
-from .errors import ConfigError
+from .errors import ConfigError, IncompatibleError
 
 DEFAULTS: dict[str, Any] = {
     "model": "smollm2",
     "base_adapter": None,  # a stage-1 (full-context) adapter folder merged into the base weights first
     "init_adapter": None,  # an adapter folder whose weights start the run (warm start, fresh optimizer); not on resume
+    "init_across_variants": False,  # let init_adapter be of another variant (a merge run from a concat adapter)
     "data": {"source": "chitchat", "split_seed": 0, "max_turn_tokens": 128, "eval_dialogs": 64},
     "compression": {},
     "train": {},
@@ -535,7 +536,13 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
     resuming = latest_checkpoint(tcfg.output_dir) is not None
     if cfg.get("init_adapter") and not resuming:
         # a warm start (same compression config, weights of an earlier run; a resumed run reads its checkpoint)
-        ccm.load_adapter(cfg["init_adapter"])
+        try:
+            ccm.load_adapter(cfg["init_adapter"], across_variants=bool(cfg.get("init_across_variants")))
+        except IncompatibleError as e:
+            if e.fields != ("variant",):
+                raise
+            raise IncompatibleError(f"{e}; or, to start this {comp.variant} run from that adapter's weights on "
+                                    "purpose, set init_across_variants: true in the recipe", e.fields) from e
         print(f"[ccmem] starting from the weights of {cfg['init_adapter']}")
     train, val, report = build_data(tok, cfg["data"], tcfg.seed)
     out = Path(cfg.get("output") or Path(tcfg.output_dir) / "adapter")
