@@ -59,8 +59,6 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="timed steps per (layout, round)")
     ap.add_argument("--warmup", type=int, default=1, help="steps trained first in each process and not timed")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=None,
-                    help="episodes per step of the packed layout (default: the recipe's batch_size x grad_accum)")
     ap.add_argument("--name", default="train_layout")
     ap.add_argument("--worker", nargs="*", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -71,7 +69,7 @@ def main() -> None:
     from ccmem.recipe import load_recipe
 
     t = load_recipe(args.recipe)["train"]
-    per_step = args.batch or t.get("batch_size", 4) * t.get("grad_accum", 1)
+    per_step = t.get("batch_size", 4) * t.get("grad_accum", 1)  # the same global batch: the same episodes per step
     layouts = {f"as written ({t.get('batch_size', 4)} x {t.get('grad_accum', 1)} accumulated)": [],
                f"packed ({per_step} x 1)": [f"train.batch_size={per_step}", "train.grad_accum=1", *PACKED]}
     runs: dict[str, list[dict]] = {k: [] for k in layouts}
@@ -101,7 +99,8 @@ def main() -> None:
     headline = {"metric": "packed_over_written_tokens_per_s", "value": round(ratio, 3), "target": 1.0,
                 "higher_is_better": True, "unit": "x",
                 "meaning": f"training tokens/s of the packed layout over the recipe's own, {args.recipe} resumed "
-                           f"from its checkpoint, same steps and episodes, one run on {runs[names[0]][0]['hardware']}",
+                           f"from its checkpoint, same steps and episodes, {args.rounds} alternating rounds on "
+                           f"{runs[names[0]][0]['hardware']}",
                 "mean_abs_loss_difference_same_step": round(diff, 4)}
     cmd = "python benchmarks/train_layout.py " + " ".join(a for a in sys.argv[1:])
     md = "\n".join([

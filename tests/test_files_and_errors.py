@@ -529,6 +529,11 @@ def test_chat_reads_the_general_adapter_with_a_tail_of_one_turn(tmp_path, monkey
     assert chat_raw_tail(copy) == 1  # the same weights elsewhere (a training checkpoint): known by their sha256
     tiny_ccm("llama", seed=1).save_pretrained(tmp_path / "other")
     assert chat_raw_tail(tmp_path / "other") is None  # other weights of the same shape: their own tail
+    from ccmem import CompressedModel
+
+    CompressedModel.from_pretrained(tmp_path / "general-chat", tiny_model("llama", 0), raw_tail=2).save_pretrained(
+        tmp_path / "own-tail")
+    assert chat_raw_tail(tmp_path / "own-tail") is None  # the same weights saved with a tail of their own keep it
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "adapter.safetensors").write_bytes(b"not a safetensors file")
     assert chat_raw_tail(tmp_path / "broken") is None  # left for loading to refuse with its own error

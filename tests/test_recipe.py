@@ -376,19 +376,35 @@ def test_weighted_part_reads_its_source_weight_times_an_epoch():
 
 
 def test_the_command_prints_a_user_error_as_one_line(tmp_path, monkeypatch, capsys):
-    """`ccmem train` on a recipe that is not there: one line naming the file and the error type (not raised on purpose,
-    so with the CCMEM_DEBUG hint), exit status 2; with CCMEM_DEBUG=1 the exception itself, for its traceback."""
+    """`ccmem train` on a recipe that is not there, or that misspells a key: one line naming the problem, exit status
+    2; with CCMEM_DEBUG=1 the exception itself, for its traceback; an error that may be a bug keeps its traceback."""
     from ccmem.cli import console
+    from ccmem.errors import ConfigError
 
     missing = tmp_path / "nope.yaml"
     monkeypatch.delenv("CCMEM_DEBUG", raising=False)
     assert console(["train", str(missing)]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("ccmem: error: FileNotFoundError") and str(missing) in err[0]
-    assert err[1] == "ccmem: run again with CCMEM_DEBUG=1 for the traceback"
+    assert len(err) == 1 and err[0].startswith("ccmem: error: FileNotFoundError") and str(missing) in err[0]
+    for text, why in (("train: {max_step: 3}\n", "unknown key(s) ['max_step'] in train"),
+                      ("train: [1, 2\n", "not valid YAML"), ("- a list\n", "must be a mapping")):
+        (tmp_path / "bad.yaml").write_text(text)
+        assert console(["train", str(tmp_path / "bad.yaml")]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and why in err[0], err
+    (tmp_path / "ok.yaml").write_text("train: {max_steps: 3}\n")
+    assert console(["train", str(tmp_path / "ok.yaml"), "train.lr=[1"]) == 2  # an override that is not YAML
+    assert "train.lr=[1" in capsys.readouterr().err
     monkeypatch.setenv("CCMEM_DEBUG", "1")
     with pytest.raises(FileNotFoundError):
         console(["train", str(missing)])
+    monkeypatch.setenv("CCMEM_DEBUG", "0")
+    assert console(["train", str(missing)]) == 2 and "FileNotFoundError" in capsys.readouterr().err
+    monkeypatch.setattr("ccmem.cli.main", lambda argv: int("not a number"))  # not a user's error: raised as it is
+    with pytest.raises(ValueError):
+        console(["train", str(missing)])
+    monkeypatch.setattr("ccmem.cli.main", lambda argv: (_ for _ in ()).throw(ConfigError("fix it so")))
+    assert console([]) == 2 and capsys.readouterr().err == "ccmem: error: fix it so\n"
 
 
 def test_run_record_keeps_the_runs_start_and_first_time_limit():
@@ -401,7 +417,10 @@ def test_run_record_keeps_the_runs_start_and_first_time_limit():
     assert run_record(cfg, ["not", "a", "mapping"]) == cfg
     prev = {"init_adapter": "a", "train": {"max_minutes": 55, "max_steps": 10}, "output": "o1"}
     assert run_record(cfg, prev) == {"init_adapter": "a", "train": {"max_minutes": 55, "max_steps": 20}, "output": "o2"}
-    assert run_record(cfg, {"train": {"max_steps": 10}})["init_adapter"] is None  # started fresh: it stays so
+    fresh = run_record(cfg, {"train": {"max_steps": 10}})  # started fresh, with no time limit: it stays so
+    assert fresh["init_adapter"] is None and "max_minutes" not in fresh["train"]
+    merge = run_record({**cfg, "init_across_variants": False}, {**prev, "init_across_variants": True})
+    assert (merge["init_adapter"], merge["init_across_variants"]) == ("a", True)  # the start, read as it was
     assert cfg["init_adapter"] == "b" and cfg["train"]["max_minutes"] == 9  # the recipe itself untouched
 
 
@@ -440,8 +459,9 @@ def test_a_merge_run_warm_starts_from_a_concat_adapter_only_when_asked(tmp_path,
     back = attach("concat_recur", 2)
     back.load_adapter(tmp_path / "merge", across_variants=True)
     assert torch.equal(back.trainable_named_parameters()["comp_embedding"], got["comp_embedding"][:2])
-    with pytest.raises(IncompatibleError, match="n_tok"):
-        attach("merge_recur", 3, n_tok=1).load_adapter(tmp_path / "concat", across_variants=True)
+    for n_tok in (1, 3):  # fewer or more rows than the file's: refused as another config, never a shape error
+        with pytest.raises(IncompatibleError, match="n_tok"):
+            attach("merge_recur", 3, n_tok=n_tok).load_adapter(tmp_path / "concat", across_variants=True)
     import ccmem.recipe
 
     with pytest.MonkeyPatch.context() as mp:

@@ -267,19 +267,25 @@ def main(argv: list[str] | None = None) -> int:
     return args.fn(args)
 
 
+# errors a user fixes without the traceback: ccmem's own (each names the fix) and a path that is not there or not
+# readable; anything else keeps its traceback, since it may be a bug
+USER_ERRORS = (CCMError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
 def console(argv: list[str] | None = None) -> int:
-    """The ``ccmem`` command: :func:`main`, with a user's error (ccmem's own, which names the fix, a missing or
-    unreadable file, a bad value) printed as one line instead of a traceback, exit status 2. ``CCMEM_DEBUG=1`` shows
+    """The ``ccmem`` command: :func:`main`, with a user's error (:data:`USER_ERRORS`) printed as one line instead of
+    a traceback, exit status 2, and a closed pipe (``ccmem ... | head``) ending quietly. ``CCMEM_DEBUG=1`` shows
     the traceback. :func:`main` itself raises, for callers and tests that want the exception."""
     try:
         return main(argv)
-    except (CCMError, OSError, ValueError) as e:
-        if os.environ.get("CCMEM_DEBUG"):
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 141
+    except USER_ERRORS as e:
+        if os.environ.get("CCMEM_DEBUG", "0") not in ("", "0"):
             raise
         kind = "" if isinstance(e, CCMError) else f"{type(e).__name__}: "
         print(f"ccmem: error: {kind}{e}", file=sys.stderr)
-        if not isinstance(e, CCMError):  # not raised on purpose: it may be a bug, whose traceback is wanted
-            print("ccmem: run again with CCMEM_DEBUG=1 for the traceback", file=sys.stderr)
         return 2
 
 

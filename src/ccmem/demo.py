@@ -61,22 +61,25 @@ def chat_raw_tail(adapter: str | Path) -> int | None:
     shipped general adapters (general-chat, trained without a tail, is ahead of itself read without one at every t
     on its own chit-chat test dialogs, The Office and Shakespeare: README, "Evaluation"; its cool-down branch is
     measured as it is read, with this tail), the adapter's own for any other. A shipped adapter is known by its
-    folder or by its weights (the sha256 its file stores), so the same weights given as a training checkpoint or a
-    copy are read the same way."""
+    folder, or by its weights and compression config in another folder (a copy, a training checkpoint), so the same
+    adapter is read the same way wherever it is given from."""
     try:
         general = [(adapters_dir() / name).resolve() for name in GENERAL_CHAT]
     except FileNotFoundError:  # an install without the shipped adapters: the adapter given is read as saved
         return None
     if Path(adapter).resolve() in general:
         return CHAT_RAW_TAIL
-    mine = _weights_sha256(Path(adapter))
-    if mine is not None and mine in {_weights_sha256(g) for g in general}:
+    mine = _identity(Path(adapter))
+    if mine is not None and mine in {_identity(g) for g in general}:
         return CHAT_RAW_TAIL
     return None
 
 
-def _weights_sha256(folder: Path) -> str | None:
-    """The sha256 of the tensors an adapter file records in its header (None: no such file, or none recorded)."""
+def _identity(folder: Path) -> tuple[str, str] | None:
+    """An adapter folder's (sha256 of its tensors, compression config), as its file's header records them; None
+    where there is no such file or header (a damaged file: loading it gives the error that names the problem)."""
+    import json
+
     from safetensors import safe_open
 
     f = folder / "adapter.safetensors"
@@ -84,9 +87,11 @@ def _weights_sha256(folder: Path) -> str | None:
         return None
     try:
         with safe_open(str(f), "pt") as h:
-            return (h.metadata() or {}).get("sha256")
-    except Exception:  # a damaged file: loading it gives the error that names the problem
+            meta = h.metadata() or {}
+        digest, compression = meta.get("sha256"), json.loads(meta.get("ccmem", "{}")).get("compression")
+    except Exception:  # noqa: BLE001
         return None
+    return (digest, json.dumps(compression, sort_keys=True)) if digest and compression else None
 
 
 def stop_ids(tok: Any) -> list[int]:

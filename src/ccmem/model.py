@@ -411,16 +411,18 @@ class CompressedModel:
         tensors, header = self.read_adapter(path_or_id, revision)
         self.check_fingerprint(header["base"], f"adapter {path_or_id}")
         theirs = {**header["compression"], "raw_tail": self.config.raw_tail}
-        if across_variants and theirs.get("variant") != self.config.variant:
+        other_variant = across_variants and theirs.get("variant") != self.config.variant
+        if other_variant:
             theirs["variant"] = self.config.variant
+        self.check_config(theirs, f"adapter {path_or_id}")  # n_tok and sink still agree before any row is moved
+        if other_variant:
             tensors = dict(tensors)
             mine = self.trainable_named_parameters()["comp_embedding"]
             emb, n = tensors.get("comp_embedding"), self.config.n_tok
             if emb is not None and emb.shape[0] != mine.shape[0] and emb.shape[1:] == mine.shape[1:]:
-                rows = mine.detach().to(emb.dtype).clone()
-                rows[:n] = emb[:n]  # the ⟨COMP⟩ rows come first in both tables
+                rows = mine.detach().clone()  # this model's own SUM rows, exactly
+                rows[:n] = emb[:n].to(rows.dtype)  # the ⟨COMP⟩ rows come first in both tables
                 tensors["comp_embedding"] = rows
-        self.check_config(theirs, f"adapter {path_or_id}")
         self._load_tensors(tensors, str(path_or_id))
 
     @torch.no_grad()

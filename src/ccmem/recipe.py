@@ -28,10 +28,18 @@ DEFAULTS: dict[str, Any] = {
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """The recipe at ``path`` over :data:`DEFAULTS`, with ``key.sub=value`` overrides; a file that is not YAML or a
+    key the trainer or the compression config does not know is refused here, naming it, before any model loads."""
     cfg = copy.deepcopy(DEFAULTS)
     if path:
         with open(path) as f:
-            user = yaml.safe_load(f) or {}
+            try:
+                user = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"recipe {path} is not valid YAML: {' '.join(str(e).split())}") from e
+        if not isinstance(user, dict):
+            raise ConfigError(f"recipe {path} must be a mapping of keys (model, data, compression, train, ...), "
+                              f"got {type(user).__name__}")
         _merge(cfg, user)
     for o in overrides:
         if "=" not in o:
@@ -41,8 +49,31 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
         *parents, last = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[last] = yaml.safe_load(val)
+        try:
+            node[last] = yaml.safe_load(val)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {o!r}: its value is not valid YAML ({' '.join(str(e).split())})") from e
+    _check_keys(cfg, path)
     return cfg
+
+
+def _check_keys(cfg: dict[str, Any], path: str | Path | None) -> None:
+    """Unknown keys at the top, in ``train`` or in ``compression`` (a misspelling would otherwise be a TypeError
+    deep in the run, or silently ignored)."""
+    from dataclasses import fields
+
+    from .training import TrainConfig
+
+    where = f"recipe {path}" if path else "the recipe"
+    known = {"top level": set(DEFAULTS), "train": {f.name for f in fields(TrainConfig)},
+             "compression": {f.name for f in fields(CompressionConfig)}}
+    for part, keys in known.items():
+        node = cfg if part == "top level" else cfg.get(part)
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: `{part}` must be a mapping, got {node!r}")
+        bad = sorted(set(node) - keys)
+        if bad:
+            raise ConfigError(f"{where}: unknown key(s) {bad} in {part}; known: {sorted(keys)}")
 
 
 def _merge(a: dict, b: dict) -> None:
@@ -509,11 +540,15 @@ def run_record(cfg: dict[str, Any], previous: dict[str, Any] | None) -> dict[str
     part of the run: a sitting of another length leaves the file as it was)."""
     out = copy.deepcopy(cfg)
     if isinstance(previous, dict):
-        if "init_adapter" in previous or "init_adapter" in out:
-            out["init_adapter"] = previous.get("init_adapter")
-        before = (previous.get("train") or {}).get("max_minutes") if isinstance(previous.get("train"), dict) else None
-        if before is not None and isinstance(out.get("train"), dict):
-            out["train"]["max_minutes"] = before
+        for k in ("init_adapter", "init_across_variants"):  # the start and how it was read go together
+            if k in previous or k in out:
+                out[k] = previous.get(k, DEFAULTS[k])
+        before, now = previous.get("train"), out.get("train")
+        if isinstance(before, dict) and isinstance(now, dict):
+            if "max_minutes" in before:
+                now["max_minutes"] = before["max_minutes"]
+            else:
+                now.pop("max_minutes", None)
     return out
 
 
@@ -558,7 +593,7 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
     if resuming and record_file.is_file():
         try:
             previous = yaml.safe_load(record_file.read_text())
-        except yaml.YAMLError:  # a damaged record: this recipe replaces it
+        except (yaml.YAMLError, UnicodeDecodeError):  # a damaged record: this recipe replaces it
             previous = None
     record = run_record(cfg, previous)  # what the run is: its lineage follows the start it really had
     if trainer.acc.is_main_process:  # the run folder says what its checkpoints were trained on (their dialog format)
