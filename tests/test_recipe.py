@@ -469,3 +469,17 @@ def test_a_merge_run_warm_starts_from_a_concat_adapter_only_when_asked(tmp_path,
         with pytest.raises(IncompatibleError, match="init_across_variants: true"):
             main(["train", "configs/general_chat.yaml", f"model={tiny_folder}", "compression.variant=merge_recur",
                   f"init_adapter={tmp_path / 'concat'}", f"train.output_dir={tmp_path}/run", "--device", "cpu"])
+    # the shipped merge branch's recipe, end to end from that concat adapter: one step from its weights
+    from safetensors.torch import load_file
+
+    assert main(["train", "configs/general_merge_decay.yaml", f"model={tiny_folder}", "train.grad_accum=1",
+                 "train.max_steps=1", "train.warmup_ratio=0", "train.mixed_precision=no",
+                 "data={source: recall, format: template, split_seed: 0, eval_episodes: 2, facts: 3}",
+                 f"train.output_dir={tmp_path}/merge-run", f"init_adapter={tmp_path / 'concat'}",
+                 f"output={tmp_path}/merge-out", "--device", "cpu"]) == 0
+    a, b = load_file(tmp_path / "concat" / "adapter.safetensors"), load_file(tmp_path / "merge-out" /
+                                                                             "adapter.safetensors")
+    moved = max(float((a[k].float() - b[k].float()[:len(a[k])]).abs().max()) for k in a)
+    assert 0 < moved < 0.015, moved  # one Adam step from the concat weights (the ⟨COMP⟩ rows among them)
+    assert json.loads((tmp_path / "merge-out" / "adapter_config.json").read_text())["compression"]["variant"] == \
+        "merge_recur"
