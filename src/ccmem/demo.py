@@ -7,6 +7,7 @@ from the compressed memory; it ends with a summary table and a PNG plot.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -76,22 +77,14 @@ def chat_raw_tail(adapter: str | Path) -> int | None:
 
 
 def _identity(folder: Path) -> tuple[str, str] | None:
-    """An adapter folder's (sha256 of its tensors, compression config), as its file's header records them; None
-    where there is no such file or header (a damaged file: loading it gives the error that names the problem)."""
-    import json
+    """An adapter folder's (sha256 of its tensors, compression config) as its file's header records them; None where
+    there is no readable header (loading such a file gives the error that names the problem)."""
+    from .io import read_header
 
-    from safetensors import safe_open
-
-    f = folder / "adapter.safetensors"
-    if not f.is_file():
+    found = read_header(folder / "adapter.safetensors")
+    if found is None or not isinstance(found[1].get("compression"), dict):
         return None
-    try:
-        with safe_open(str(f), "pt") as h:
-            meta = h.metadata() or {}
-        digest, compression = meta.get("sha256"), json.loads(meta.get("ccmem", "{}")).get("compression")
-    except Exception:  # noqa: BLE001
-        return None
-    return (digest, json.dumps(compression, sort_keys=True)) if digest and compression else None
+    return found[0], json.dumps(found[1]["compression"], sort_keys=True)
 
 
 def stop_ids(tok: Any) -> list[int]:

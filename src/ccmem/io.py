@@ -45,6 +45,17 @@ def save_checked(path: str | os.PathLike, tensors: dict[str, torch.Tensor], head
     os.replace(tmp, path)
 
 
+def read_header(path: str | os.PathLike) -> tuple[str, dict[str, Any]] | None:
+    """The (sha256 of the tensors, ccmem header) a file written by :func:`save_checked` records, without reading its
+    tensors or checking them; None where the file is missing, damaged or has no ccmem header."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return meta["sha256"], json.loads(meta["ccmem"])
+    except Exception:  # noqa: BLE001  (load_checked gives the error that names the problem)
+        return None
+
+
 def load_checked(path: str | os.PathLike, kind: str = "file") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a file written by :func:`save_checked`; raise :class:`CorruptFileError` if it is damaged."""
     path = Path(path)
