@@ -190,6 +190,14 @@ def main() -> None:
 
         a = chat_adapter("concat").resolve()
         args.adapter = str(a.relative_to(Path.cwd()) if a.is_relative_to(Path.cwd()) else a)
+    from ccmem.config import CompressionConfig
+    from ccmem.model import CompressedModel
+
+    c = CompressionConfig.from_dict(CompressedModel.read_adapter(args.adapter)[1]["compression"])
+    if c.merging or c.raw_tail:  # before the ccmem half runs, not after it: the full-history server refuses these
+        ap.error(f"--adapter {args.adapter} is a {c.variant} adapter" + (f" with a raw tail of {c.raw_tail}"
+                 if c.raw_tail else "") + "; the full-history server it is compared with serves the same model "
+                 "without compressing, which needs a concat adapter without a raw tail")
     convos = user_turns(args.sessions, args.turns)
     runs = [run_mode(m, convos, args.max_tokens, args.time_limit, args.adapter) for m in MODES]
     res = {"name": args.name, "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),

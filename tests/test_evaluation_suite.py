@@ -903,6 +903,7 @@ def test_eval_without_a_kvpress_environment_stops_before_scoring(monkeypatch, ca
 
     monkeypatch.delenv("CCMEM_KVPRESS_PYTHON", raising=False)
     monkeypatch.delenv("CCMEM_DEBUG", raising=False)
+    found = runner.default_kvpress_python
     monkeypatch.setattr(runner, "default_kvpress_python", lambda: None)
     monkeypatch.setattr(runner, "build_suite", lambda *a: pytest.fail("suite built before the refusal"))
     with pytest.raises(ConfigError, match="make kvpress-env"):
@@ -910,6 +911,13 @@ def test_eval_without_a_kvpress_environment_stops_before_scoring(monkeypatch, ca
     assert console(["eval", "--suite", "chitchat", "--presses", "snapkv"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ccmem: error: the comparison includes the kvpress presses snapkv") and "Traceback" not in err
+
+    monkeypatch.setattr(runner, "default_kvpress_python", found)
+    monkeypatch.setenv("CCMEM_KVPRESS_PYTHON", "/nonexistent/kvpress/bin/python")  # set, but to nothing
+    with pytest.raises(ConfigError, match=r"/nonexistent/kvpress/bin/python.*CCMEM_KVPRESS_PYTHON.*not an executable"):
+        main(["eval", "--suite", "chitchat"])
+    monkeypatch.delenv("CCMEM_KVPRESS_PYTHON")
+    monkeypatch.setattr(runner, "default_kvpress_python", lambda: None)
 
     def stop(*a):
         raise KeyboardInterrupt  # past the check: the suite is being built

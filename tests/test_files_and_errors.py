@@ -558,3 +558,21 @@ def test_chat_reads_the_general_adapter_with_a_tail_of_one_turn(tmp_path, monkey
     except AttributeError:
         pass
     assert seen[-1] == (tmp_path / "general-chat-decay", 1)
+
+
+def test_chat_refuses_a_bad_adapter_before_loading_the_model(tmp_path, monkeypatch):
+    """`ccmem chat --adapter X` checks X (there, intact, an adapter, readable with the tail asked for) before it
+    spends the model's load on it; the errors are the loader's own."""
+    from ccmem.chat import Chat
+    from ccmem.errors import ConfigError, CorruptFileError
+
+    monkeypatch.setattr("ccmem.models.load_model", lambda device=None: pytest.fail("model loaded before the check"))
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
+        Chat(adapter=str(tmp_path / "nowhere"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CorruptFileError, match="truncated or not a safetensors file"):
+        Chat(adapter=str(tmp_path / "broken"))
+    tiny_ccm("llama", variant="gist").save_pretrained(tmp_path / "gist")
+    with pytest.raises(ConfigError, match="raw_tail needs an online variant"):
+        Chat(adapter=str(tmp_path / "gist"), raw_tail=1)

@@ -21,6 +21,9 @@ HELP = """commands:
 class Chat:
     def __init__(self, variant: str = "concat", adapter: str | None = None, device: str | None = None,
                  max_new_tokens: int = 48, template: bool = True, raw_tail: int | None = None):
+        from dataclasses import replace
+
+        from .config import CompressionConfig
         from .demo import chat_adapter, chat_raw_tail, stop_ids
         from .memory import bytes_per_slot
         from .model import CompressedModel
@@ -29,6 +32,10 @@ class Chat:
         def load(v: str) -> CompressedModel:
             path = adapter or chat_adapter(v)
             tail = raw_tail if raw_tail is not None else chat_raw_tail(path)
+            # a missing or damaged adapter, or a tail it cannot be read with, is refused before the model loads
+            _, header = CompressedModel.read_adapter(path)
+            if tail is not None:
+                replace(CompressionConfig.from_dict(header["compression"]), raw_tail=tail)
             return CompressedModel.from_pretrained(path, *load_model(device=device), raw_tail=tail)
 
         self._load = load

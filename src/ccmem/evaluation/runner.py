@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -609,11 +610,18 @@ def run_named(suite: str, out_dir: str | Path = "benchmarks/results", name: str 
     cfg = EvalConfig(adapters=present,
                      peers={k: v for k, v in d["peers"].items() if v in present}, **cfg_kw)
     seen_domain({**present, "base adapter": cfg.base_adapter}, dialogs)
-    if cfg.presses and not (cfg.kvpress_python or default_kvpress_python()):  # before any scoring, not in the notes
+    py = cfg.kvpress_python or default_kvpress_python()
+    if cfg.presses and not py:  # before any scoring, not in the notes
         raise ConfigError(f"the comparison includes the kvpress presses {', '.join(cfg.presses)}, but there is no "
                           "kvpress environment (.venv-kvpress of the checkout, or $CCMEM_KVPRESS_PYTHON); build it "
                           "with `make kvpress-env`, or pass --presses '' to compare without them (the headline then "
                           "leaves them out)")
+    if cfg.presses and shutil.which(py) is None:
+        where = ("the run's kvpress_python" if cfg.kvpress_python else
+                 "$CCMEM_KVPRESS_PYTHON" if os.environ.get("CCMEM_KVPRESS_PYTHON") else "the checkout")
+        raise ConfigError(f"the kvpress python {py!r} (from {where}) is not an executable file; point it at the "
+                          "python of an environment with kvpress (`make kvpress-env` builds .venv-kvpress), or pass "
+                          "--presses '' to compare without the presses")
     tok = load_tokenizer(cfg.model)
     format, format_notes = dialog_format_of(present, format, suite)
     notes += format_notes
