@@ -868,6 +868,41 @@ def test_score_cache_rescores_only_the_adapters_and_misses_on_any_change(adapter
     assert (tmp_path / "a_file").read_text() == "not a folder"
 
 
+def test_score_cache_and_exported_references_are_bounded(tmp_path, monkeypatch):
+    """The score cache drops its least recently used entries (written or served) once over its size, and names how
+    many in its note; the kvpress reference models kept on disk are the most recently used few."""
+    import os
+
+    import ccmem.evaluation.runner as runner
+    from ccmem.evaluation.score_cache import ScoreCache
+
+    cache = ScoreCache(tmp_path / "scores", {"model": "tiny"})
+    groups = TinySuite().groups(1)
+    scores = [[[(-1.0, len(t)) for t in q.targets] for q in g.queries] for g in groups]
+    keys = [cache.key(f"m{i}", groups, i) for i in range(3)]
+    for i, k in enumerate(keys):
+        cache.put(k, f"m{i}", scores)
+        os.utime(cache._path(k), (1000 + i, 1000 + i))  # written in order m0, m1, m2
+    assert cache.get(keys[0], "m0", groups) is not None  # served: m0 is now the most recently used
+    size = cache._path(keys[0]).stat().st_size
+    assert cache.prune(max_bytes=10 * size) == 0
+    assert cache.prune(max_bytes=2 * size) == 1
+    assert [cache._path(k).exists() for k in keys] == [True, False, True]
+    assert "1 least recently used score-cache entries removed" in cache.note()
+
+    monkeypatch.setenv("CCMEM_CACHE", str(tmp_path / "cache"))
+    model = tiny_model(seed=0)
+    made = []
+    for i in range(runner.KEEP_REFERENCES):
+        made.append(runner.export_reference(model, f"ref{i}"))
+        os.utime(made[-1], (2000 + i, 2000 + i))
+    assert runner.export_reference(model, "ref0") == made[0]  # used again (not rewritten): now the newest
+    made.append(runner.export_reference(model, "new"))  # the least recently used one (ref1) makes room
+    kept = {d.name for d in made[0].parent.iterdir()}
+    assert kept == {d.name for d in made} - {made[1].name} and len(kept) == runner.KEEP_REFERENCES
+    assert (made[-1] / "config.json").exists()
+
+
 def test_weights_digest_sees_every_tensor_and_dtype_and_0_dim_buffers():
     """Gemma keeps a 0-dim scale buffer; a bf16 copy of the same weights is another model; one changed value or
     config field is another model."""

@@ -4,6 +4,7 @@ the report files."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -118,12 +119,29 @@ def export_reference(model: Any, key: str, tokenizer: Any = None) -> Path:
 
     d = cache_dir() / "eval-reference" / hashlib.sha256(key.encode()).hexdigest()[:16]
     if not (d / "config.json").exists():
+        _prune_references(d.parent, KEEP_REFERENCES - 1)  # room for this one
         tmp = d.with_suffix(".tmp")
         model.save_pretrained(tmp)
         tmp.rename(d)
     if tokenizer is not None and not (d / "tokenizer_config.json").exists():
         tokenizer.save_pretrained(d)
+    with contextlib.suppress(OSError):
+        os.utime(d)  # used: the last to be pruned
     return d
+
+
+KEEP_REFERENCES = 3  # exported reference models kept (a SmolLM2 copy is about 0.5 GB): the most recently used
+
+
+def _prune_references(folder: Path, keep: int) -> None:
+    """Remove all but the ``keep`` most recently used exported references (one being written is left alone)."""
+    try:
+        done = sorted((d for d in folder.iterdir() if d.is_dir() and d.suffix != ".tmp"),
+                      key=lambda d: d.stat().st_mtime, reverse=True)
+    except OSError:
+        return
+    for d in done[keep:]:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def default_kvpress_python() -> str | None:
@@ -322,6 +340,8 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
                 run_method(c, ccm)
         del ccm
 
+    if cache is not None:
+        cache.prune()
     if cache is not None and cache.note():
         notes.append(cache.note())
 

@@ -9,6 +9,10 @@ they change the order of floating-point sums), the scoring mode and batch size, 
 (and kvpress's, for a press), and the source of every ccmem module on the scoring path (:func:`code_digest`). A
 missing, unreadable or mismatched entry is scored anew, and a folder that cannot be written only goes unused: never
 an error.
+
+The folder is bounded: entries are read least-recently-used first out of it once it holds more than
+:data:`MAX_BYTES` (a served entry counts as used, :meth:`ScoreCache.prune`), so a cache shared by many runs does not
+grow without end.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from .suites import Group, Scores
 # modules off the scoring path: editing them leaves cached scores valid
 OFF_PATH = ("server/", "cli.py", "__main__.py", "chat.py", "demo.py", "training.py", "hardware.py",
             "evaluation/report.py", "evaluation/intervals.py", "evaluation/frontier.py", "evaluation/score_cache.py")
+
+
+MAX_BYTES = 256 << 20  # about 10k entries of a chit-chat suite's t
 
 
 def _sha(data: Any) -> str:
@@ -90,6 +97,7 @@ class ScoreCache:
         self.read: list[str] = []  # labels of the entries served
         self.unreadable: list[str] = []
         self.unwritable: list[str] = []
+        self.pruned = 0
 
     def key(self, method: Method | str, groups: list[Group], budget: Any, **extra: Any) -> str:
         m = method if isinstance(method, str) else {"class": type(method).__name__, **dataclasses.asdict(method)}
@@ -120,6 +128,8 @@ class ScoreCache:
             self.unreadable.append(label)
             return None
         self.read.append(label)
+        with contextlib.suppress(OSError):
+            os.utime(path)  # used: the last to be pruned
         return {**entry, "scores": scores}
 
     def put(self, key: str, label: str, scores: Scores, **extra: Any) -> None:
@@ -135,6 +145,25 @@ class ScoreCache:
                 tmp.unlink()
             self.unwritable.append(label)
 
+    def prune(self, max_bytes: int = MAX_BYTES) -> int:
+        """Remove the least recently written or served entries until the folder holds at most ``max_bytes``; returns
+        how many went. A file that cannot be listed or removed is left (never an error)."""
+        try:
+            files = [(f.stat().st_mtime, f.stat().st_size, f) for f in self.folder.glob("??/*.json")]
+        except OSError:
+            return 0
+        total = sum(size for _, size, _ in files)
+        removed = 0
+        for _, size, f in sorted(files, key=lambda x: x[0]):
+            if total <= max_bytes:
+                break
+            with contextlib.suppress(OSError):
+                f.unlink()
+                total -= size
+                removed += 1
+        self.pruned += removed
+        return removed
+
     def note(self) -> str | None:
         """What the run took from the cache, for the report's notes."""
         parts = []
@@ -143,6 +172,9 @@ class ScoreCache:
                          f"{self.folder} ({', '.join(self.read)})")
         if self.unreadable:
             parts.append(f"unreadable score-cache entries scored anew: {', '.join(self.unreadable)}")
+        if self.pruned:
+            parts.append(f"{self.pruned} least recently used score-cache entries removed (the folder is kept under "
+                         f"{MAX_BYTES >> 20} MiB)")
         if self.unwritable:
             parts.append(f"score-cache entries that could not be written to {self.folder}: "
                          f"{', '.join(self.unwritable)}")
