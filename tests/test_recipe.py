@@ -483,3 +483,15 @@ def test_a_merge_run_warm_starts_from_a_concat_adapter_only_when_asked(tmp_path,
     assert 0 < moved < 0.015, moved  # one Adam step from the concat weights (the ⟨COMP⟩ rows among them)
     assert json.loads((tmp_path / "merge-out" / "adapter_config.json").read_text())["compression"]["variant"] == \
         "merge_recur"
+
+
+def test_a_run_cannot_start_from_its_own_checkpoints(tmp_path, tiny_folder, monkeypatch):
+    """init_adapter inside the run's own output_dir would count the checkpoint's steps twice (the run resumes it and
+    its lineage adds it again): refused before the model loads, naming the fix."""
+    import ccmem.recipe
+    from ccmem.errors import ConfigError
+
+    monkeypatch.setattr(ccmem.recipe, "prepare_model", lambda *a, **k: pytest.fail("model loaded before the refusal"))
+    with pytest.raises(ConfigError, match="lies inside this run's own output_dir.*drop init_adapter"):
+        main(["train", "configs/general_chat.yaml", f"model={tiny_folder}", f"train.output_dir={tmp_path}/run",
+              f"init_adapter={tmp_path}/run/checkpoints/step_000010", "--device", "cpu"])
