@@ -459,6 +459,9 @@ def test_a_merge_run_warm_starts_from_a_concat_adapter_only_when_asked(tmp_path,
     back = attach("concat_recur", 2)
     back.load_adapter(tmp_path / "merge", across_variants=True)
     assert torch.equal(back.trainable_named_parameters()["comp_embedding"], got["comp_embedding"][:2])
+    gist = attach("gist", 4)  # the Gisting branch (configs/general_gist_decay.yaml): every weight carries over
+    gist.load_adapter(tmp_path / "concat", across_variants=True)
+    assert all(torch.equal(v, src[k]) for k, v in gist.trainable_named_parameters().items())
     for n_tok in (1, 3):  # fewer or more rows than the file's: refused as another config, never a shape error
         with pytest.raises(IncompatibleError, match="n_tok"):
             attach("merge_recur", 3, n_tok=n_tok).load_adapter(tmp_path / "concat", across_variants=True)
