@@ -510,6 +510,9 @@ def test_chat_prefers_the_general_adapter(tmp_path, monkeypatch):
     assert chat_adapter("merge") == tmp_path / "chitchat-merge"
     tiny_ccm("llama").save_pretrained(tmp_path / "general-chat-decay")  # the newer general adapter comes first
     assert chat_adapter("concat") == tmp_path / "general-chat-decay" and chat_adapter("merge").name == "chitchat-merge"
+    tiny_ccm("llama", variant="merge_recur").save_pretrained(tmp_path / "general-merge-decay")  # merge's general one
+    assert chat_adapter("merge") == tmp_path / "general-merge-decay"
+    assert chat_adapter("concat") == tmp_path / "general-chat-decay"
 
 
 def test_chat_reads_the_general_adapter_with_a_tail_of_one_turn(tmp_path, monkeypatch):
@@ -576,3 +579,21 @@ def test_chat_refuses_a_bad_adapter_before_loading_the_model(tmp_path, monkeypat
     tiny_ccm("llama", variant="gist").save_pretrained(tmp_path / "gist")
     with pytest.raises(ConfigError, match="raw_tail needs an online variant"):
         Chat(adapter=str(tmp_path / "gist"), raw_tail=1)
+
+
+def test_chat_reads_a_given_adapter_as_its_own_variant(tmp_path, monkeypatch, tiny_folder):
+    """`ccmem chat --adapter X` names and runs X's own variant whatever --variant says, and /variant to the other one
+    is refused with the way to get it (the shipped defaults), keeping the conversation."""
+    from ccmem import CompressedModel, CompressionConfig
+    from ccmem.chat import Chat
+    from ccmem.models import load_model
+
+    CompressedModel.attach(load_model(str(tiny_folder))[0], CompressionConfig(variant="merge_recur", n_tok=2),
+                           ).save_pretrained(tmp_path / "merge")
+    monkeypatch.setattr("ccmem.models.load_model", lambda device=None: load_model(str(tiny_folder)))
+    chat = Chat(variant="concat", adapter=str(tmp_path / "merge"), max_new_tokens=2)
+    assert chat.variant == "merge" and chat.stats().startswith("variant merge, 0 turns")
+    chat.reply("hello there")
+    assert "without --adapter" in chat.command("/variant concat")
+    assert chat.variant == "merge" and int(chat.session.memory.steps[0]) >= 1  # the conversation is kept
+    assert chat.command("/variant merge") == "switched to merge (fresh memory)" and len(chat.models) == 1

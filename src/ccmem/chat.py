@@ -18,6 +18,9 @@ HELP = """commands:
   /quit             leave"""
 
 
+VARIANT_NAMES = {"concat_recur": "concat", "merge_recur": "merge"}  # what --variant and /variant call them
+
+
 class Chat:
     def __init__(self, variant: str = "concat", adapter: str | None = None, device: str | None = None,
                  max_new_tokens: int = 48, template: bool = True, raw_tail: int | None = None):
@@ -40,8 +43,11 @@ class Chat:
 
         self._load = load
         self.models: dict = {}
-        self.variant = variant
+        self.adapter = adapter
         self.ccm = self._model(variant)
+        # an adapter given by path is read as the variant it was trained as, whatever --variant says
+        self.variant = VARIANT_NAMES.get(self.ccm.config.variant, self.ccm.config.variant) if adapter else variant
+        self.models = {self.variant: self.ccm}
         self.tok = self.ccm.tokenizer
         self.per_slot = bytes_per_slot(self.ccm.model)
         self.template = template and bool(getattr(self.tok, "chat_template", None))
@@ -130,6 +136,9 @@ class Chat:
         if cmd == "variant":
             if arg not in ("concat", "merge"):
                 return "usage: /variant concat|merge"
+            if self.adapter and arg != self.variant:
+                return (f"this chat runs the adapter {self.adapter} ({self.variant}); /variant switches between the "
+                        "default adapters: start `ccmem chat` without --adapter for that")
             self.variant, self.ccm = arg, self._model(arg)
             self.session = self.ccm.session()
             return f"switched to {arg} (fresh memory)"

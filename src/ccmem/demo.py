@@ -41,16 +41,17 @@ def default_adapter(variant: str) -> Path:
 # ``ccmem serve`` load for concat (README, "Shipped adapters": general-chat-decay, the long run's cool-down branch, is
 # ahead of general-chat on The Office and level with it or better on the other suites).
 GENERAL_CHAT = ("general-chat-decay", "general-chat")
+# ... and for merge: the merge branch of general-chat-decay (configs/general_merge_decay.yaml)
+GENERAL_MERGE = ("general-merge-decay",)
 
 
 def chat_adapter(variant: str = "concat") -> Path:
-    """What ``ccmem chat`` and ``ccmem serve`` load by default: for concat the newest general adapter
-    (:data:`GENERAL_CHAT`), trained in the chat template they render, where one exists; the chit-chat adapter
-    otherwise and for merge, which has no general adapter yet."""
-    if variant == "concat":
-        for name in GENERAL_CHAT:
-            if (adapters_dir() / name / "adapter.safetensors").is_file():
-                return adapters_dir() / name
+    """What ``ccmem chat`` and ``ccmem serve`` load by default: the newest general adapter of the variant
+    (:data:`GENERAL_CHAT`, :data:`GENERAL_MERGE`), trained in the chat template they render, where one exists; the
+    chit-chat adapter (plain ``A: / B:`` lines) otherwise."""
+    for name in {"concat": GENERAL_CHAT, "merge": GENERAL_MERGE}.get(variant, ()):
+        if (adapters_dir() / name / "adapter.safetensors").is_file():
+            return adapters_dir() / name
     return default_adapter(variant)
 
 
