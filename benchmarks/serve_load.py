@@ -194,7 +194,8 @@ def main() -> None:
     from ccmem.model import CompressedModel
 
     c = CompressionConfig.from_dict(CompressedModel.read_adapter(args.adapter)[1]["compression"])
-    if c.merging or c.raw_tail:  # before the ccmem half runs, not after it: the full-history server refuses these
+    if c.merging or c.raw_tail or c.variant == "gist":  # before the ccmem half runs: the full-history server (and
+        # for gist the session) refuses these
         ap.error(f"--adapter {args.adapter} is a {c.variant} adapter" + (f" with a raw tail of {c.raw_tail}"
                  if c.raw_tail else "") + "; the full-history server it is compared with serves the same model "
                  "without compressing, which needs a concat adapter without a raw tail")

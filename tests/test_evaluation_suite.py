@@ -901,6 +901,13 @@ def test_score_cache_and_exported_references_are_bounded(tmp_path, monkeypatch):
     kept = {d.name for d in made[0].parent.iterdir()}
     assert kept == {d.name for d in made} - {made[1].name} and len(kept) == runner.KEEP_REFERENCES
     assert (made[-1] / "config.json").exists()
+    (made[0].parent / "crashed.tmp").mkdir()  # a half-written export of a crashed run, a day old
+    os.utime(made[0].parent / "crashed.tmp", (2000, 2000))
+    made += [runner.export_reference(model, "newer"), runner.export_reference(model, "newest")]
+    kept = {d.name for d in made[0].parent.iterdir()}  # ref2 (old) and the stale .tmp go; the ones used in the
+    assert kept == {made[i].name for i in (0, 3, 4, 5)}  # last hours stay, even past KEEP_REFERENCES (in use)
+    cache.folder = tmp_path / "nowhere"
+    assert cache.prune(max_bytes=0) == 0  # a missing folder: nothing to do, no error
 
 
 def test_weights_digest_sees_every_tensor_and_dtype_and_0_dim_buffers():

@@ -577,8 +577,13 @@ def test_chat_refuses_a_bad_adapter_before_loading_the_model(tmp_path, monkeypat
     with pytest.raises(CorruptFileError, match="truncated or not a safetensors file"):
         Chat(adapter=str(tmp_path / "broken"))
     tiny_ccm("llama", variant="gist").save_pretrained(tmp_path / "gist")
-    with pytest.raises(ConfigError, match="raw_tail needs an online variant"):
+    with pytest.raises(ConfigError, match="raw_tail needs an online variant|gist adapter"):
         Chat(adapter=str(tmp_path / "gist"), raw_tail=1)
+    with pytest.raises(ConfigError, match="is a gist adapter.*no online memory"):
+        Chat(adapter=str(tmp_path / "gist"))
+    tiny_ccm("llama", variant="merge_recur").save_pretrained(tmp_path / "merge")
+    with pytest.raises(ConfigError, match="raw_tail"):  # the tail asked for is checked against the file's config
+        Chat(adapter=str(tmp_path / "merge"), raw_tail=-1)
 
 
 def test_chat_reads_a_given_adapter_as_its_own_variant(tmp_path, monkeypatch, tiny_folder):

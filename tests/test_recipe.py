@@ -495,6 +495,6 @@ def test_a_run_cannot_start_from_its_own_checkpoints(tmp_path, tiny_folder, monk
     from ccmem.errors import ConfigError
 
     monkeypatch.setattr(ccmem.recipe, "prepare_model", lambda *a, **k: pytest.fail("model loaded before the refusal"))
-    with pytest.raises(ConfigError, match="lies inside this run's own output_dir.*drop init_adapter"):
+    with pytest.raises(ConfigError, match="one of this run's own checkpoints.*drop init_adapter"):
         main(["train", "configs/general_chat.yaml", f"model={tiny_folder}", f"train.output_dir={tmp_path}/run",
               f"init_adapter={tmp_path}/run/checkpoints/step_000010", "--device", "cpu"])

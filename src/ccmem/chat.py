@@ -28,6 +28,7 @@ class Chat:
 
         from .config import CompressionConfig
         from .demo import chat_adapter, chat_raw_tail, stop_ids
+        from .errors import ConfigError
         from .memory import bytes_per_slot
         from .model import CompressedModel
         from .models import load_model
@@ -37,8 +38,13 @@ class Chat:
             tail = raw_tail if raw_tail is not None else chat_raw_tail(path)
             # a missing or damaged adapter, or a tail it cannot be read with, is refused before the model loads
             _, header = CompressedModel.read_adapter(path)
+            config = CompressionConfig.from_dict(header["compression"])
+            if config.variant == "gist":
+                raise ConfigError(f"adapter {path} is a gist adapter: it recompresses the whole history at every "
+                                  "step and has no online memory to chat with; give a concat_recur or merge_recur "
+                                  "adapter")
             if tail is not None:
-                replace(CompressionConfig.from_dict(header["compression"]), raw_tail=tail)
+                replace(config, raw_tail=tail)
             return CompressedModel.from_pretrained(path, *load_model(device=device), raw_tail=tail)
 
         self._load = load

@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--device", default=None)
     d.set_defaults(fn=_demo)
     c = sub.add_parser("chat", help="interactive chat with compressed memory (default model and adapter)")
-    c.add_argument("--variant", default="concat", choices=["concat", "merge"])
+    c.add_argument("--variant", default="concat", choices=["concat", "merge"],
+                   help="which default adapter (ccmem.demo.chat_adapter); with --adapter, that adapter's own")
     c.add_argument("--adapter", default=None, help="adapter folder or hub id (default: the shipped one)")
     c.add_argument("--device", default=None)
     c.add_argument("--raw-tail", type=turn_count, default=None,

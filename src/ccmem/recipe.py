@@ -562,11 +562,11 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
 
     tcfg = TrainConfig(**cfg["train"])
     init = cfg.get("init_adapter")
-    if init and Path(init).resolve().is_relative_to(Path(tcfg.output_dir).resolve()):
-        raise ConfigError(f"init_adapter {init} lies inside this run's own output_dir {tcfg.output_dir}: a run resumes "
-                          "its own newest checkpoint by itself, and starting it from one of them again would count "
-                          "those steps twice in its totals; drop init_adapter to resume, or give a new run another "
-                          "output_dir")
+    if init and Path(init).resolve().is_relative_to((Path(tcfg.output_dir) / "checkpoints").resolve()):
+        raise ConfigError(f"init_adapter {init} is one of this run's own checkpoints (under {tcfg.output_dir}/"
+                          "checkpoints): a run resumes its own newest checkpoint by itself, and starting it from one "
+                          "of them again would count those steps twice in its totals; drop init_adapter to resume, "
+                          "or give a new run another output_dir")
     comp = CompressionConfig(**cfg["compression"])
     if tcfg.mode == "full":
         comp = CompressionConfig(**{**cfg["compression"], "conditional": False})

@@ -122,6 +122,7 @@ def export_reference(model: Any, key: str, tokenizer: Any = None) -> Path:
         _prune_references(d.parent, KEEP_REFERENCES - 1)  # room for this one
         tmp = d.with_suffix(".tmp")
         model.save_pretrained(tmp)
+        shutil.rmtree(d, ignore_errors=True)  # a folder left half-removed (no config.json) would block the rename
         tmp.rename(d)
     if tokenizer is not None and not (d / "tokenizer_config.json").exists():
         tokenizer.save_pretrained(d)
@@ -131,17 +132,26 @@ def export_reference(model: Any, key: str, tokenizer: Any = None) -> Path:
 
 
 KEEP_REFERENCES = 3  # exported reference models kept (a SmolLM2 copy is about 0.5 GB): the most recently used
+IN_USE_S = 6 * 3600  # one used this recently may be under a running evaluation's kvpress worker: never removed
 
 
 def _prune_references(folder: Path, keep: int) -> None:
-    """Remove all but the ``keep`` most recently used exported references (one being written is left alone)."""
+    """Remove all but the ``keep`` most recently used exported references, sparing any used in the last
+    :data:`IN_USE_S` seconds (another run may be reading it), and half-written ones (``.tmp``) as old as that."""
+    now, found = time.time(), []
     try:
-        done = sorted((d for d in folder.iterdir() if d.is_dir() and d.suffix != ".tmp"),
-                      key=lambda d: d.stat().st_mtime, reverse=True)
+        entries = list(folder.iterdir())
     except OSError:
         return
-    for d in done[keep:]:
-        shutil.rmtree(d, ignore_errors=True)
+    for d in entries:
+        with contextlib.suppress(OSError):
+            if d.is_dir():
+                found.append((d.stat().st_mtime, d))
+    done = sorted((x for x in found if x[1].suffix != ".tmp"), key=lambda x: x[0], reverse=True)
+    stale = [x for x in found if x[1].suffix == ".tmp"]
+    for mtime, d in done[keep:] + stale:
+        if now - mtime > IN_USE_S:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def default_kvpress_python() -> str | None:

@@ -10,9 +10,9 @@ they change the order of floating-point sums), the scoring mode and batch size, 
 missing, unreadable or mismatched entry is scored anew, and a folder that cannot be written only goes unused: never
 an error.
 
-The folder is bounded: entries are read least-recently-used first out of it once it holds more than
-:data:`MAX_BYTES` (a served entry counts as used, :meth:`ScoreCache.prune`), so a cache shared by many runs does not
-grow without end.
+The folder is bounded: once it holds more than :data:`MAX_BYTES` its entries are removed, least recently written or
+served first, at the end of a run (:meth:`ScoreCache.prune`), so a cache shared by many runs does not grow without
+end.
 """
 
 from __future__ import annotations
@@ -148,19 +148,28 @@ class ScoreCache:
     def prune(self, max_bytes: int = MAX_BYTES) -> int:
         """Remove the least recently written or served entries until the folder holds at most ``max_bytes``; returns
         how many went. A file that cannot be listed or removed is left (never an error)."""
+        files = []
         try:
-            files = [(f.stat().st_mtime, f.stat().st_size, f) for f in self.folder.glob("??/*.json")]
+            names = list(self.folder.glob("??/*.json"))
         except OSError:
             return 0
+        for f in names:
+            with contextlib.suppress(OSError):  # gone since the listing (another run pruning): not counted
+                st = f.stat()
+                files.append((st.st_mtime, st.st_size, f))
         total = sum(size for _, size, _ in files)
         removed = 0
         for _, size, f in sorted(files, key=lambda x: x[0]):
             if total <= max_bytes:
                 break
-            with contextlib.suppress(OSError):
+            try:
                 f.unlink()
-                total -= size
                 removed += 1
+            except FileNotFoundError:  # another run removed it first: its bytes are gone all the same
+                pass
+            except OSError:
+                continue
+            total -= size
         self.pruned += removed
         return removed
 
