@@ -31,10 +31,15 @@ def test_default_model_is_real(smol):
     assert 11.0 < ppl < 12.5  # 11.7 with the dequantised Q4_1 weights
 
 
-@pytest.mark.parametrize("variant", ["concat", "merge"])
+@pytest.mark.parametrize("variant", ["concat", "merge", "general-merge"])
 def test_shipped_adapter_compress_score_and_exactness(variant):
+    """The chit-chat pair and the chat's general merge adapter (sink, memory gate): online sessions give the parallel
+    forward's logits."""
+    from ccmem.demo import chat_adapter
+
     model, tok = load_model()
-    ccm = CompressedModel.from_pretrained(default_adapter(variant), model, tokenizer=tok)
+    path = chat_adapter("merge") if variant == "general-merge" else default_adapter(variant)
+    ccm = CompressedModel.from_pretrained(path, model, tokenizer=tok)
     splits, fmt, _ = chitchat_splits(tok, {"split_seed": 0, "max_turn_tokens": 128})
     dialogs = [d for d in splits["test"] if len(d.turns) >= 7][:2]
     eps = [fmt.episode(d, 7) for d in dialogs]
@@ -44,7 +49,8 @@ def test_shipped_adapter_compress_score_and_exactness(variant):
     s = ccm.session(batch_size=2)
     for t in range(5):
         rep = s.add_context([e.chunks[t] for e in eps])
-    assert rep.slots == [10, 10] if variant == "concat" else rep.slots == [2, 2]
+    sink = int(ccm.config.sink)
+    assert rep.slots == ([10 + sink] * 2 if variant == "concat" else [2 + sink] * 2)
     score = s.score([e.input for e in eps], [e.output[:-1] for e in eps])
     assert 1.0 < score.ppl < 500
 
@@ -115,7 +121,8 @@ def test_chat_in_a_real_terminal(tmp_path):
     p.sendline("/variant merge")
     p.expect("switched to merge")
     p.sendline("Tell me something.")
-    p.expect(r"memory key/value size = 2,")
+    merge = CompressedModel.read_adapter(chat_adapter("merge"))[1]["compression"]  # n slots, + 1 for a sink
+    p.expect(rf"memory key/value size = {merge['n_tok'] + int(merge.get('sink', False))},")
     p.sendline("/quit")
     p.expect(pexpect.EOF)
     assert (Path(tmp_path) / "mem.safetensors").is_file()
