@@ -191,11 +191,16 @@ def main() -> None:
         a = chat_adapter("concat").resolve()
         args.adapter = str(a.relative_to(Path.cwd()) if a.is_relative_to(Path.cwd()) else a)
     from ccmem.config import CompressionConfig
+    from ccmem.errors import ConfigError
     from ccmem.model import CompressedModel
+    from ccmem.session import require_online
 
     c = CompressionConfig.from_dict(CompressedModel.read_adapter(args.adapter)[1]["compression"])
-    if c.merging or c.raw_tail or c.variant == "gist":  # before the ccmem half runs: the full-history server (and
-        # for gist the session) refuses these
+    try:  # before the ccmem half runs: the session refuses a gist adapter, the full-history server a merge or tail
+        require_online(c, args.adapter)
+    except ConfigError as e:
+        ap.error(str(e))
+    if c.merging or c.raw_tail:
         ap.error(f"--adapter {args.adapter} is a {c.variant} adapter" + (f" with a raw tail of {c.raw_tail}"
                  if c.raw_tail else "") + "; the full-history server it is compared with serves the same model "
                  "without compressing, which needs a concat adapter without a raw tail")

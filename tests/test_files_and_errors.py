@@ -485,9 +485,28 @@ def test_bad_config(bad):
         CompressionConfig(**bad)
 
 
-def test_gist_has_no_online_session():
-    with pytest.raises(ConfigError, match="gist"):
+def test_gist_has_no_online_session(tmp_path, monkeypatch, capsys):
+    """One rule (``require_online``) refuses a gist adapter wherever a session would run on it: the session, the chat
+    before its model loads, and the load benchmark before its ccmem half."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from ccmem.session import require_online
+
+    with pytest.raises(ConfigError, match="the gist variant: .*no online memory"):
         tiny_ccm("llama", "gist").session()
+    require_online(tiny_ccm("llama", "merge_recur").config)  # an online variant passes
+    tiny_ccm("llama", "gist").save_pretrained(tmp_path / "gist")
+    spec = importlib.util.spec_from_file_location(
+        "serve_load", Path(__file__).parents[1] / "benchmarks" / "serve_load.py")
+    serve_load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_load)
+    monkeypatch.setattr(serve_load, "run_mode", lambda *a, **k: pytest.fail("the ccmem half ran"))
+    monkeypatch.setattr(sys, "argv", ["serve_load.py", "--adapter", str(tmp_path / "gist")])
+    with pytest.raises(SystemExit):
+        serve_load.main()
+    assert f"adapter {tmp_path / 'gist'} is a gist adapter: " in capsys.readouterr().err
 
 
 def test_shipped_adapters_are_found_or_named(tmp_path, monkeypatch):

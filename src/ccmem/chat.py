@@ -28,10 +28,10 @@ class Chat:
 
         from .config import CompressionConfig
         from .demo import chat_adapter, chat_raw_tail, stop_ids
-        from .errors import ConfigError
         from .memory import bytes_per_slot
         from .model import CompressedModel
         from .models import load_model
+        from .session import require_online
 
         def load(v: str) -> CompressedModel:
             path = adapter or chat_adapter(v)
@@ -39,10 +39,7 @@ class Chat:
             # a missing or damaged adapter, or a tail it cannot be read with, is refused before the model loads
             _, header = CompressedModel.read_adapter(path)
             config = CompressionConfig.from_dict(header["compression"])
-            if config.variant == "gist":
-                raise ConfigError(f"adapter {path} is a gist adapter: it recompresses the whole history at every "
-                                  "step and has no online memory to chat with; give a concat_recur or merge_recur "
-                                  "adapter")
+            require_online(config, str(path))
             if tail is not None:
                 replace(config, raw_tail=tail)
             return CompressedModel.from_pretrained(path, *load_model(device=device), raw_tail=tail)

@@ -63,6 +63,19 @@ class Score:
         return float(torch.exp(self.nll.sum() / self.ntokens.sum().clamp(min=1)))
 
 
+def require_online(config: Any, source: str | None = None) -> None:
+    """Refuse a compression config that has no online memory (gist recompresses the whole history at every step).
+
+    One rule for every place that would run a session on it (the session itself, the chat before it loads the model,
+    the load benchmark before its first half), so their refusals cannot drift apart."""
+    if config.variant == "gist":
+        what = f"adapter {source} is a gist adapter" if source else "the gist variant"
+        raise ConfigError(
+            f"{what}: it recompresses the whole history at every step and has no online memory for a session; "
+            "use a concat_recur or merge_recur adapter"
+        )
+
+
 class Session:
     """An online interaction with bounded memory. One row per independent conversation in the batch."""
 
@@ -70,11 +83,7 @@ class Session:
         """``grad=True`` keeps the autograd graph through the memory, for training the recurrence step by step
         (back-propagation through the online loop, as RMT/AutoCompressor-style training does)."""
         self.grad = grad
-        if ccm.config.variant == "gist":
-            raise ConfigError(
-                "the gist variant recompresses the whole history at every step and has no online memory; "
-                "use concat_recur or merge_recur for a session"
-            )
+        require_online(ccm.config)
         self.ccm = ccm
         self.batch_size = batch_size
         self.reset()
