@@ -7,7 +7,8 @@ that CCM-concat recovers at t = 12 (paper on DailyDialog: 0.915; our target 0.92
 carries a 95 % paired bootstrap interval over the dialogs (`--bootstrap` replicates; 0 = none). The control row
 (`ccm_concat_other`: the concat adapter reading another dialog's turns, rotated in a fixed order) tells what the right
 dialog's memory is worth apart from the adapter's prior: `ccm_concat_memory_gap` = (ppl_other - ppl_ccm_concat) /
-(ppl_none - ppl_full), the part of the gap only this dialog's memory closes (`--no-control` leaves it out).
+(ppl_none - ppl_full), the part of the gap only this dialog's memory closes; `ccm_merge_other` and
+`ccm_merge_memory_gap` are the same for the merge adapter (`--no-control` leaves both out).
 Run: python benchmarks/chitchat_quality.py [--dialogs 200 --concat adapters/chitchat-concat --merge ...]
 The general adapter (no stage 1, chat-template turns, no merge sibling):
 python benchmarks/chitchat_quality.py --concat adapters/general-chat --merge none --name chitchat_quality_general
@@ -102,18 +103,25 @@ def main() -> None:
         r = perplexity(concat, windowed[t], "full", args.batch_size, eos, progress=True)
         rows[t]["window_ppl"], per_episode[t]["window"] = r.ppl, r.per_episode
         print(f"t={t:2d} {'window':>14s} ppl {rows[t]['window_ppl']:.3f}", flush=True)
-    if args.control:  # every episode at t has t chunks: the next dialog's chunks, the same number of them
-        other = {t: [Episode(eps[t][(i + 1) % len(e)].chunks, x.input, x.output, id=x.id) for i, x in enumerate(e)]
-                 for t, e in eps.items()}
+    # the control: every episode at t has t chunks; it reads the next dialog's chunks, the same number of them
+    other = {t: [Episode(eps[t][(i + 1) % len(e)].chunks, x.input, x.output, id=x.id) for i, x in enumerate(e)]
+             for t, e in eps.items()}
+
+    def run_control(name: str, ccm) -> None:
         for t in TS:
-            r = perplexity(concat, other[t], "compress", args.batch_size, eos, progress=True)
-            rows[t]["ccm_concat_other_ppl"], per_episode[t]["ccm_concat_other"] = r.ppl, r.per_episode
+            r = perplexity(ccm, other[t], "compress", args.batch_size, eos, progress=True)
+            rows[t][f"{name}_other_ppl"], per_episode[t][f"{name}_other"] = r.ppl, r.per_episode
+
+    if args.control:
+        run_control("ccm_concat", concat)
     del concat, m
     merged = args.merge != "none"
     if merged:
         m, _ = load_model(device=args.device)
         merge = CompressedModel.from_pretrained(args.merge, m)
         run("ccm_merge", merge, "compress")
+        if args.control:
+            run_control("ccm_merge", merge)
         c_merge = merge.config
 
     for t in TS:
@@ -124,11 +132,12 @@ def main() -> None:
             r[f"{'ccm_' if meth != 'full' else ''}{meth}_kv_kib"] = slots * per_slot / 1024
         r["ccm_concat_gap_recovered"] = gap_recovered(r["none_ppl"], r["full_ppl"], r["ccm_concat_ppl"])
         r["window_gap_recovered"] = gap_recovered(r["none_ppl"], r["full_ppl"], r["window_ppl"])
-        if args.control:
-            r["ccm_concat_memory_gap"] = memory_gap(r["none_ppl"], r["full_ppl"], r["ccm_concat_other_ppl"],
-                                                    r["ccm_concat_ppl"])
         if merged:
             r["ccm_merge_gap_recovered"] = gap_recovered(r["none_ppl"], r["full_ppl"], r["ccm_merge_ppl"])
+        for name in ("ccm_concat", "ccm_merge"):
+            if f"{name}_other_ppl" in r:
+                r[f"{name}_memory_gap"] = memory_gap(r["none_ppl"], r["full_ppl"], r[f"{name}_other_ppl"],
+                                                     r[f"{name}_ppl"])
         if args.bootstrap:
             add_row_intervals(r, pooled_ppl_replicates(per_episode[t], args.bootstrap, seed=t))
     rows_l = [rows[t] for t in TS]
@@ -148,9 +157,13 @@ def main() -> None:
         headline["meaning"] += ("; of the gap, the right dialog's memory closes beyond the adapter's prior (control on "
                                 f"another dialog): {last['ccm_concat_memory_gap']:.4f}"
                                 + (" [{:.4f}, {:.4f}]".format(*ci) if ci else ""))
-    cols = ["t", "none_ppl", "full_ppl", "ccm_concat_ppl", "ccm_merge_ppl", "ccm_concat_other_ppl", "window_ppl",
-            "untuned_none_ppl", "untuned_full_ppl", "ccm_concat_gap_recovered", "ccm_merge_gap_recovered",
-            "window_gap_recovered", "ccm_concat_memory_gap",
+        if merged:
+            ci = last.get("ccm_merge_memory_gap_ci")
+            headline["meaning"] += (f"; CCM-merge's: {last['ccm_merge_memory_gap']:.4f}"
+                                    + (" [{:.4f}, {:.4f}]".format(*ci) if ci else ""))
+    cols = ["t", "none_ppl", "full_ppl", "ccm_concat_ppl", "ccm_merge_ppl", "ccm_concat_other_ppl",
+            "ccm_merge_other_ppl", "window_ppl", "untuned_none_ppl", "untuned_full_ppl", "ccm_concat_gap_recovered",
+            "ccm_merge_gap_recovered", "window_gap_recovered", "ccm_concat_memory_gap", "ccm_merge_memory_gap",
             "full_kv_kib", "ccm_concat_kv_kib", "ccm_merge_kv_kib"]
     cols = [c for c in cols if all(c in r for r in rows_l)]
     ci = f" (95 % interval {headline['interval_95']})" if "interval_95" in headline else ""
@@ -171,7 +184,7 @@ def main() -> None:
            "references": "the concat adapter's stage-1 model" if stage1 else "the base model (no stage 1)",
            "dialogs": len(dialogs), "split": "chit-chat test (+validation), seed 0",
            "min_turns": max(TS) + 2, "eos_excluded": True, "device": args.device, "bootstrap": args.bootstrap,
-           "control": "the concat adapter on the next dialog's turns (rotated), same t" if args.control else None}
+           "control": "each CCM adapter on the next dialog's turns (rotated), same t" if args.control else None}
     write_results(args.name, "python benchmarks/chitchat_quality.py " + " ".join(sys.argv[1:]), headline, cfg,
                   rows_l, table)
     print(table)
@@ -184,7 +197,7 @@ def memory_gap(none: float, full: float, other: float, ccm: float) -> float:
 
 
 def add_row_intervals(row: dict, reps: dict[str, list[float]]) -> None:
-    """``<method>_ppl_ci`` for every method, ``<ccm>_gap_recovered_ci`` and ``ccm_concat_memory_gap_ci`` from the
+    """``<method>_ppl_ci`` for every method, ``<ccm>_gap_recovered_ci`` and ``<ccm>_memory_gap_ci`` from the
     paired replicates of one t."""
     for name, rep in reps.items():
         row[f"{name}_ppl_ci"] = interval(rep)
@@ -192,10 +205,11 @@ def add_row_intervals(row: dict, reps: dict[str, list[float]]) -> None:
         if name in reps:
             gaps = [gap_recovered(a, b, x) for a, b, x in zip(reps["none"], reps["full"], reps[name]) if a != b]
             row[f"{name}_gap_recovered_ci"] = interval(gaps) if gaps else None
-    if "ccm_concat_other" in reps:
-        gaps = [memory_gap(a, b, o, x) for a, b, o, x in zip(reps["none"], reps["full"], reps["ccm_concat_other"],
-                                                             reps["ccm_concat"]) if a != b]
-        row["ccm_concat_memory_gap_ci"] = interval(gaps) if gaps else None
+    for name in ("ccm_concat", "ccm_merge"):
+        if f"{name}_other" in reps:
+            gaps = [memory_gap(a, b, o, x) for a, b, o, x in zip(reps["none"], reps["full"], reps[f"{name}_other"],
+                                                                 reps[name]) if a != b]
+            row[f"{name}_memory_gap_ci"] = interval(gaps) if gaps else None
 
 
 def _plot(rows, name, stage1: bool) -> None:
@@ -209,6 +223,7 @@ def _plot(rows, name, stage1: bool) -> None:
     for key, label in (("none_ppl", "no context"), ("full_ppl", "full context (stage 1)" if stage1 else "full context"),
                        ("ccm_concat_ppl", "CCM-concat"), ("ccm_merge_ppl", "CCM-merge"),
                        ("ccm_concat_other_ppl", "CCM-concat, another dialog's memory (control)"),
+                       ("ccm_merge_other_ppl", "CCM-merge, another dialog's memory (control)"),
                        ("window_ppl", "sliding window, CCM-concat's KV"),
                        ("untuned_full_ppl", "full context (untuned)")):  # rows without a key are skipped
         if key in rows[0]:
