@@ -29,10 +29,15 @@ def verdict(value: float, ci: list[float] | None) -> str:
 
 
 def _competitors(cfg: dict[str, Any]) -> str:
+    """Every method the headline's CCM-concat was compared with: training-free, presses, and the trained rivals in the
+    run (CCM-merge, Gisting, non-recurrent) whose peer it is; a name starting with ccm_concat is a CCM-concat itself,
+    and a rival with another peer (``gist_cpu`` against ``ccm_concat_cpu``) is that one's."""
     tf = list(cfg.get("training_free") or [])
     presses = [f"kvpress {p}" for p in cfg.get("presses") or []]
-    peers = list(cfg.get("peers") or {})
-    return ", ".join(tf + presses + peers) or "references only"
+    peers = cfg.get("peers") or {}
+    rivals = [n for n in cfg.get("adapters") or {}
+              if not n.startswith("ccm_concat") and peers.get(n, "ccm_concat") == "ccm_concat"]
+    return ", ".join(tf + presses + rivals) or "references only"
 
 
 def _adapter(cfg: dict[str, Any]) -> str:
@@ -80,7 +85,7 @@ def row_of(path: Path) -> dict[str, Any] | None:
     cfg, head = report.get("config") or {}, report.get("headline") or {}
     if "suite" not in cfg or "margin" not in str(head.get("metric", "")) or head.get("value") is None:
         return None
-    if not (cfg.get("training_free") or cfg.get("presses") or cfg.get("peers")):
+    if _competitors(cfg) == "references only":
         return None  # references only (a checkpoint's check): its margin is over no context, not over a competitor
     ci, value = head.get("interval_95"), float(head["value"])
     # the headline is the worst of the per-t margins the report keeps: its row names the t and the competitor

@@ -41,9 +41,13 @@ def test_rows_verdicts_and_what_is_left_out(tmp_path):
     (tmp_path / "run_d.json").write_text(json.dumps({**d, "points": points, "per_step": [1, 2], "metric": "ppl",
                                                      "higher_is_better": False}))
     _write(tmp_path, "eval_c", -0.3, [-0.5, -0.1], (8, "none"), training_free=[])
+    _write(tmp_path, "eval_e", 3.5, [1.3, 6.4], (8, "gist"), training_free=[],  # trained rivals only
+           adapters={"ccm_concat": "a", "ccm_concat_ref": "b", "ccm_merge": "c", "gist": "d", "gist_cpu": "e"},
+           peers={"gist_cpu": "ccm_concat_cpu"})  # gist_cpu is another CCM-concat's rival
     (tmp_path / "train_speed.json").write_text(json.dumps({"name": "speed", "headline": {"metric": "x", "value": 2}}))
     rows = {r["name"]: r for r in scoreboard.scoreboard(tmp_path)}
-    assert set(rows) == {"eval_a", "frontier_b", "run_d"}  # eval_c: references only; train_speed is no eval
+    assert set(rows) == {"eval_a", "frontier_b", "run_d", "eval_e"}  # eval_c: references only; train_speed no eval
+    assert (rows["eval_e"]["competitors"], rows["eval_e"]["worst_against"]) == ("ccm_merge, gist", "gist")
     d = rows["run_d"]  # a frontier by its per-step budgets; its control is a point: 43.5 - 40.0, no interval
     assert (d["kind"], d["worst_against"], d["memory_value"]) == ("frontier", "kvpress_kvzip", "3.5 (t = 4)")
     assert d["data"] == "held-out works: shakespeare:test"  # held-out plays of a source a recipe may train on
