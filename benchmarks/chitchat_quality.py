@@ -10,8 +10,9 @@ dialog's memory is worth apart from the adapter's prior: `ccm_concat_memory_gap`
 (ppl_none - ppl_full), the part of the gap only this dialog's memory closes; `ccm_merge_other` and
 `ccm_merge_memory_gap` are the same for the merge adapter (`--no-control` leaves both out).
 Run: python benchmarks/chitchat_quality.py [--dialogs 200 --concat adapters/chitchat-concat --merge ...]
-The general adapter (no stage 1, chat-template turns, no merge sibling):
-python benchmarks/chitchat_quality.py --concat adapters/general-chat --merge none --name chitchat_quality_general
+The general adapters (no stage 1, chat-template turns) with their merge branch, read as `ccmem chat` reads them:
+python benchmarks/chitchat_quality.py --dialogs 200 --batch-size 8 --concat adapters/general-chat-decay
+  --merge adapters/general-merge-decay --raw-tail 1 --name chitchat_quality_general_merge
 (``--format auto`` renders the turns as the concat adapter's recipe was trained on.) ``--raw-tail K`` reads the concat
 adapter with its K newest turns kept raw (as `ccmem chat` reads the general adapter: K = 1); the KV columns count
 them.
