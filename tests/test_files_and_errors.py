@@ -496,7 +496,9 @@ def test_gist_has_no_online_session(tmp_path, monkeypatch, capsys):
 
     with pytest.raises(ConfigError, match="the gist variant: .*no online memory"):
         tiny_ccm("llama", "gist").session()
-    require_online(tiny_ccm("llama", "merge_recur").config)  # an online variant passes
+    for variant in ("concat_recur", "merge_recur", "concat", "merge"):  # every other variant passes
+        assert CompressionConfig(variant=variant).online
+        require_online(CompressionConfig(variant=variant))
     tiny_ccm("llama", "gist").save_pretrained(tmp_path / "gist")
     spec = importlib.util.spec_from_file_location(
         "serve_load", Path(__file__).parents[1] / "benchmarks" / "serve_load.py")

@@ -58,7 +58,7 @@ class CompressionConfig:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if not isinstance(self.raw_tail, int) or isinstance(self.raw_tail, bool) or self.raw_tail < 0:
             raise ConfigError(f"raw_tail must be a non-negative integer (chunks kept raw), got {self.raw_tail!r}")
-        if self.raw_tail and self.variant == "gist":
+        if self.raw_tail and not self.online:
             raise ConfigError("raw_tail needs an online variant; gist recompresses the whole history every step")
         if self.memory_gate is not None and (isinstance(self.memory_gate, bool) or not isinstance(
                 self.memory_gate, (int, float)) or not -30.0 <= self.memory_gate <= 30.0):
@@ -74,6 +74,12 @@ class CompressionConfig:
     @property
     def merging(self) -> bool:
         return self.variant in MERGING
+
+    @property
+    def online(self) -> bool:
+        """Whether a memory can be carried chunk by chunk (a session, a raw tail); gist rebuilds its slots from the
+        whole history at every step instead."""
+        return self.variant != "gist"
 
     @property
     def n_special(self) -> int:

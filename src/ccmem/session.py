@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .config import CompressionConfig
 from .errors import ConfigError, InputError
 from .masks import online_mask, to_additive
 from .memory import CompressedMemory
@@ -63,12 +64,12 @@ class Score:
         return float(torch.exp(self.nll.sum() / self.ntokens.sum().clamp(min=1)))
 
 
-def require_online(config: Any, source: str | None = None) -> None:
-    """Refuse a compression config that has no online memory (gist recompresses the whole history at every step).
+def require_online(config: CompressionConfig, source: str | None = None) -> None:
+    """Refuse a compression config without an online memory (``config.online``) with an error that says what to use.
 
-    One rule for every place that would run a session on it (the session itself, the chat before it loads the model,
-    the load benchmark before its first half), so their refusals cannot drift apart."""
-    if config.variant == "gist":
+    One refusal for every place that would run a session on it (the session itself, the chat before it loads the
+    model, the load benchmark before its first half), so their messages cannot drift apart."""
+    if not config.online:
         what = f"adapter {source} is a gist adapter" if source else "the gist variant"
         raise ConfigError(
             f"{what}: it recompresses the whole history at every step and has no online memory for a session; "
