@@ -54,7 +54,7 @@ def main() -> None:
                     help="read the merge adapter with its K newest turns raw (default: the adapter's own tail)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--name", default=None, help="results file name (default chitchat_quality, + _tailK with a tail)")
+    ap.add_argument("--name", default=None, help="results file name (default chitchat_quality, + _tailK / _mergetailK with tails)")
     ap.add_argument("--bootstrap", type=int, default=1000, help="replicates of the paired bootstrap over dialogs")
     ap.add_argument("--no-control", dest="control", action="store_false",
                     help="leave out the control row (the concat adapter on another dialog's turns)")
@@ -62,7 +62,8 @@ def main() -> None:
     for flag, k in (("--raw-tail", args.raw_tail), ("--merge-raw-tail", args.merge_raw_tail)):
         if k is not None and k < 0:
             ap.error(f"{flag}: give a number of turns >= 0")
-    args.name = args.name or "chitchat_quality" + (f"_tail{args.raw_tail}" if args.raw_tail else "")
+    args.name = args.name or ("chitchat_quality" + (f"_tail{args.raw_tail}" if args.raw_tail else "")
+                              + (f"_mergetail{args.merge_raw_tail}" if args.merge_raw_tail else ""))
     if args.control and args.dialogs < 2:
         ap.error("the control reads another dialog's turns: give --dialogs 2 or more, or --no-control")
 
