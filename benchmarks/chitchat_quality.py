@@ -54,7 +54,8 @@ def main() -> None:
                     help="read the merge adapter with its K newest turns raw (default: the adapter's own tail)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--name", default=None, help="results file name (default chitchat_quality, + _tailK / _mergetailK with tails)")
+    ap.add_argument("--name", default=None,
+                    help="results file name (default chitchat_quality, + _tailK / _mergetailK with tails)")
     ap.add_argument("--bootstrap", type=int, default=1000, help="replicates of the paired bootstrap over dialogs")
     ap.add_argument("--no-control", dest="control", action="store_false",
                     help="leave out the control row (the concat adapter on another dialog's turns)")
