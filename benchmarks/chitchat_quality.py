@@ -16,7 +16,8 @@ python benchmarks/chitchat_quality.py --dialogs 200 --batch-size 8 --concat adap
 (``--format auto`` renders the turns as the concat adapter's recipe was trained on.) ``--raw-tail K`` reads the concat
 adapter with its K newest turns kept raw (as `ccmem chat` reads the general adapter: K = 1); ``--merge-raw-tail K``
 reads the merge adapter so (its running mean then holds only the turns that left the tail); the KV columns count
-them.
+them. With a merge tail the run also reads the merge adapter without it on the same dialogs (`ccm_merge_notail`) and
+a window holding merge's KV (`window_merge`): `ccm_merge_tail_gain` is the tail's paired worth in gap recovered.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def main() -> None:
 
     if args.control:
         run_control("ccm_concat", concat)
-    del concat, m
+    concat_ref = concat  # full-context reads (the windows) go through the concat adapter, as above
     merged = args.merge != "none"
     if merged:
         m, _ = load_model(device=args.device)
@@ -130,6 +131,17 @@ def main() -> None:
         if args.control:
             run_control("ccm_merge", merge)
         c_merge = merge.config
+        if c_merge.raw_tail:  # the same adapter without its tail, on the same dialogs: the tail's paired worth, and a
+            # window holding what merge with its tail holds
+            del merge, m
+            m, _ = load_model(device=args.device)
+            run("ccm_merge_notail", CompressedModel.from_pretrained(args.merge, m, raw_tail=0), "compress")
+            win_m = {t: [budget_episode(e, context_slots(e, "merge", c_merge.n_tok, c_merge.raw_tail, c_merge.sink),
+                                        False) for e in eps[t]] for t in TS}
+            for t in TS:
+                r = perplexity(concat_ref, win_m[t], "full", args.batch_size, eos, progress=True)
+                rows[t]["window_merge_ppl"], per_episode[t]["window_merge"] = r.ppl, r.per_episode
+                print(f"t={t:2d} {'window_merge':>14s} ppl {rows[t]['window_merge_ppl']:.3f}", flush=True)
 
     for t in TS:
         r = rows[t]
@@ -137,10 +149,16 @@ def main() -> None:
             n, tail, sink = (c.n_tok, c.raw_tail, c.sink) if c is not None else (0, 0, False)
             slots = sum(context_slots(e, meth, n, tail, sink) for e in eps[t]) / len(eps[t])
             r[f"{'ccm_' if meth != 'full' else ''}{meth}_kv_kib"] = slots * per_slot / 1024
+        if "ccm_merge_notail_ppl" in r:
+            slots = sum(context_slots(e, "merge", c_merge.n_tok, 0, c_merge.sink) for e in eps[t]) / len(eps[t])
+            r["ccm_merge_notail_kv_kib"] = slots * per_slot / 1024
         r["ccm_concat_gap_recovered"] = gap_recovered(r["none_ppl"], r["full_ppl"], r["ccm_concat_ppl"])
         r["window_gap_recovered"] = gap_recovered(r["none_ppl"], r["full_ppl"], r["window_ppl"])
-        if merged:
-            r["ccm_merge_gap_recovered"] = gap_recovered(r["none_ppl"], r["full_ppl"], r["ccm_merge_ppl"])
+        for name in ("ccm_merge", "ccm_merge_notail", "window_merge"):
+            if f"{name}_ppl" in r:
+                r[f"{name}_gap_recovered"] = gap_recovered(r["none_ppl"], r["full_ppl"], r[f"{name}_ppl"])
+        if "ccm_merge_notail_ppl" in r:
+            r["ccm_merge_tail_gain"] = r["ccm_merge_gap_recovered"] - r["ccm_merge_notail_gap_recovered"]
         for name in ("ccm_concat", "ccm_merge"):
             if f"{name}_other_ppl" in r:
                 r[f"{name}_memory_gap"] = memory_gap(r["none_ppl"], r["full_ppl"], r[f"{name}_other_ppl"],
@@ -160,6 +178,13 @@ def main() -> None:
                               + (f"; the newest {c_merge.raw_tail} kept raw)" if c_merge.raw_tail else ")") if merged
                               else " (no CCM-merge adapter given)")
                            + f"; sliding window at CCM-concat's KV: {last['window_gap_recovered']:.4f}"}
+    if "ccm_merge_tail_gain" in last:
+        ci = last.get("ccm_merge_tail_gain_ci")
+        headline["meaning"] += (f"; CCM-merge without its tail on the same dialogs: "
+                                f"{last['ccm_merge_notail_gap_recovered']:.4f}, so the tail adds "
+                                f"{last['ccm_merge_tail_gain']:.4f}" + (" [{:.4f}, {:.4f}]".format(*ci) if ci else "")
+                                + f"; sliding window at CCM-merge's KV (tail included): "
+                                f"{last['window_merge_gap_recovered']:.4f}")
     if args.control:
         ci = last.get("ccm_concat_memory_gap_ci")
         headline["meaning"] += ("; of the gap, the right dialog's memory closes beyond the adapter's prior (control on "
@@ -169,17 +194,19 @@ def main() -> None:
             ci = last.get("ccm_merge_memory_gap_ci")
             headline["meaning"] += (f"; CCM-merge's: {last['ccm_merge_memory_gap']:.4f}"
                                     + (" [{:.4f}, {:.4f}]".format(*ci) if ci else ""))
-    cols = ["t", "none_ppl", "full_ppl", "ccm_concat_ppl", "ccm_merge_ppl", "ccm_concat_other_ppl",
-            "ccm_merge_other_ppl", "window_ppl", "untuned_none_ppl", "untuned_full_ppl", "ccm_concat_gap_recovered",
-            "ccm_merge_gap_recovered", "window_gap_recovered", "ccm_concat_memory_gap", "ccm_merge_memory_gap",
-            "full_kv_kib", "ccm_concat_kv_kib", "ccm_merge_kv_kib"]
+    cols = ["t", "none_ppl", "full_ppl", "ccm_concat_ppl", "ccm_merge_ppl", "ccm_merge_notail_ppl",
+            "ccm_concat_other_ppl", "ccm_merge_other_ppl", "window_ppl", "window_merge_ppl", "untuned_none_ppl",
+            "untuned_full_ppl", "ccm_concat_gap_recovered", "ccm_merge_gap_recovered",
+            "ccm_merge_notail_gap_recovered", "ccm_merge_tail_gain", "window_gap_recovered",
+            "window_merge_gap_recovered", "ccm_concat_memory_gap", "ccm_merge_memory_gap", "full_kv_kib",
+            "ccm_concat_kv_kib", "ccm_merge_kv_kib", "ccm_merge_notail_kv_kib"]
     cols = [c for c in cols if all(c in r for r in rows_l)]
     ci = f" (95 % interval {headline['interval_95']})" if "interval_95" in headline else ""
     table = (f"# Chit-chat next-turn perplexity (SmolLM2-135M-Instruct, {len(dialogs)} held-out dialogs)\n\n"
              f"Headline: {headline['metric']} = {headline['value']}{ci} (target >= {headline['target']}); "
              f"{headline['meaning']}\n\n" + markdown_table(rows_l, cols))
     if args.bootstrap:
-        ci_cols = [c for c in cols if c.endswith(("_ppl", "_gap_recovered", "_memory_gap"))]
+        ci_cols = [c for c in cols if c.endswith(("_ppl", "_gap_recovered", "_memory_gap", "_tail_gain"))]
         ci_rows = [{"t": r["t"], **{c: "[{:.4g}, {:.4g}]".format(*r[f"{c}_ci"]) if r.get(f"{c}_ci") else "-"
                                     for c in ci_cols}} for r in rows_l]
         table += (f"\n\n95 % paired bootstrap intervals over the {len(dialogs)} dialogs ({args.bootstrap} replicates, "
@@ -209,10 +236,14 @@ def add_row_intervals(row: dict, reps: dict[str, list[float]]) -> None:
     paired replicates of one t."""
     for name, rep in reps.items():
         row[f"{name}_ppl_ci"] = interval(rep)
-    for name in ("ccm_concat", "ccm_merge", "window"):
+    for name in ("ccm_concat", "ccm_merge", "ccm_merge_notail", "window", "window_merge"):
         if name in reps:
             gaps = [gap_recovered(a, b, x) for a, b, x in zip(reps["none"], reps["full"], reps[name]) if a != b]
             row[f"{name}_gap_recovered_ci"] = interval(gaps) if gaps else None
+    if "ccm_merge_notail" in reps:  # the tail's worth, replicate by replicate on the same dialogs
+        gains = [gap_recovered(a, b, x) - gap_recovered(a, b, y) for a, b, x, y in
+                 zip(reps["none"], reps["full"], reps["ccm_merge"], reps["ccm_merge_notail"]) if a != b]
+        row["ccm_merge_tail_gain_ci"] = interval(gains) if gains else None
     for name in ("ccm_concat", "ccm_merge"):
         if f"{name}_other" in reps:
             gaps = [memory_gap(a, b, o, x) for a, b, o, x in zip(reps["none"], reps["full"], reps[f"{name}_other"],
@@ -233,6 +264,8 @@ def _plot(rows, name, stage1: bool) -> None:
                        ("ccm_concat_other_ppl", "CCM-concat, another dialog's memory (control)"),
                        ("ccm_merge_other_ppl", "CCM-merge, another dialog's memory (control)"),
                        ("window_ppl", "sliding window, CCM-concat's KV"),
+                       ("ccm_merge_notail_ppl", "CCM-merge without its tail"),
+                       ("window_merge_ppl", "sliding window, CCM-merge's KV"),
                        ("untuned_full_ppl", "full context (untuned)")):  # rows without a key are skipped
         if key in rows[0]:
             ci = [r.get(f"{key}_ci") for r in rows]
@@ -241,7 +274,7 @@ def _plot(rows, name, stage1: bool) -> None:
             a.errorbar(ts, [r[key] for r in rows], yerr=err, marker="o", capsize=3, label=label)
     a.set(xlabel="compressed turns t", ylabel="next-turn perplexity", title="quality")
     for key, label in (("full_kv_kib", "full context"), ("ccm_concat_kv_kib", "CCM-concat"),
-                       ("ccm_merge_kv_kib", "CCM-merge")):
+                       ("ccm_merge_kv_kib", "CCM-merge"), ("ccm_merge_notail_kv_kib", "CCM-merge, no tail")):
         if key in rows[0]:
             b.plot(ts, [r[key] for r in rows], marker="o", label=label)
     b.set(xlabel="compressed turns t", ylabel="context KV memory (KiB)", title="memory")
