@@ -547,6 +547,7 @@ def test_chat_reads_the_general_adapter_with_a_tail_of_one_turn(tmp_path, monkey
     assert chat_raw_tail(tmp_path / "general-chat") == 1 == chat_raw_tail(str(tmp_path / "." / "general-chat"))
     assert chat_raw_tail(tmp_path / "chitchat-concat") is None and chat_raw_tail("org/some-adapter") is None
     assert chat_raw_tail(tmp_path / "general-chat-decay") == 1  # every shipped general adapter, present or not
+    assert chat_raw_tail(tmp_path / "general-merge-decay") == 1  # the merge branch too
     import shutil
 
     copy = shutil.copytree(tmp_path / "general-chat", tmp_path / "run" / "checkpoints" / "step_000600")
@@ -582,6 +583,12 @@ def test_chat_reads_the_general_adapter_with_a_tail_of_one_turn(tmp_path, monkey
     except AttributeError:
         pass
     assert seen[-1] == (tmp_path / "general-chat-decay", 1)
+    tiny_ccm("llama", variant="merge_recur").save_pretrained(tmp_path / "general-merge-decay")
+    try:
+        Chat(variant="merge")
+    except AttributeError:
+        pass
+    assert seen[-1] == (tmp_path / "general-merge-decay", 1)  # --variant merge: its general adapter, the same tail
 
 
 def test_chat_refuses_a_bad_adapter_before_loading_the_model(tmp_path, monkeypatch):

@@ -62,11 +62,12 @@ def chat_raw_tail(adapter: str | Path) -> int | None:
     """The raw tail ``ccmem chat`` reads an adapter with when none is asked for: the newest turn verbatim for the
     shipped general adapters (general-chat, trained without a tail, is ahead of itself read without one at every t
     on its own chit-chat test dialogs, The Office and Shakespeare: README, "Evaluation"; its cool-down branch is
-    measured as it is read, with this tail), the adapter's own for any other. A shipped adapter is known by its
-    folder, or by its weights and compression config in another folder (a copy, a training checkpoint), so the same
-    adapter is read the same way wherever it is given from."""
+    measured as it is read, with this tail; the merge branch read with it is ahead of itself without it on the same
+    200 test dialogs, `chitchat_quality_general_merge_tail1_paired`), the adapter's own for any other. A shipped
+    adapter is known by its folder, or by its weights and compression config in another folder (a copy, a training
+    checkpoint), so the same adapter is read the same way wherever it is given from."""
     try:
-        general = [(adapters_dir() / name).resolve() for name in GENERAL_CHAT]
+        general = [(adapters_dir() / name).resolve() for name in GENERAL_CHAT + GENERAL_MERGE]
     except FileNotFoundError:  # an install without the shipped adapters: the adapter given is read as saved
         return None
     if Path(adapter).resolve() in general:
