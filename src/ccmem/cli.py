@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--device", default=None)
     c.add_argument("--raw-tail", type=turn_count, default=None,
                    help="keep the newest K turns raw (verbatim key/values) and compress a turn when it leaves them "
-                        "(default: 1 for the shipped general adapters, ccmem.demo.GENERAL_CHAT; step 4000 was measured "
-                        "ahead of reading it without one; "
+                        "(default: 1 for the shipped general adapters, ccmem.demo.GENERAL_CHAT and GENERAL_MERGE; "
+                        "each was measured ahead of reading it without one; "
                         "the adapter's own for any other; 0: compress every turn)")
     c.add_argument("--plain", action="store_true",
                    help="render turns as 'A: ... / B: ...' lines instead of the tokenizer's chat template")
