@@ -76,15 +76,23 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, smol):
                                  num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
     tok.save_pretrained(folder)
     adapters = {}
-    for v, variant in (("concat", "concat_recur"), ("merge", "merge_recur")):
+    for v, variant, tail in (("concat", "concat_recur", 1), ("merge", "merge_recur", 0)):
         m, t = load_model(str(folder))
-        CompressedModel.attach(m, CompressionConfig(variant=variant, n_tok=2), tokenizer=t).save_pretrained(
-            tmp_path / v)
+        CompressedModel.attach(m, CompressionConfig(variant=variant, n_tok=2, raw_tail=tail), tokenizer=t
+                               ).save_pretrained(tmp_path / v)
         adapters[v] = tmp_path / v
     rows = run_demo(conversations=1, turns=4, out=tmp_path / "out", model=str(folder), adapters=adapters,
                     max_new_tokens=4)
     assert [r["compressed_turns"] for r in rows] == [0, 1, 2]
-    assert rows[-1]["concat_kib"] == 2 * rows[-1]["merge_kib"] > 0
+    # concat keeps its newest turn raw (its own tail): after one turn it holds that turn whole, after two one
+    # compressed turn (merge's 2 slots) plus the second turn's tokens; merge has no tail
+    assert rows[1]["concat_kib"] == pytest.approx(rows[1]["full_kib"]) and rows[1]["merge_kib"] > 0
+    assert rows[2]["concat_kib"] == pytest.approx(rows[2]["merge_kib"] + rows[2]["full_kib"] - rows[1]["full_kib"])
+    # the window holds concat's KV in context tokens: none of them before any context, all of them when concat holds
+    # the one turn raw
+    assert rows[0]["window_ppl"] == pytest.approx(rows[0]["none_ppl"], rel=1e-4)
+    assert rows[1]["window_ppl"] == pytest.approx(rows[1]["full_ppl"], rel=1e-4)
+    assert rows[2]["none_ppl"] != pytest.approx(rows[2]["window_ppl"], rel=1e-4)
     assert (tmp_path / "out" / "demo.png").stat().st_size > 1000 and (tmp_path / "out" / "summary.md").is_file()
 
 

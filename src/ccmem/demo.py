@@ -1,8 +1,8 @@
-"""``ccmem demo``: replay held-out chit-chat conversations turn by turn with the shipped adapters.
+"""``ccmem demo``: replay held-out chit-chat conversations turn by turn with the adapters ``ccmem chat`` loads.
 
 For every turn it shows what was compressed into how many slots, the memory's KV bytes against full context, the
-perplexity of the real next turn under full context, CCM-concat, CCM-merge and no context, and a reply generated
-from the compressed memory; it ends with a summary table and a PNG plot.
+perplexity of the real next turn under full context, CCM-concat, CCM-merge, a sliding window holding CCM-concat's KV
+and no context, and a reply generated from the compressed memory; it ends with a summary table and a PNG plot.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def adapters_dir() -> Path:
 
 
 def default_adapter(variant: str) -> Path:
-    """The shipped chit-chat adapter of a variant (the demo's, trained on plain ``A: / B:`` dialog lines)."""
+    """The shipped chit-chat adapter of a variant (trained on plain ``A: / B:`` dialog lines): the fallback of
+    :func:`chat_adapter` where no general adapter is present."""
     return adapters_dir() / f"chitchat-{variant}"
 
 
@@ -103,25 +104,32 @@ def run_demo(conversations: int = 3, turns: int = 10, out: str | Path = "demo_ou
              max_new_tokens: int = 24, model: str = "smollm2", adapters: dict[str, str | Path] | None = None
              ) -> list[dict]:
     """Replay ``conversations`` held-out dialogs for ``turns`` turns; ``model``/``adapters`` default to the
-    embedded SmolLM2 and the shipped chit-chat adapters."""
+    embedded SmolLM2 and the adapters ``ccmem chat`` loads (:func:`chat_adapter`), read as it reads them: in the
+    dialog format they were trained on and with their raw tail (:func:`chat_raw_tail`). The sliding window beside
+    them holds as many of the newest context tokens as CCM-concat holds slots and raw tokens: the same KV."""
     import torch
 
     from .memory import bytes_per_slot
     from .model import CompressedModel
     from .models import load_model
-    from .recipe import chitchat_splits
+    from .recipe import adapter_dialog_format, chitchat_splits
     from .scoring import perplexity
 
     torch.manual_seed(0)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    paths = {v: (adapters or {}).get(v) or chat_adapter(v) for v in ("concat", "merge")}
     models = {}
-    for v in ("concat", "merge"):
+    for v, path in paths.items():
         m, tok = load_model(model, device=device)
-        models[v] = CompressedModel.from_pretrained((adapters or {}).get(v) or default_adapter(v), m, tokenizer=tok)
+        models[v] = CompressedModel.from_pretrained(path, m, tokenizer=tok, raw_tail=chat_raw_tail(path))
     tok = models["concat"].tokenizer
-    splits, fmt, _ = chitchat_splits(tok, {"split_seed": 0, "max_turn_tokens": 128})
+    form = (adapter_dialog_format(paths["concat"]) if Path(paths["concat"]).is_dir() else None) or "plain"
+    splits, fmt, _ = chitchat_splits(tok, {"split_seed": 0, "max_turn_tokens": 128, "format": form})
     dialogs = [d for d in splits["test"] if len(d.turns) >= turns + 1][:conversations]
+    names = {v: f"{Path(str(p)).name}" + (f", raw tail {models[v].config.raw_tail}" if models[v].config.raw_tail
+                                           else "") for v, p in paths.items()}
+    print(f"CCM-concat: {names['concat']}; CCM-merge: {names['merge']}; turns as {form} text")
     per_slot = bytes_per_slot(models["concat"].model)
     stops = stop_ids(tok)
     rows: list[dict] = []
@@ -130,28 +138,32 @@ def run_demo(conversations: int = 3, turns: int = 10, out: str | Path = "demo_ou
         print(f"\n=== held-out conversation {ci + 1}/{len(dialogs)} ({d.id[:8]}, {len(d.turns)} turns) ===")
         sessions = {v: models[v].session() for v in models}
         full_tokens = 0
-        for k in range(2, turns + 1):  # target turn k (1-based), input turn k-1, turns 1..k-2 compressed
+        for k in range(2, turns + 1):  # target turn k (1-based), input turn k-1, turns 1..k-2 in the context
             i = k - 2  # index of the turn that joins the memory before this prediction
+            held = {v: _held(s.memory) for v, s in sessions.items()}  # (slots, raw tail tokens)
             mem_line = ""
             if i >= 1:
                 chunk = fmt.turn(i - 1, d.turns[i - 1])
-                reps = {v: s.add_context(chunk) for v, s in sessions.items()}
+                for s in sessions.values():
+                    s.add_context(chunk)
                 full_tokens += len(chunk)
-                mem_line = (f"memory: compressed turn {i} ({len(chunk)} tokens) -> {models['concat'].config.n_tok} "
-                            f"slots | CCM-concat {reps['concat'].slots[0]} slots "
-                            f"({reps['concat'].slots[0] * per_slot / 1024:.0f} KiB), "
-                            f"CCM-merge {reps['merge'].slots[0]} slots "
-                            f"({reps['merge'].slots[0] * per_slot / 1024:.0f} KiB), full context {full_tokens} "
-                            f"tokens ({full_tokens * per_slot / 1024:.0f} KiB)")
+                held = {v: _held(s.memory) for v, s in sessions.items()}
+                mem_line = (f"memory: turn {i} ({len(chunk)} tokens) joined | " + " | ".join(
+                    f"CCM-{v} {n} slots" + (f" + {raw} raw" if raw else "")
+                    + f" ({(n + raw) * per_slot / 1024:.0f} KiB)" for v, (n, raw) in held.items())
+                    + f" | full context {full_tokens} tokens ({full_tokens * per_slot / 1024:.0f} KiB)")
             ep = fmt.episode(d, k)
             prompt, target = ep.input, ep.output[:-1] if ep.output[-1] == eos else ep.output
             row = {"conversation": ci + 1, "turn": k, "compressed_turns": len(ep.chunks),
                    "full_kib": full_tokens * per_slot / 1024,
-                   "concat_kib": sessions["concat"].memory.num_slots * per_slot / 1024,
-                   "merge_kib": sessions["merge"].memory.num_slots * per_slot / 1024}
+                   **{f"{v}_kib": sum(held[v]) * per_slot / 1024 for v in sessions}}
             one = [Episode(ep.chunks, ep.input, list(target))]
             row["full_ppl"] = perplexity(models["concat"], one, "full").ppl
             row["none_ppl"] = perplexity(models["concat"], one, "none").ppl
+            ctx, budget = [t for c in ep.chunks for t in c], sum(held["concat"])
+            kept = ctx[len(ctx) - budget:] if budget and ctx else []
+            row["window_ppl"] = perplexity(models["concat"], [Episode([kept] if kept else [], ep.input, list(target))],
+                                           "full").ppl
             for v, s in sessions.items():
                 sc = s.score(prompt, target)
                 row[f"{v}_ppl"] = math.exp(float(sc.nll.sum()) / int(sc.ntokens.sum()))
@@ -165,10 +177,16 @@ def run_demo(conversations: int = 3, turns: int = 10, out: str | Path = "demo_ou
                 print(f"        | {mem_line}")
             print(f"        | real next turn: {d.turns[k - 1][:70]!r}")
             print(f"        | ppl of the real turn: full {row['full_ppl']:.1f}  CCM-concat {row['concat_ppl']:.1f}  "
-                  f"CCM-merge {row['merge_ppl']:.1f}  no context {row['none_ppl']:.1f}")
+                  f"CCM-merge {row['merge_ppl']:.1f}  window (concat's KV) {row['window_ppl']:.1f}  "
+                  f"no context {row['none_ppl']:.1f}")
             print(f"        | CCM-concat reply: {row['reply'][:90]!r}")
     _summary(rows, out)
     return rows
+
+
+def _held(memory: Any) -> tuple[int, int]:
+    """(compressed slots, raw tail tokens) of a one-row memory: what it holds for the context, in KV slots."""
+    return memory.num_slots, sum(memory.tail_tokens())
 
 
 def _summary(rows: list[dict], out: Path) -> None:
@@ -177,7 +195,7 @@ def _summary(rows: list[dict], out: Path) -> None:
     by_t: dict[int, list[dict]] = {}
     for r in rows:
         by_t.setdefault(r["compressed_turns"], []).append(r)
-    keys = ("full_ppl", "concat_ppl", "merge_ppl", "none_ppl", "full_kib", "concat_kib", "merge_kib")
+    keys = ("full_ppl", "concat_ppl", "merge_ppl", "window_ppl", "none_ppl", "full_kib", "concat_kib", "merge_kib")
     table = ["| compressed turns | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     summary = []
     for t in sorted(by_t):
@@ -200,7 +218,7 @@ def _summary(rows: list[dict], out: Path) -> None:
     ts = [s["compressed_turns"] for s in summary]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for k, label in (("full_ppl", "full context"), ("concat_ppl", "CCM-concat"), ("merge_ppl", "CCM-merge"),
-                     ("none_ppl", "no context")):
+                     ("window_ppl", "sliding window, CCM-concat's KV"), ("none_ppl", "no context")):
         a.plot(ts, [s[k] for s in summary], marker="o", label=label)
     a.set(xlabel="compressed turns", ylabel="perplexity of the next turn", title="quality")
     for k, label in (("full_kib", "full context"), ("concat_kib", "CCM-concat"), ("merge_kib", "CCM-merge")):
