@@ -127,8 +127,8 @@ def run_demo(conversations: int = 3, turns: int = 10, out: str | Path = "demo_ou
     form = (adapter_dialog_format(paths["concat"]) if Path(paths["concat"]).is_dir() else None) or "plain"
     splits, fmt, _ = chitchat_splits(tok, {"split_seed": 0, "max_turn_tokens": 128, "format": form})
     dialogs = [d for d in splits["test"] if len(d.turns) >= turns + 1][:conversations]
-    names = {v: f"{Path(str(p)).name}" + (f", raw tail {models[v].config.raw_tail}" if models[v].config.raw_tail
-                                           else "") for v, p in paths.items()}
+    names = {v: Path(str(p)).name + (f", raw tail {models[v].config.raw_tail}" if models[v].config.raw_tail else "")
+             for v, p in paths.items()}
     print(f"CCM-concat: {names['concat']}; CCM-merge: {names['merge']}; turns as {form} text")
     per_slot = bytes_per_slot(models["concat"].model)
     stops = stop_ids(tok)
