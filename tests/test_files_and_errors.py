@@ -626,7 +626,8 @@ def test_chat_reads_a_given_adapter_as_its_own_variant(tmp_path, monkeypatch, ti
     monkeypatch.setattr("ccmem.models.load_model", lambda device=None: load_model(str(tiny_folder)))
     chat = Chat(variant="concat", adapter=str(tmp_path / "merge"), max_new_tokens=2)
     assert chat.variant == "merge" and chat.stats().startswith("variant merge, 0 turns")
-    chat.reply("hello there")
+    _, note = chat.reply("hello there")
+    assert "tokens into the running mean (memory key/value size = 2," in note and "->" not in note  # no new slots
     assert "without --adapter" in chat.command("/variant concat")
     assert chat.variant == "merge" and int(chat.session.memory.steps[0]) >= 1  # the conversation is kept
     assert chat.command("/variant merge") == "switched to merge (fresh memory)" and len(chat.models) == 1

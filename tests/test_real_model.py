@@ -130,7 +130,10 @@ def test_chat_in_a_real_terminal(tmp_path):
     p.expect("switched to merge")
     p.sendline("Tell me something.")
     merge = CompressedModel.read_adapter(chat_adapter("merge"))[1]["compression"]  # n slots, + 1 for a sink
-    p.expect(rf"memory key/value size = {merge['n_tok'] + int(merge.get('sink', False))},")
+    k = merge["n_tok"] + int(merge.get("sink", False))  # the user's turn averaged in, the reply kept raw (tail 1)
+    p.expect(rf"\[compress 1 turn, (\d+) tokens into the running mean \(memory key/value size = {k} \+ (\d+) raw "
+             rf"tail, (\d+) KiB\)\]")
+    assert int(p.match.group(3)) == 45 * (k + int(p.match.group(2)))
     p.sendline("/quit")
     p.expect(pexpect.EOF)
     assert (Path(tmp_path) / "mem.safetensors").is_file()

@@ -86,8 +86,10 @@ class Chat:
             m = self.session.memory
             tail = sum(m.tail_tokens())
             n = int(m.steps[0]) - steps  # with a raw tail the newest turns wait uncompressed
-            did = (f"compress {n} turn{'s' if n != 1 else ''}, {int(m.offset[0]) - tokens} tokens -> "
-                   f"{m.num_slots - before} slots" if n else "kept raw in the tail, nothing compressed this turn")
+            into = ("into the running mean" if self.ccm.config.merging  # a merge memory averages: no new slots
+                    else f"-> {m.num_slots - before} slots")
+            did = (f"compress {n} turn{'s' if n != 1 else ''}, {int(m.offset[0]) - tokens} tokens {into}" if n
+                   else "kept raw in the tail, nothing compressed this turn")
             return text, (f"[{did} (memory key/value size = {m.num_slots}" + (f" + {tail} raw tail" if tail else "")
                           + f", {m.kv_bytes / 1024:.0f} KiB)]")
         user_turn = self._enc(f"A: {user.strip()}\n")
@@ -100,10 +102,11 @@ class Chat:
         for turn in (user_turn, bot_turn):
             rep = self.session.add_context(turn)  # with a raw tail: the turn leaving it is compressed
             if rep.tokens[0]:
-                notes.append(f"{rep.tokens[0]} -> {self.ccm.config.n_tok}")
+                notes.append(f"{rep.tokens[0]}" + ("" if self.ccm.config.merging else f" -> {self.ccm.config.n_tok}"))
         m = self.session.memory
         tail = sum(m.tail_tokens())
-        did = f"compress {', '.join(notes)} tokens" if notes else "kept raw in the tail, nothing compressed this turn"
+        did = (f"compress {', '.join(notes)} tokens" + (" into the running mean" if self.ccm.config.merging else "")
+               if notes else "kept raw in the tail, nothing compressed this turn")
         return text, (f"[{did} (memory key/value size = {m.num_slots}"
                       + (f" + {tail} raw tail" if tail else "") + f", {rep.memory_bytes / 1024:.0f} KiB)]")
 
