@@ -196,7 +196,7 @@ def _summary(rows: list[dict], out: Path) -> None:
     for r in rows:
         by_t.setdefault(r["compressed_turns"], []).append(r)
     keys = ("full_ppl", "concat_ppl", "merge_ppl", "window_ppl", "none_ppl", "full_kib", "concat_kib", "merge_kib")
-    table = ["| compressed turns | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    table = ["| context turns | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     summary = []
     for t in sorted(by_t):
         rs = by_t[t]
@@ -220,10 +220,11 @@ def _summary(rows: list[dict], out: Path) -> None:
     for k, label in (("full_ppl", "full context"), ("concat_ppl", "CCM-concat"), ("merge_ppl", "CCM-merge"),
                      ("window_ppl", "sliding window, CCM-concat's KV"), ("none_ppl", "no context")):
         a.plot(ts, [s[k] for s in summary], marker="o", label=label)
-    a.set(xlabel="compressed turns", ylabel="perplexity of the next turn", title="quality")
+    a.set(xlabel="context turns (the newest kept raw with a tail)", ylabel="perplexity of the next turn",
+          title="quality")
     for k, label in (("full_kib", "full context"), ("concat_kib", "CCM-concat"), ("merge_kib", "CCM-merge")):
         b.plot(ts, [s[k] for s in summary], marker="o", label=label)
-    b.set(xlabel="compressed turns", ylabel="KV memory for the context (KiB)", title="memory")
+    b.set(xlabel="context turns", ylabel="KV memory for the context (KiB)", title="memory")
     a.legend(), b.legend()
     fig.tight_layout()
     fig.savefig(out / "demo.png", dpi=100)
