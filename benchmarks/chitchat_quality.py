@@ -85,9 +85,9 @@ def main() -> None:
     rows = {t: {"t": t} for t in TS}
     per_episode: dict[int, dict[str, list]] = {t: {} for t in TS}  # (nll, tokens) per dialog: the bootstrap's units
 
-    def run(name: str, ccm, mode: str) -> None:
+    def run(name: str, ccm, mode: str, episodes: dict | None = None) -> None:
         for t in TS:
-            r = perplexity(ccm, eps[t], mode, args.batch_size, eos, progress=True)
+            r = perplexity(ccm, (episodes or eps)[t], mode, args.batch_size, eos, progress=True)
             rows[t][f"{name}_ppl"], per_episode[t][name] = r.ppl, r.per_episode
             print(f"t={t:2d} {name:>14s} ppl {rows[t][f'{name}_ppl']:.3f}", flush=True)
 
@@ -104,13 +104,13 @@ def main() -> None:
     run("none", concat, "none")
     run("ccm_concat", concat, "compress")
     c_concat = concat.config
-    # the sliding window at equal KV: each dialog's last tokens, as many as CCM-concat holds for it (tail included)
-    windowed = {t: [budget_episode(e, context_slots(e, "concat", c_concat.n_tok, c_concat.raw_tail, c_concat.sink),
-                                   False) for e in eps[t]] for t in TS}
-    for t in TS:
-        r = perplexity(concat, windowed[t], "full", args.batch_size, eos, progress=True)
-        rows[t]["window_ppl"], per_episode[t]["window"] = r.ppl, r.per_episode
-        print(f"t={t:2d} {'window':>14s} ppl {rows[t]['window_ppl']:.3f}", flush=True)
+
+    def window(meth: str, c) -> dict:
+        """The sliding window at a CCM method's KV: each dialog's last tokens, as many as it holds (tail included)."""
+        return {t: [budget_episode(e, context_slots(e, meth, c.n_tok, c.raw_tail, c.sink), False) for e in eps[t]]
+                for t in TS}
+
+    run("window", concat, "full", window("concat", c_concat))  # full-context reads: the gated LoRA is inactive
     # the control: every episode at t has t chunks; it reads the next dialog's chunks, the same number of them
     other = {t: [Episode(eps[t][(i + 1) % len(e)].chunks, x.input, x.output, id=x.id) for i, x in enumerate(e)]
              for t, e in eps.items()}
@@ -122,7 +122,6 @@ def main() -> None:
 
     if args.control:
         run_control("ccm_concat", concat)
-    concat_ref = concat  # full-context reads (the windows) go through the concat adapter, as above
     merged = args.merge != "none"
     if merged:
         m, _ = load_model(device=args.device)
@@ -136,12 +135,7 @@ def main() -> None:
             del merge, m
             m, _ = load_model(device=args.device)
             run("ccm_merge_notail", CompressedModel.from_pretrained(args.merge, m, raw_tail=0), "compress")
-            win_m = {t: [budget_episode(e, context_slots(e, "merge", c_merge.n_tok, c_merge.raw_tail, c_merge.sink),
-                                        False) for e in eps[t]] for t in TS}
-            for t in TS:
-                r = perplexity(concat_ref, win_m[t], "full", args.batch_size, eos, progress=True)
-                rows[t]["window_merge_ppl"], per_episode[t]["window_merge"] = r.ppl, r.per_episode
-                print(f"t={t:2d} {'window_merge':>14s} ppl {rows[t]['window_merge_ppl']:.3f}", flush=True)
+            run("window_merge", concat, "full", window("merge", c_merge))
 
     for t in TS:
         r = rows[t]

@@ -93,6 +93,10 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, smol):
     assert rows[0]["window_ppl"] == pytest.approx(rows[0]["none_ppl"], rel=1e-4)
     assert rows[1]["window_ppl"] == pytest.approx(rows[1]["full_ppl"], rel=1e-4)
     assert rows[2]["none_ppl"] != pytest.approx(rows[2]["window_ppl"], rel=1e-4)
+    from ccmem.demo import _window
+
+    assert _window([[1], [2, 3]], 2) == [2, 3] and _window([[1], [2, 3]], 0) == []
+    assert _window([[1], [2, 3]], 5) == [1, 2, 3]  # a budget beyond the context keeps all of it
     assert (tmp_path / "out" / "demo.png").stat().st_size > 1000 and (tmp_path / "out" / "summary.md").is_file()
 
 

@@ -140,14 +140,14 @@ def run_demo(conversations: int = 3, turns: int = 10, out: str | Path = "demo_ou
         full_tokens = 0
         for k in range(2, turns + 1):  # target turn k (1-based), input turn k-1, turns 1..k-2 in the context
             i = k - 2  # index of the turn that joins the memory before this prediction
-            held = {v: _held(s.memory) for v, s in sessions.items()}  # (slots, raw tail tokens)
             mem_line = ""
             if i >= 1:
                 chunk = fmt.turn(i - 1, d.turns[i - 1])
                 for s in sessions.values():
                     s.add_context(chunk)
                 full_tokens += len(chunk)
-                held = {v: _held(s.memory) for v, s in sessions.items()}
+            held = {v: _held(s.memory) for v, s in sessions.items()}  # (slots, raw tail tokens)
+            if i >= 1:
                 mem_line = (f"memory: turn {i} ({len(chunk)} tokens) joined | " + " | ".join(
                     f"CCM-{v} {n} slots" + (f" + {raw} raw" if raw else "")
                     + f" ({(n + raw) * per_slot / 1024:.0f} KiB)" for v, (n, raw) in held.items())
@@ -160,8 +160,7 @@ def run_demo(conversations: int = 3, turns: int = 10, out: str | Path = "demo_ou
             one = [Episode(ep.chunks, ep.input, list(target))]
             row["full_ppl"] = perplexity(models["concat"], one, "full").ppl
             row["none_ppl"] = perplexity(models["concat"], one, "none").ppl
-            ctx, budget = [t for c in ep.chunks for t in c], sum(held["concat"])
-            kept = ctx[len(ctx) - budget:] if budget and ctx else []
+            kept = _window(ep.chunks, sum(held["concat"]))
             row["window_ppl"] = perplexity(models["concat"], [Episode([kept] if kept else [], ep.input, list(target))],
                                            "full").ppl
             for v, s in sessions.items():
@@ -182,6 +181,12 @@ def run_demo(conversations: int = 3, turns: int = 10, out: str | Path = "demo_ou
             print(f"        | CCM-concat reply: {row['reply'][:90]!r}")
     _summary(rows, out)
     return rows
+
+
+def _window(chunks: list[list[int]], budget: int) -> list[int]:
+    """The newest ``budget`` context tokens (all of them when the budget is larger): a sliding window's KV."""
+    ctx = [t for c in chunks for t in c]
+    return ctx[max(0, len(ctx) - budget):] if budget > 0 else []
 
 
 def _held(memory: Any) -> tuple[int, int]:
