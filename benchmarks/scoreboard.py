@@ -28,10 +28,14 @@ def verdict(value: float, ci: list[float] | None) -> str:
     return "ahead" if lo > 0 else "behind" if hi < 0 else "level"
 
 
-def _competitors(cfg: dict[str, Any]) -> str:
-    """Every method the headline's CCM-concat was compared with: training-free, presses, and the trained rivals in the
-    run (CCM-merge, Gisting, non-recurrent) whose peer it is; a name starting with ccm_concat is a CCM-concat itself,
-    and a rival with another peer (``gist_cpu`` against ``ccm_concat_cpu``) is that one's."""
+def _competitors(cfg: dict[str, Any], rivals: list[str] | None = None) -> str:
+    """Every method the headline's CCM-concat was compared with. A run that lists them (``rivals``, written by
+    `ccmem eval` since CCM-merge stopped being one) says it; an older run compared with the training-free methods,
+    the presses and the trained rivals in the run (CCM-merge, Gisting, non-recurrent) whose peer it is; a name
+    starting with ccm_concat is a CCM-concat itself, and a rival with another peer (``gist_cpu`` against
+    ``ccm_concat_cpu``) is that one's."""
+    if rivals is not None:
+        return ", ".join(r.replace("kvpress_", "kvpress ") for r in rivals if r != "none") or "references only"
     tf = list(cfg.get("training_free") or [])
     presses = [f"kvpress {p}" for p in cfg.get("presses") or []]
     peers = cfg.get("peers") or {}
@@ -85,7 +89,8 @@ def row_of(path: Path) -> dict[str, Any] | None:
     cfg, head = report.get("config") or {}, report.get("headline") or {}
     if "suite" not in cfg or "margin" not in str(head.get("metric", "")) or head.get("value") is None:
         return None
-    if _competitors(cfg) == "references only":
+    competitors = _competitors(cfg, report.get("rivals"))
+    if competitors == "references only":
         return None  # references only (a checkpoint's check): its margin is over no context, not over a competitor
     ci, value = head.get("interval_95"), float(head["value"])
     # the headline is the worst of the per-t margins the report keeps: its row names the t and the competitor
@@ -97,7 +102,7 @@ def row_of(path: Path) -> dict[str, Any] | None:
         "data": _data(cfg.get("dialogs_from")),
         "kind": "frontier" if report.get("per_step") is not None else "equal KV",
         "adapter": _adapter(cfg),
-        "competitors": _competitors(cfg),
+        "competitors": competitors,
         "ts": cfg.get("ts"),
         "metric": head.get("unit", ""),
         "margin": round(value, 4),

@@ -326,6 +326,24 @@ def test_adapter_margins_hand_checked(adapters):
     assert _adapter_margins(rows[1:2], [old], "ppl", higher=False) == []
 
 
+def test_equal_kv_margins_meet_the_rivals_not_ccm_itself(adapters):
+    """CCM-concat (40 ppl, 6 KiB) against every method at equal or smaller KV: CCM-merge at 2 KiB is better (30) but
+    is CCM itself, so the worst margin is against Gisting (35 -> -5), not merge (-10); no context counts, full context
+    and the control do not; the run lists what it compared with."""
+    from ccmem.evaluation.methods import REFERENCE, TRAINING_FREE, control, trained
+    from ccmem.evaluation.runner import _margins, rivals
+
+    own = trained("ccm_concat", adapters["ccm_concat"])
+    methods = [REFERENCE["none"](), REFERENCE["full"](), TRAINING_FREE["window"](), own, control(own),
+               trained("ccm_merge", adapters["ccm_merge"]), trained("gist", adapters["gist"])]
+    rows = [{"t": 4, "method": m, "ppl": v, "kv_kib": kv} for m, v, kv in (
+        ("none", 60.0, 0.0), ("full", 20.0, 50.0), ("window", 45.0, 6.0), ("ccm_concat", 40.0, 6.0),
+        ("ccm_concat_other", 39.0, 6.0), ("ccm_merge", 30.0, 2.0), ("gist", 35.0, 2.0))]
+    assert rivals(methods) == ["none", "window", "gist"]
+    assert _margins(rows, methods, "ppl", higher=False) == [
+        {"t": 4, "ccm": "ccm_concat", "best_other": "gist", "ccm_value": 40.0, "other_value": 35.0, "margin": -5.0}]
+
+
 def test_two_adapters_in_one_run_get_a_paired_margin(adapters, tmp_path, monkeypatch):
     """Two adapters scored in one run: the main one minus the other per t, with the interval of the per-replicate
     differences of the same draws, written to the markdown report."""
@@ -585,8 +603,8 @@ def test_margins_by_peak_kv_hand_case(adapters):
 
 def test_frontier_headline_and_kv_to_match_hand_case():
     """The frontier's margin takes the best point of any other method at any budget holding at most the trained
-    method's KV (controls and ccm_concat siblings are no competitors), with a paired interval from the replicates;
-    the KV a method needs to match is read off its frontier, log-linear between the bracketing budgets."""
+    method's KV (controls, ccm_concat siblings and CCM-merge are no competitors), with a paired interval from the
+    replicates; the KV a method needs to match is read off its frontier, log-linear between the bracketing budgets."""
     import math
 
     from ccmem.evaluation.frontier import headline, kv_to_match, margins
@@ -595,7 +613,7 @@ def test_frontier_headline_and_kv_to_match_hand_case():
         return {"t": 8, "method": method, "kind": kind, "per_step": k, "kv_kib": kv, "acc_norm": acc}
 
     points = [pt("ccm_concat", "trained", None, 10, 0.7), pt("ccm_concat_other", "control", None, 10, 0.3),
-              pt("ccm_concat_cpu", "trained", None, 10, 0.95),
+              pt("ccm_concat_cpu", "trained", None, 10, 0.95), pt("ccm_merge", "trained", None, 5, 0.99),
               *(pt("window", "training_free", k, 5 * k, a) for k, a in ((1, 0.4), (2, 0.6), (4, 0.8), (8, 0.9))),
               *(pt("kvzip", "press", k, 5 * k, a) for k, a in ((1, 0.75), (2, 0.9), (4, 0.95), (8, 0.96))),
               *(pt("streamingllm", "training_free", k, 5 * k, a) for k, a in ((1, 0.1), (2, 0.2), (4, 0.3), (8, 0.5)))]

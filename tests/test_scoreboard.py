@@ -44,10 +44,16 @@ def test_rows_verdicts_and_what_is_left_out(tmp_path):
     _write(tmp_path, "eval_e", 3.5, [1.3, 6.4], (8, "gist"), training_free=[],  # trained rivals only
            adapters={"ccm_concat": "a", "ccm_concat_ref": "b", "ccm_merge": "c", "gist": "d", "gist_cpu": "e"},
            peers={"gist_cpu": "ccm_concat_cpu"})  # gist_cpu is another CCM-concat's rival
+    _write(tmp_path, "eval_f", 3.5, [1.3, 6.4], (8, "gist"), training_free=[],  # a run that lists its rivals
+           adapters={"ccm_concat": "a", "ccm_merge": "c", "gist": "d"})
+    d = json.loads((tmp_path / "eval_f.json").read_text())
+    (tmp_path / "eval_f.json").write_text(json.dumps({**d, "rivals": ["none", "kvpress_kvzip", "gist"]}))
     (tmp_path / "train_speed.json").write_text(json.dumps({"name": "speed", "headline": {"metric": "x", "value": 2}}))
     rows = {r["name"]: r for r in scoreboard.scoreboard(tmp_path)}
-    assert set(rows) == {"eval_a", "frontier_b", "run_d", "eval_e"}  # eval_c: references only; train_speed no eval
+    # eval_c: references only; train_speed no eval
+    assert set(rows) == {"eval_a", "frontier_b", "run_d", "eval_e", "eval_f"}
     assert (rows["eval_e"]["competitors"], rows["eval_e"]["worst_against"]) == ("ccm_merge, gist", "gist")
+    assert rows["eval_f"]["competitors"] == "kvpress kvzip, gist"  # as the run says: no CCM-merge
     d = rows["run_d"]  # a frontier by its per-step budgets; its control is a point: 43.5 - 40.0, no interval
     assert (d["kind"], d["worst_against"], d["memory_value"]) == ("frontier", "kvpress_kvzip", "3.5 (t = 4)")
     assert d["data"] == "held-out works: shakespeare:test"  # held-out plays of a source a recipe may train on

@@ -56,9 +56,9 @@ def _main_method(points: list[dict[str, Any]]) -> str | None:
 
 
 def _competitor(p: dict[str, Any], main: str) -> bool:
-    """Every other method is a competitor, except controls (the adapter itself on another context) and the main
-    method's siblings trained at another budget (``ccm_concat_*``)."""
-    return p["method"] != main and p["kind"] != "control" and not p["method"].startswith("ccm_concat")
+    """Every other method is a competitor, except controls (the adapter itself on another context) and CCM itself:
+    the main method's siblings trained at another budget (``ccm_concat_*``) and its other layout (``ccm_merge``)."""
+    return p["method"] != main and p["kind"] != "control" and not p["method"].startswith("ccm_")
 
 
 def _main_points(points: list[dict[str, Any]], ts: list[int]) -> list[tuple[int, str, dict[str, Any]]]:

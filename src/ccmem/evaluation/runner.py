@@ -389,7 +389,7 @@ def evaluate(suite: Suite, cfg: EvalConfig, load_model: Callable[[], Any] | None
         if replicates_out is not None:
             replicates_out.update(reps)
     return {"rows": rows, "margins": margins, "peak_margins": peak_margins, "context_value": context,
-            "adapter_margins": versus,
+            "adapter_margins": versus, "rivals": rivals(methods),
             "agreement": agreement, "mode": mode,
             "notes": notes,
             "methods": [{"name": m.name, "label": m.label, "kind": m.kind, "adapter": m.adapter,
@@ -433,30 +433,44 @@ def _margins(rows: list[dict], methods: list[Method], metric: str, higher: bool,
     CCM-concat better). Trained baselines are compared with the CCM-concat of the same training budget.
     ``kv="peak_kv_kib"`` compares by the KV alive at the peak of reading the context instead of the KV held after
     it: an online session must bound that too, which one-shot presses over the whole history (KVzip, SnapKV) do
-    not."""
+    not. CCM's other layout (CCM-merge) is no rival either: it is the same method with a smaller memory, shown
+    beside it; the rivals are the training-free methods, the presses and the trained baselines (Gisting and the
+    non-recurrent layouts), as :func:`rivals` lists them."""
     by = {(r["t"], r["method"]): r for r in rows}
     peers = sorted({m.name for m in methods if m.kind == "trained" and m.name.startswith("ccm_concat")})
+    against = {p: rivals(methods, p, main="ccm_concat" in peers) for p in peers}
     out = []
     for t in sorted({r["t"] for r in rows}):
         for p in peers:
             pr = by[(t, p)]
             best = None
-            for m in methods:
-                if m.name in peers or m.name == "full" or m.kind == "control":
-                    continue  # a control is no competitor: it is the adapter itself on another context
-                if m.kind == "trained" and m.peer != p:
-                    continue
-                if m.kind != "trained" and p != "ccm_concat" and "ccm_concat" in peers:
-                    continue  # training-free methods are compared with the main CCM-concat
-                r = by[(t, m.name)]
+            for name in against[p]:
+                r = by[(t, name)]
                 if r[kv] > pr[kv] * (1 + 1e-9):
                     continue
                 margin = (pr[metric] - r[metric]) if higher else (r[metric] - pr[metric])
                 if best is None or margin < best["margin"]:
-                    best = {"t": t, "ccm": p, "best_other": m.name, "ccm_value": pr[metric], "other_value": r[metric],
+                    best = {"t": t, "ccm": p, "best_other": name, "ccm_value": pr[metric], "other_value": r[metric],
                             "margin": margin}
             if best:
                 out.append(best)
+    return out
+
+
+def rivals(methods: list[Method], peer: str = "ccm_concat", main: bool = True) -> list[str]:
+    """The methods CCM-concat ``peer`` is measured against at equal KV: training-free methods and presses (only for
+    the main CCM-concat when ``main``, i.e. the run has one), no context, and the trained baselines whose peer it is.
+    Not full context (the ceiling), not a control (the adapter itself on another context), not CCM itself
+    (another CCM-concat, or CCM-merge: the same method's smaller memory)."""
+    out = []
+    for m in methods:
+        if m.name == "full" or m.kind == "control" or m.name.startswith("ccm_"):
+            continue
+        if m.kind == "trained" and m.peer != peer:
+            continue
+        if m.kind != "trained" and peer != "ccm_concat" and main:
+            continue  # training-free methods are compared with the main CCM-concat
+        out.append(m.name)
     return out
 
 
