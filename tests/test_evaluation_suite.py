@@ -81,6 +81,9 @@ def test_every_method_runs_and_modes_agree(adapters, mode, tmp_path, monkeypatch
         for p in presses:
             assert by[(t, f"kvpress_{p}")]["kv_slots"] == 2 * t
     assert res["margins"] and all(m["ccm"] == "ccm_concat" for m in res["margins"])
+    # concat meets no context, the training-free methods, the presses and the trained baselines, not CCM-merge
+    assert set(res["rivals"]) == expected - {"full", "ccm_concat", "ccm_concat_tail", "ccm_merge"}
+    assert {m["best_other"] for m in res["margins"]} <= set(res["rivals"])
     for r in res["rows"]:  # paired bootstrap intervals on every row, gap and margin
         lo, hi = r["acc_norm_ci"]
         assert 0.0 <= lo <= hi <= 1.0
