@@ -424,6 +424,61 @@ def test_run_record_keeps_the_runs_start_and_first_time_limit():
     assert cfg["init_adapter"] == "b" and cfg["train"]["max_minutes"] == 9  # the recipe itself untouched
 
 
+def test_a_larger_lora_grows_from_a_smaller_adapter_computing_the_same_function(tmp_path, tiny_folder):
+    """``grow``: a rank-16 LoRA on attention + MLP (another alpha / r scale) takes a rank-8 attention adapter and
+    reads a session exactly as the adapter does; without it the adapter is refused with nothing changed (and a
+    recipe's refusal names ``init_grow``); a smaller model than the adapter, or one with a gate it lacks, is refused."""
+    from ccmem import CompressionConfig
+    from ccmem.errors import IncompatibleError
+
+    mlp = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def attach(seed: int, **kw) -> CompressedModel:
+        ccm = CompressedModel.attach(load_model(str(tiny_folder))[0], CompressionConfig(
+            n_tok=2, sink=True, lora_dropout=0.0, **{"memory_gate": -4.0, **kw}))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in ccm.trainable_parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        ccm.model.eval()
+        return ccm
+
+    def read(ccm: CompressedModel) -> torch.Tensor:
+        s = ccm.session()
+        for chunk in ([5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]):
+            s.add_context([chunk])
+        return s.logits([[20, 21, 22]])[0]
+
+    small = attach(0)
+    small.save_pretrained(tmp_path / "small")
+    big = attach(1, lora_r=16, lora_alpha=16.0, target_modules=mlp)
+    before = {k: v.detach().clone() for k, v in big.trainable_named_parameters().items()}
+    with pytest.raises(IncompatibleError):
+        big.load_adapter(tmp_path / "small")
+    assert all(torch.equal(before[k], v) for k, v in big.trainable_named_parameters().items())
+    big.load_adapter(tmp_path / "small", grow=True)
+    want = read(small)
+    assert torch.allclose(read(big), want, atol=1e-5), float((read(big) - want).abs().max())
+    assert not torch.allclose(read(attach(2)), want, atol=1e-3)  # the comparison can tell adapters apart
+    got = big.trainable_named_parameters()
+    new_a = [k for k in got if k.endswith(".A") and "mlp" in k]
+    assert new_a and all(torch.equal(got[k], before[k]) for k in new_a)  # new directions start at the model's own
+    big.save_pretrained(tmp_path / "big")
+    with pytest.raises(IncompatibleError, match="rank 16 is above this model's 8"):
+        attach(3, target_modules=mlp).load_adapter(tmp_path / "big", grow=True)
+    with pytest.raises(IncompatibleError, match="no gate"):
+        nogate = attach(4, memory_gate=None)
+        nogate.save_pretrained(tmp_path / "nogate")
+        attach(5, lora_r=16).load_adapter(tmp_path / "nogate", grow=True)
+    import ccmem.recipe
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ccmem.recipe, "build_data", lambda *a: pytest.fail("data built before the refusal"))
+        with pytest.raises(IncompatibleError, match="init_grow: true"):
+            main(["train", "configs/general_chat.yaml", f"model={tiny_folder}", "compression.lora_r=16",
+                  f"init_adapter={tmp_path / 'small'}", f"train.output_dir={tmp_path}/run", "--device", "cpu"])
+
+
 def test_a_merge_run_warm_starts_from_a_concat_adapter_only_when_asked(tmp_path, tiny_folder):
     """``init_across_variants``: a merge model takes a concat adapter's LoRA, gates and ⟨COMP⟩ rows, keeping its own
     SUM rows (and back: a concat model takes a merge adapter's ⟨COMP⟩ rows); without it the other variant is refused

@@ -400,13 +400,17 @@ class CompressedModel:
         return self
 
     def load_adapter(self, path_or_id: str | os.PathLike, revision: str | None = None,
-                     across_variants: bool = False) -> None:
+                     across_variants: bool = False, grow: bool = False) -> None:
         """Load saved trainable weights into this already attached model (configs must agree, except the raw tail:
         a reading layout, not a weight, so a run with a tail can warm-start from an adapter trained without one).
 
         ``across_variants``: a warm start of one memory update from an adapter of another (a merge run from a concat
         adapter): the LoRA, the gates and the n ⟨COMP⟩ embeddings are the same weights in both; a merge model's SUM
         placeholder rows, which a concat adapter lacks, keep this model's own initialisation (dropped the other way).
+
+        ``grow``: a warm start of a larger LoRA (a higher rank, more target modules such as the MLP) from a smaller
+        one, computing exactly the function the adapter computes (:meth:`_grown`), so training starts where the
+        adapter ended and only the new capacity is fresh.
         """
         tensors, header = self.read_adapter(path_or_id, revision)
         self.check_fingerprint(header["base"], f"adapter {path_or_id}")
@@ -423,7 +427,47 @@ class CompressedModel:
                 rows = mine.detach().clone()  # this model's own SUM rows, exactly
                 rows[:n] = emb[:n].to(rows.dtype)  # the ⟨COMP⟩ rows come first in both tables
                 tensors["comp_embedding"] = rows
+        if grow:
+            tensors = self._grown(tensors, header["compression"], str(path_or_id))
         self._load_tensors(tensors, str(path_or_id))
+
+    @torch.no_grad()
+    def _grown(self, tensors: dict[str, torch.Tensor], theirs: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
+        """The adapter's weights laid into this model's larger LoRA: its rank-r A rows and B columns first (B rescaled
+        by the ratio of the two alpha / r scales), the new B columns and the new modules' B zero, the new A rows at
+        this model's own initialisation. B A is then unchanged on every old module and zero on every new one: the
+        same function, with the new directions free to learn. Refused where this model is smaller (a lower rank, a
+        module the adapter has and it lacks): that would drop trained weights."""
+        r_old = int(theirs.get("lora_r", 8))
+        r_new = self.config.lora_r
+        mine = self.trainable_named_parameters()
+        lost = sorted(set(tensors) - set(mine))
+        if r_old > r_new or lost:
+            why = (f"its LoRA rank {r_old} is above this model's {r_new}" if r_old > r_new
+                   else f"it has weights this model lacks ({', '.join(lost[:3])})")
+            raise IncompatibleError(f"adapter {where} cannot grow into this model: {why}; attach the model with a "
+                                    "rank and target_modules at least the adapter's", fields=("lora_r",))
+        ratio = (float(theirs.get("lora_alpha", 16.0)) / r_old) / self.config.lora_scale
+        out = {}
+        for k, p in mine.items():
+            t = tensors.get(k)
+            is_a, is_b = k.startswith("lora.") and k.endswith(".A"), k.startswith("lora.") and k.endswith(".B")
+            if is_b:
+                grown = torch.zeros(p.shape, dtype=torch.float32)
+                if t is not None:
+                    grown[:, :r_old] = t.float() * ratio
+            elif is_a:
+                grown = p.detach().float().cpu().clone()
+                if t is not None:
+                    grown[:r_old] = t.float()
+            elif t is None:  # a gate or an embedding the adapter lacks would change what the model computes
+                raise IncompatibleError(f"adapter {where} cannot grow into this model: it has no {k}; growing adds "
+                                        "LoRA rank and modules only (the memory gate, n_tok and variant must agree)",
+                                        fields=("memory_gate",) if k.startswith("gate.") else ())
+            else:
+                grown = t
+            out[k] = grown
+        return out
 
     @torch.no_grad()
     def _load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:

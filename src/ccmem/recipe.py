@@ -20,6 +20,7 @@ DEFAULTS: dict[str, Any] = {
     "base_adapter": None,  # a stage-1 (full-context) adapter folder merged into the base weights first
     "init_adapter": None,  # an adapter folder whose weights start the run (warm start, fresh optimizer); not on resume
     "init_across_variants": False,  # let init_adapter be of another variant (a merge run from a concat adapter)
+    "init_grow": False,  # let init_adapter be a smaller LoRA (lower rank, fewer target modules): same function
     "data": {"source": "chitchat", "split_seed": 0, "max_turn_tokens": 128, "eval_dialogs": 64},
     "compression": {},
     "train": {},
@@ -540,7 +541,7 @@ def run_record(cfg: dict[str, Any], previous: dict[str, Any] | None) -> dict[str
     part of the run: a sitting of another length leaves the file as it was)."""
     out = copy.deepcopy(cfg)
     if isinstance(previous, dict):
-        for k in ("init_adapter", "init_across_variants"):  # the start and how it was read go together
+        for k in ("init_adapter", "init_across_variants", "init_grow"):  # the start and how it was read go together
             if k in previous or k in out:
                 out[k] = previous.get(k, DEFAULTS[k])
         before, now = previous.get("train"), out.get("train")
@@ -578,8 +579,16 @@ def run_recipe(cfg: dict[str, Any], device: str | None = None) -> Path:
     if cfg.get("init_adapter") and not resuming:
         # a warm start (same compression config, weights of an earlier run; a resumed run reads its checkpoint)
         try:
-            ccm.load_adapter(cfg["init_adapter"], across_variants=bool(cfg.get("init_across_variants")))
+            ccm.load_adapter(cfg["init_adapter"], across_variants=bool(cfg.get("init_across_variants")),
+                             grow=bool(cfg.get("init_grow")))
         except IncompatibleError as e:
+            theirs = CompressedModel.read_adapter(cfg["init_adapter"])[1]["compression"]
+            lora = {k: theirs.get(k) for k in ("lora_r", "target_modules")}
+            mine = {"lora_r": comp.lora_r, "target_modules": list(comp.target_modules)}
+            if not cfg.get("init_grow") and lora != mine:
+                raise IncompatibleError(f"{e}; its LoRA is {lora}, this run's rank {comp.lora_r} on "
+                                        f"{list(comp.target_modules)}: to start a larger LoRA from its weights on "
+                                        "purpose, set init_grow: true in the recipe", e.fields) from e
             if e.fields != ("variant",):
                 raise
             raise IncompatibleError(f"{e}; or, to start this {comp.variant} run from that adapter's weights on "
