@@ -477,6 +477,16 @@ def test_a_larger_lora_grows_from_a_smaller_adapter_computing_the_same_function(
         with pytest.raises(IncompatibleError, match="init_grow: true"):
             main(["train", "configs/general_chat.yaml", f"model={tiny_folder}", "compression.lora_r=16",
                   f"init_adapter={tmp_path / 'small'}", f"train.output_dir={tmp_path}/run", "--device", "cpu"])
+    # the capacity pair's grown branch (scripts/capacity_pair.sh), end to end: one step from the grown weights
+    assert main(["train", "configs/general_chat_capacity.yaml", f"model={tiny_folder}", "train.grad_accum=1",
+                 "train.max_steps=1", "train.warmup_ratio=0", "train.mixed_precision=no", "compression.lora_r=16",
+                 "compression.lora_alpha=32", f"compression.target_modules=[{', '.join(mlp)}]", "init_grow=true",
+                 "data={source: recall, format: template, split_seed: 0, eval_episodes: 2, facts: 3}",
+                 f"train.output_dir={tmp_path}/grow-run", f"init_adapter={tmp_path / 'small'}",
+                 f"output={tmp_path}/grow-out", "--device", "cpu"]) == 0
+    out = json.loads((tmp_path / "grow-out" / "adapter_config.json").read_text())["compression"]
+    assert (out["lora_r"], out["target_modules"]) == (16, list(mlp))
+    assert yaml.safe_load((tmp_path / "grow-out" / "recipe.yaml").read_text())["init_grow"] is True
 
 
 def test_a_merge_run_warm_starts_from_a_concat_adapter_only_when_asked(tmp_path, tiny_folder):
