@@ -446,7 +446,8 @@ class CompressedModel:
             why = (f"its LoRA rank {r_old} is above this model's {r_new}" if r_old > r_new
                    else f"it has weights this model lacks ({', '.join(lost[:3])})")
             raise IncompatibleError(f"adapter {where} cannot grow into this model: {why}; attach the model with a "
-                                    "rank and target_modules at least the adapter's", fields=("lora_r",))
+                                    "rank and target_modules at least the adapter's",
+                                    fields=("lora_r",) if r_old > r_new else ("target_modules",))
         ratio = (float(theirs.get("lora_alpha", 16.0)) / r_old) / self.config.lora_scale
         out = {}
         for k, p in mine.items():
