@@ -61,7 +61,7 @@ def weighted_mean(d: list[tuple[float, float]]) -> float:
 
 
 def summary(d: list[tuple[float, float]], n: int, seed: int) -> dict:
-    """Mean difference with its bootstrap interval over steps (the steps resampled, the same for every part)."""
+    """Token-weighted mean difference with its bootstrap interval, the steps that have the part resampled."""
     if not d:
         return {"mean": None, "ci": None, "steps": 0}
     rng = random.Random(seed)

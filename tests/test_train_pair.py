@@ -50,7 +50,10 @@ def test_pair_differences_per_part_and_window(tmp_path, monkeypatch):
         assert rows[(w, "chitchat")]["diff"] == pytest.approx(-0.3)
         assert rows[(w, "chitchat")]["diff_ci"] == pytest.approx([-0.3, -0.3])
         assert rows[(w, "recall")]["diff"] == pytest.approx(0.0, abs=1e-12)
-        assert -0.3 < rows[(w, "all")]["diff"] < 0
+        lo, hi = (int(x) for x in w.split("-"))
+        logged = [json.loads(x) for x in (a / "train_log.jsonl").read_text().splitlines()][lo - 1:hi]
+        share = sum(r["part_tokens"]["chitchat"] for r in logged) / sum(r["tokens"] for r in logged)
+        assert rows[(w, "all")]["diff"] == pytest.approx(-0.3 * share)
     assert seen["head"]["value"] < 0 and seen["head"]["metric"] == "train_loss_grow_minus_r8_second_half"
     assert "grow - r8" in seen["table"] and (tmp_path / "results" / "train_pair.png").stat().st_size > 0
 
